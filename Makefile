@@ -1,0 +1,33 @@
+# ldm-lab developer commands. `make setup` creates .venv in the repo root and installs everything.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+RUN := $(BIN)/python
+
+.PHONY: setup test test-slow lint demo pretrained data bench clean
+
+setup:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip uv
+	$(BIN)/uv pip install --python $(RUN) -e ".[dev]"
+
+test:
+	$(BIN)/pytest -q -m "not slow"
+
+test-slow:
+	$(BIN)/pytest -q -m slow
+
+lint:
+	$(BIN)/ruff check src tests
+
+# The main job: a text-to-image UNet trained from scratch on the shapes world (CPU, offline).
+demo:
+	$(BIN)/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no -m ldm_lab.train recipes/shapes/t2i.yaml
+
+# Re-train the shipped stage-one parts (autoencoder and CLIP) into data/pretrained/.
+pretrained:
+	$(BIN)/ldm-lab train recipes/shapes/autoencoder.yaml
+	$(BIN)/ldm-lab train recipes/shapes/clip.yaml
+
+clean:
+	rm -rf runs .pytest_cache
