@@ -1,0 +1,6 @@
+"""Typed recipes: schema, YAML loading, dotted overrides and readable errors."""
+
+from .load import RecipeError, apply_overrides, dump_recipe, load_recipe, looks_local
+from .schema import Recipe
+
+__all__ = ["Recipe", "RecipeError", "apply_overrides", "dump_recipe", "load_recipe", "looks_local"]

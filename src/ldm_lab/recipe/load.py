@@ -1,0 +1,163 @@
+"""Read a YAML recipe, apply ``key=value`` overrides, validate, and explain what is wrong.
+
+Every problem becomes a ``RecipeError`` whose message is one sentence naming the file, the
+key and (for unknown keys) the closest valid key; the CLI prints it and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from .schema import PretrainedSpec, Recipe
+
+
+class RecipeError(Exception):
+    """A recipe problem a user can fix; the message says what and how."""
+
+
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Valid field names of the (sub)model at ``loc``."""
+    cur: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        fields = getattr(cur, "model_fields", None)
+        if not fields or part not in fields:
+            return []
+        ann = fields[part].annotation
+        cur = _model_in(ann)
+        if cur is None:
+            return []
+    return list(getattr(cur, "model_fields", {}))
+
+
+def _model_in(ann: Any) -> type[BaseModel] | None:
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    for a in getattr(ann, "__args__", ()) or ():
+        m = _model_in(a)
+        if m is not None:
+            return m
+    return None
+
+
+def _explain(err: ValidationError, source: str) -> str:
+    e = err.errors()[0]
+    loc = tuple(e["loc"])
+    key = ".".join(str(p) for p in loc) or "(top level)"
+    if e["type"] == "extra_forbidden":
+        valid = _fields_at(Recipe, loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+        hint = f"did you mean '{'.'.join(str(p) for p in loc[:-1] + (close[0],))}'?" if close else (
+            f"valid keys here: {', '.join(valid)}." if valid else "remove it.")
+        return f"{source}: unknown key '{key}'; {hint}"
+    if e["type"] == "literal_error":
+        return f"{source}: '{key}' is {e['input']!r}; {e['msg'].lower()}."
+    msg = e["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    if loc:
+        return f"{source}: '{key}' is invalid ({msg}); got {e.get('input')!r}."
+    return f"{source}: {msg}."
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise RecipeError(f"override '{text}' is not of the form key=value (for example train.max_steps=200).")
+    key, raw = text.split("=", 1)
+    if not key:
+        raise RecipeError(f"override '{text}' has an empty key; write key=value.")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for ov in overrides:
+        keys, value = parse_override(ov)
+        cur = data
+        for k in keys[:-1]:
+            nxt = cur.get(k)
+            if not isinstance(nxt, dict):
+                nxt = {} if nxt is None else nxt
+                if not isinstance(nxt, dict):
+                    raise RecipeError(f"override '{ov}': '{k}' is a value, not a section.")
+                cur[k] = nxt
+            cur = nxt
+        cur[keys[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise RecipeError(f"recipe file '{path}' does not exist; give the path of a .yaml recipe (see recipes/).")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise RecipeError(f"{path}: not valid YAML{where}; check indentation and quoting.") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping of keys to values.")
+    return data
+
+
+def looks_local(ref: str) -> bool:
+    """True when ``ref`` names a local path rather than a hub id like ``org/name``."""
+    if ref.startswith((".", "/", "~")) or ref.count("/") != 1:
+        return True
+    return Path(ref).exists() or Path(ref.split("/")[0]).is_dir()
+
+
+def _check_paths(recipe: Recipe, source: str) -> None:
+    specs: list[tuple[str, PretrainedSpec | None]] = [
+        ("model.text_encoder", recipe.model.text_encoder),
+        ("model.autoencoder", recipe.model.autoencoder),
+        ("model.unet", recipe.model.unet),
+    ]
+    for key, spec in specs:
+        if spec is None or spec.pretrained is None:
+            continue
+        if looks_local(spec.pretrained) and not Path(spec.pretrained).expanduser().exists():
+            raise RecipeError(
+                f"{source}: '{key}.pretrained' points to '{spec.pretrained}', which does not exist; "
+                "give an existing directory or a hub id (org/name)."
+            )
+    d = recipe.data
+    if d.source == "imagefolder" and not Path(d.path).is_dir():
+        raise RecipeError(f"{source}: 'data.path' is '{d.path}', which is not a directory; give an imagefolder dir.")
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None, data: dict | None = None,
+                check_paths: bool = True) -> Recipe:
+    """Load and validate a recipe file (or a dict) with dotted overrides applied."""
+    source = str(path) if path is not None else "recipe"
+    raw = read_yaml(path) if path is not None else dict(data or {})
+    raw = apply_overrides(raw, list(overrides or []))
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise RecipeError(_explain(e, source)) from None
+    from ..trainers.registry import known_trainers
+
+    if recipe.trainer not in known_trainers():
+        close = difflib.get_close_matches(recipe.trainer, known_trainers(), n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"choose from {', '.join(known_trainers())}."
+        raise RecipeError(f"{source}: unknown trainer '{recipe.trainer}'; {hint}")
+    if check_paths:
+        _check_paths(recipe, source)
+    return recipe
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

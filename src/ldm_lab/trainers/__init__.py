@@ -1,0 +1,1 @@
+"""Trainer plugins on the one training loop."""

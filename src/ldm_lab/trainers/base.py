@@ -1,0 +1,67 @@
+"""What a trainer plugin declares. The loop (``loop.py``) owns everything else."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from ..recipe.schema import Recipe
+
+
+class TrainerPlugin:
+    """Base class of trainer plugins, registered by name in ``registry.py``.
+
+    A plugin builds its modules and data in ``setup``, names the trainable modules, computes
+    the loss of one batch, and saves (and evaluates) its artifact. Optimiser, schedule,
+    accumulation, clipping, EMA, checkpoints, resume, validation cadence and logging belong
+    to the loop.
+    """
+
+    name: str = ""
+
+    def __init__(self, recipe: Recipe, accelerator: Accelerator, run_dir: Path):
+        self.recipe, self.accelerator, self.run_dir = recipe, accelerator, Path(run_dir)
+
+    # -- declared by every plugin ------------------------------------------------------
+    def setup(self) -> None:
+        """Load models and data (called once, before ``accelerator.prepare``)."""
+        raise NotImplementedError
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        """The modules the optimiser trains, by attribute name on the plugin."""
+        raise NotImplementedError
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        raise NotImplementedError
+
+    def loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def save(self, out_dir: Path) -> None:
+        """Write the final artifact (with EMA weights in place when EMA is on)."""
+        raise NotImplementedError
+
+    # -- optional ----------------------------------------------------------------------
+    def param_groups(self) -> list[dict]:
+        """Optimiser parameter groups; default: all trainable params at the recipe's lr."""
+        params = [p for m in self.trainable_modules().values() for p in m.parameters() if p.requires_grad]
+        return [{"params": params}]
+
+    def ema_module(self) -> nn.Module | None:
+        """The module whose weights EMA tracks (the first trainable module by default)."""
+        return next(iter(self.trainable_modules().values()))
+
+    def validate(self, step: int) -> dict[str, float]:
+        return {}
+
+    def evaluate(self) -> dict[str, Any]:
+        """Final evaluation after ``save``; returned dict goes to metrics.json."""
+        return {}
+
+    # -- helpers for plugins -----------------------------------------------------------
+    def unwrap(self, module: nn.Module) -> nn.Module:
+        return self.accelerator.unwrap_model(module)

@@ -1,0 +1,122 @@
+"""Stage one: a CLIP text encoder trained contrastively against images (transformers CLIPModel).
+
+The tokenizer is the real CLIP BPE vocabulary shipped inside open_clip_torch, written out as a
+transformers CLIPTokenizer, so stock diffusers pipelines load and use it like SD's.
+The saved artifact is a ``text_encoder`` (CLIPTextModel) dir and a ``tokenizer`` dir; the
+vision tower is only a training aid and is saved alongside as ``clip`` for scoring.
+
+Plugin options: ``max_length`` (tokens, default 20), ``text`` / ``vision`` (CLIP config
+overrides), ``projection_dim``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..components import write_clip_bpe_vocab
+from ..data.sources import load_rows
+from ..data.transforms import image_transform
+from .autoencoder import check_options
+from .base import TrainerPlugin
+from .registry import register
+
+OPTIONS = {
+    "max_length": 20,
+    "projection_dim": 64,
+    "text": {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4},
+    "vision": {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
+               "patch_size": 8},
+}
+
+
+@register
+class ClipTrainer(TrainerPlugin):
+    name = "clip"
+
+    def setup(self) -> None:
+        from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+        self.opts = check_options(self.recipe.plugin, OPTIONS, self.name)
+        d = self.recipe.data
+        tok_dir = self.run_dir / "tokenizer"
+        if self.accelerator.is_main_process:
+            write_clip_bpe_vocab(tok_dir, model_max_length=self.opts["max_length"])
+        self.accelerator.wait_for_everyone()
+        self.tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+        text = dict(vocab_size=len(self.tokenizer),
+                    max_position_embeddings=self.opts["max_length"], bos_token_id=self.tokenizer.bos_token_id,
+                    eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+                    **self.opts["text"])
+        vision = dict(image_size=d.resolution, **self.opts["vision"])
+        cfg = CLIPConfig(text_config=text, vision_config=vision, projection_dim=self.opts["projection_dim"])
+        self.clip = CLIPModel(cfg)
+        with self.accelerator.main_process_first():
+            self.rows = load_rows(d)
+        tf = image_transform(d.resolution, d.center_crop, d.random_flip)
+        icol, ccol = d.image_column, d.caption_column
+        tok = self.tokenizer
+
+        def transform(b):
+            ids = tok(b[ccol], padding="max_length", max_length=self.opts["max_length"], truncation=True,
+                      return_tensors="pt").input_ids
+            return {"pixel_values": [tf(im.convert("RGB")) for im in b[icol]], "input_ids": list(ids)}
+
+        self.rows.set_transform(transform)
+
+    def trainable_modules(self):
+        return {"clip": self.clip}
+
+    def train_dataloader(self):
+        def collate(rows):
+            return {k: torch.stack([r[k] for r in rows]) for k in ("pixel_values", "input_ids")}
+
+        return DataLoader(self.rows, batch_size=self.recipe.train.batch_size, shuffle=True, drop_last=True,
+                          collate_fn=collate, num_workers=self.recipe.data.num_workers)
+
+    def loss(self, batch):
+        out = self.clip(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], return_loss=True)
+        with torch.no_grad():
+            acc = (out.logits_per_text.argmax(-1) == torch.arange(len(out.logits_per_text), device=out.logits_per_text.device)).float().mean()
+        return out.loss, {"retrieval_acc": acc.item()}
+
+    @torch.no_grad()
+    def retrieval_accuracy(self, n: int = 256) -> float:
+        """Text->image top-1 accuracy on ``n`` training rows (batch of n candidates)."""
+        clip = self.unwrap(self.clip)
+        clip.eval()
+        rows = [self.rows[i] for i in range(min(n, len(self.rows)))]
+        ids = torch.stack([r["input_ids"] for r in rows]).to(self.accelerator.device)
+        px = torch.stack([r["pixel_values"] for r in rows]).to(self.accelerator.device)
+        logits = clip(input_ids=ids, pixel_values=px).logits_per_text
+        caps = ids.tolist()
+        # a caption that appears twice matches either image
+        hits = [caps[int(j)] == caps[i] for i, j in enumerate(logits.argmax(-1))]
+        clip.train()
+        return sum(hits) / len(hits)
+
+    def validate(self, step: int) -> dict[str, float]:
+        acc = self.retrieval_accuracy()
+        self.accelerator.print(f"step {step}: text->image retrieval top-1 {acc:.3f} (256 candidates)")
+        return {"val_retrieval_acc": acc}
+
+    def save(self, out_dir: Path) -> None:
+        clip = self.unwrap(self.clip)
+        from transformers import CLIPTextModel
+
+        text = CLIPTextModel(clip.config.text_config)
+        getattr(text, "text_model", text).load_state_dict(clip.text_model.state_dict())  # transformers 4 and 5 layouts
+        text.save_pretrained(out_dir / "text_encoder")
+        self.tokenizer.save_pretrained(out_dir / "tokenizer")
+        acc = self.retrieval_accuracy()
+        (out_dir / "metrics.json").write_text(json.dumps({"retrieval_top1_256": acc}, indent=2))
+        if self.recipe.output.export_to:
+            dst = Path(self.recipe.output.export_to)
+            shutil.rmtree(dst, ignore_errors=True)
+            dst.mkdir(parents=True)
+            shutil.copytree(out_dir / "text_encoder", dst / "text_encoder")
+            shutil.copytree(out_dir / "tokenizer", dst / "tokenizer")

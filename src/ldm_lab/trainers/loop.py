@@ -1,0 +1,326 @@
+"""The one training loop. Every trainer plugin runs through ``train``.
+
+The loop owns: Accelerate set-up (devices, processes, mixed precision, accumulation), the
+optimiser and LR schedule, gradient clipping of exactly the trainable parameters, EMA,
+validation cadence, checkpoints with a total limit, resume, logging and the progress line.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+
+from ..recipe import Recipe, RecipeError, dump_recipe
+from .registry import get_trainer
+
+CKPT_PREFIX = "checkpoint-"
+
+
+def make_optimizer(recipe: Recipe, param_groups: list[dict]) -> torch.optim.Optimizer:
+    t = recipe.train
+    kw = dict(lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon, weight_decay=t.weight_decay)
+    if t.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise RecipeError("train.optimizer is adamw8bit but bitsandbytes is not installed; "
+                              "pip install 'ldm-lab[bnb]' or use train.optimizer=adamw.") from None
+        return bnb.optim.AdamW8bit(param_groups, **kw)
+    return torch.optim.AdamW(param_groups, **kw)
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    ck = [p for p in (run_dir / "checkpoints").glob(f"{CKPT_PREFIX}*") if p.is_dir() and (p / "loop.json").exists()]
+    return sorted(ck, key=lambda p: int(p.name[len(CKPT_PREFIX):]))
+
+
+def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
+    if not resume:
+        return None
+    if resume == "latest":
+        ck = checkpoints(run_dir)
+        return ck[-1] if ck else None
+    p = Path(resume)
+    if not (p / "loop.json").exists():
+        raise RecipeError(f"train.resume is '{resume}', which is not a checkpoint dir (no loop.json); "
+                          "give a checkpoints/checkpoint-N dir or 'latest'.")
+    return p
+
+
+class Progress:
+    """A progress line with loss, samples/s and ETA: a live bar on a terminal, plain lines in a log."""
+
+    def __init__(self, total: int, start: int, every: int, enabled: bool):
+        self.total, self.start, self.every, self.enabled = total, start, every, enabled
+        self.t0 = time.time()
+        self.samples = 0
+        self.tty = sys.stdout.isatty()
+
+    def update(self, step: int, samples: int, logs: dict[str, float]) -> dict[str, float]:
+        self.samples += samples
+        dt = max(time.time() - self.t0, 1e-9)
+        sps = self.samples / dt
+        done = step - self.start
+        eta = (self.total - step) * dt / max(done, 1)
+        stats = {"samples_per_s": sps}
+        if self.enabled and (step % self.every == 0 or step == self.total or self.tty):
+            parts = " | ".join(f"{k} {v:.4g}" for k, v in logs.items())
+            line = f"step {step}/{self.total} | {parts} | {sps:.1f} samples/s | eta {_hms(eta)}"
+            if self.tty:
+                print("\r" + line.ljust(110), end="\n" if step % self.every == 0 or step == self.total else "", flush=True)
+            else:
+                print(line, flush=True)
+        return stats
+
+
+def _hms(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def _cycle(accelerator: Accelerator, dataloader, skip: int):
+    """Batches forever; the first epoch after resume skips the batches already seen."""
+    epoch_skip = skip
+    while True:
+        dl = accelerator.skip_first_batches(dataloader, epoch_skip) if epoch_skip else dataloader
+        epoch_skip = 0
+        yield from dl
+
+
+def train(recipe: Recipe, run_dir: str | Path | None = None) -> Path:
+    """Run the recipe's trainer plugin to ``train.max_steps``; returns the run dir."""
+    run_dir = Path(run_dir or recipe.output.dir)
+    t = recipe.train
+    tracker = None if recipe.logging.tracker == "none" else recipe.logging.tracker
+    accelerator = Accelerator(
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        mixed_precision=t.mixed_precision,
+        log_with=tracker,
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
+    )
+    if accelerator.is_main_process:
+        _check_writable(run_dir)
+        (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+    set_seed(recipe.seed, device_specific=True)
+
+    plugin = get_trainer(recipe.trainer)(recipe, accelerator, run_dir)
+    plugin.setup()
+    modules = plugin.trainable_modules()
+    if t.channels_last:
+        for m in modules.values():
+            m.to(memory_format=torch.channels_last)
+    if t.gradient_checkpointing:
+        for m in modules.values():
+            if hasattr(m, "enable_gradient_checkpointing"):
+                m.enable_gradient_checkpointing()
+    optimizer = make_optimizer(recipe, plugin.param_groups())
+    # Each process steps the scheduler once per optimiser step, and accelerate's prepared
+    # scheduler advances num_processes steps per call: scale so the schedule spans max_steps.
+    n = accelerator.num_processes
+    lr_scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps * n,
+                                 num_training_steps=t.max_steps * n)
+    dataloader = plugin.train_dataloader()
+    names = list(modules)
+    prepared = accelerator.prepare(*modules.values(), optimizer, dataloader, lr_scheduler)
+    wrapped, (optimizer, dataloader, lr_scheduler) = prepared[: len(names)], prepared[len(names):]
+    for name, w in zip(names, wrapped):
+        setattr(plugin, name, w)
+    trainable_params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    ema = None
+    if t.ema.enabled:
+        ema_target = accelerator.unwrap_model(plugin.ema_module())
+        ema = EMAModel(ema_target.parameters(), decay=t.ema.decay, use_ema_warmup=t.ema.warmup)
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+
+    step = 0
+    ckpt = resolve_resume(run_dir, t.resume)
+    if ckpt is not None:
+        accelerator.load_state(str(ckpt))
+        step = json.loads((ckpt / "loop.json").read_text())["step"]
+        accelerator.print(f"resumed from {ckpt} at step {step}")
+    if tracker and accelerator.is_main_process:
+        accelerator.init_trackers(recipe.logging.project, config=_flat(recipe.model_dump(mode="json")))
+
+    batches_per_epoch = len(dataloader)
+    seen_batches = step * t.gradient_accumulation_steps
+    batches = _cycle(accelerator, dataloader, seen_batches % batches_per_epoch)
+    progress = Progress(t.max_steps, step, recipe.logging.log_every, accelerator.is_main_process)
+    history: list[dict] = _read_history(run_dir) if ckpt is not None else []
+    for m in modules.values():
+        m.train()
+
+    while step < t.max_steps:
+        batch = next(batches)
+        with accelerator.accumulate(*wrapped):
+            loss, logs = plugin.loss(batch)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and t.max_grad_norm:
+                grad_norm = accelerator.clip_grad_norm_(trainable_params, t.max_grad_norm)
+                logs["grad_norm"] = float(grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        if not accelerator.sync_gradients:
+            continue
+        step += 1
+        if ema is not None and step % t.ema.every == 0:
+            ema.step(accelerator.unwrap_model(plugin.ema_module()).parameters())
+        logs = {"loss": accelerator.gather(loss.detach()).mean().item(), **logs, "lr": lr_scheduler.get_last_lr()[0]}
+        bs = _batch_size(batch) * accelerator.num_processes * t.gradient_accumulation_steps
+        logs.update(progress.update(step, bs, {k: logs[k] for k in ("loss", "lr")}))
+        if step % recipe.logging.log_every == 0 or step == t.max_steps:
+            history.append({"step": step, **logs})
+            if tracker:
+                accelerator.log(logs, step=step)
+        v = recipe.validation
+        if v.every and (step % v.every == 0 or step == t.max_steps):
+            with _ema_weights(ema, plugin, accelerator):
+                vlogs = plugin.validate(step)
+            if vlogs and tracker:
+                accelerator.log(vlogs, step=step)
+        if t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.max_steps:
+            save_checkpoint(accelerator, run_dir, step, t.checkpoints_total_limit, history)
+
+    accelerator.wait_for_everyone()
+    with _ema_weights(ema, plugin, accelerator):
+        if accelerator.is_main_process:
+            plugin.save(run_dir)
+            _write_history(run_dir, history)
+            _plot_loss(run_dir, history)
+        accelerator.wait_for_everyone()
+        metrics = plugin.evaluate()
+    if accelerator.is_main_process and metrics:
+        _merge_metrics(run_dir, metrics)
+    accelerator.end_training()
+    return run_dir
+
+
+class _ema_weights:
+    """Context: EMA weights in the tracked module while inside, the trained ones after."""
+
+    def __init__(self, ema, plugin, accelerator):
+        self.ema, self.plugin, self.accelerator = ema, plugin, accelerator
+
+    def __enter__(self):
+        if self.ema is not None:
+            params = list(self.accelerator.unwrap_model(self.plugin.ema_module()).parameters())
+            self.ema.store(params)
+            self.ema.copy_to(params)
+            self.params = params
+
+    def __exit__(self, *exc):
+        if self.ema is not None:
+            self.ema.restore(self.params)
+        return False
+
+
+def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, limit: int | None, history: list) -> Path:
+    """accelerate ``save_state`` into a temp dir renamed into place, so a kill mid-save never
+    leaves a checkpoint that looks complete; then prune to ``limit``."""
+    root = run_dir / "checkpoints"
+    final = root / f"{CKPT_PREFIX}{step}"
+    tmp = root / f".tmp-{CKPT_PREFIX}{step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        root.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "loop.json").write_text(json.dumps({"step": step}))
+        _write_history(tmp, history)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        if limit:
+            for old in checkpoints(run_dir)[:-limit]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _batch_size(batch) -> int:
+    if isinstance(batch, dict):
+        for v in batch.values():
+            if isinstance(v, torch.Tensor):
+                return v.shape[0]
+            if isinstance(v, list):
+                return len(v)
+    return len(batch)
+
+
+def _check_writable(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise RecipeError(f"output dir '{run_dir}' cannot be written ({e.strerror}); choose another output.dir.") from None
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        elif isinstance(v, (int, float, str, bool)) or v is None:
+            out[key] = v if v is not None else "none"
+        else:
+            out[key] = str(v)
+    return out
+
+
+def _read_history(run_dir: Path) -> list[dict]:
+    p = run_dir / "history.jsonl"
+    return [json.loads(line) for line in p.read_text().splitlines()] if p.exists() else []
+
+
+def _write_history(d: Path, history: list[dict]) -> None:
+    with open(d / "history.jsonl", "w") as f:
+        for h in history:
+            f.write(json.dumps(h) + "\n")
+
+
+def _plot_loss(run_dir: Path, history: list[dict]) -> None:
+    if not history:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in history]
+    loss = [h["loss"] for h in history]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, loss, lw=1)
+    if len(loss) > 8:
+        k = max(len(loss) // 20, 2)
+        smooth = [sum(loss[max(0, i - k):i + 1]) / len(loss[max(0, i - k):i + 1]) for i in range(len(loss))]
+        ax.plot(steps, smooth, lw=2, label="moving average")
+        ax.legend()
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log" if min(loss) > 0 and max(loss) / max(min(loss), 1e-12) > 20 else "linear")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(run_dir / "loss.png", dpi=100)
+    plt.close(fig)
+
+
+def _merge_metrics(run_dir: Path, metrics: dict) -> None:
+    p = run_dir / "metrics.json"
+    old = json.loads(p.read_text()) if p.exists() else {}
+    old.update(metrics)
+    p.write_text(json.dumps(old, indent=2))

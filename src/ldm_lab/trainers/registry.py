@@ -1,0 +1,32 @@
+"""Trainer plugins by registered name. Recipes choose a plugin by name only: no importing of
+arbitrary dotted paths from a recipe someone sent you."""
+
+from __future__ import annotations
+
+import importlib
+
+# name -> module that defines it (imported lazily so `recipe check` stays fast)
+_BUILTIN = {
+    "text_to_image": "ldm_lab.trainers.text_to_image",
+    "autoencoder": "ldm_lab.trainers.autoencoder",
+    "clip": "ldm_lab.trainers.clip",
+}
+_REGISTRY: dict[str, type] = {}
+
+
+def register(cls: type) -> type:
+    """Class decorator: make a TrainerPlugin subclass available under ``cls.name``."""
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def known_trainers() -> list[str]:
+    return sorted(set(_BUILTIN) | set(_REGISTRY))
+
+
+def get_trainer(name: str) -> type:
+    if name not in _REGISTRY and name in _BUILTIN:
+        importlib.import_module(_BUILTIN[name])
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown trainer '{name}'; choose from {', '.join(known_trainers())}")
+    return _REGISTRY[name]
