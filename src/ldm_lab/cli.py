@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args) -> int:
-    from .recipe import RecipeError, dump_recipe, load_recipe
+    from .recipe import dump_recipe, load_recipe
 
     if args.command == "recipe":
         recipe = load_recipe(args.recipe, args.overrides)
@@ -106,10 +106,7 @@ def _dispatch(args) -> int:
         recipe = load_recipe(args.recipe, args.overrides)
         from .trainers.loop import train
 
-        try:
-            run = train(recipe)
-        except ValueError as e:  # plugin option / data problems found at set-up
-            raise RecipeError(f"{args.recipe}: {e}") from None
+        run = train(recipe)
         from accelerate import PartialState
 
         if PartialState().is_main_process:

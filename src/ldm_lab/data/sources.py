@@ -7,6 +7,7 @@ from pathlib import Path
 
 import datasets
 
+from ..recipe import RecipeError
 from ..recipe.schema import DataSpec
 from . import shapes
 
@@ -40,7 +41,7 @@ def load_rows(spec: DataSpec) -> datasets.Dataset:
         ds = datasets.load_dataset(spec.path, split=spec.split)
     for col in (spec.image_column, spec.caption_column):
         if col not in ds.column_names:
-            raise ValueError(f"dataset has no column '{col}' (columns: {', '.join(ds.column_names)}); "
+            raise RecipeError(f"dataset has no column '{col}' (columns: {', '.join(ds.column_names)}); "
                              "set data.image_column / data.caption_column.")
     if spec.max_samples:
         ds = ds.select(range(min(spec.max_samples, len(ds))))

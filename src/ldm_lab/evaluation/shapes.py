@@ -1,18 +1,19 @@
 """Analytic evaluator for the shapes world: read the five attributes back from an RGB image.
 
-No learned model is involved, so the numbers mean the same thing for every run:
+No learned model is involved, so a number means the same thing in every run:
 
 * background: nearest palette background to the median of the border pixels;
-* foreground: each pixel's coverage ``alpha`` is its projection on the line from the measured
-  background colour to the measured shape colour (so blur and anti-aliasing cut at half
-  coverage); the largest connected blob with ``alpha > 0.5`` is the shape;
-* colour: nearest palette colour to the median of the blob's eroded interior;
+* shape colour: median of the blob's "core" (the quarter of its pixels farthest from the
+  background, ranked on a smoothed copy), snapped to the nearest palette colour;
+* coverage ``alpha``: each pixel projected on the line from the background colour to the core
+  colour, so anti-aliasing and blur cut at half coverage; the largest connected blob with
+  ``alpha > 0.5`` (holes filled) is the shape;
 * position: 3x3 cell of the blob centroid (cuts at 3/8 and 5/8 of the side);
-* shape and size: the shape whose ideal mask (``shapes.draw_mask`` at the blob centroid, with
-  the circumradius implied by the blob area) overlaps the blob best; size compares that
-  circumradius with the midpoint of ``SIZES``.
+* shape and size: the ideal mask (``shapes.draw_mask`` at the centroid, circumradius implied by
+  the coverage area, optionally Gaussian-blurred) with the best soft IoU against ``alpha``
+  names the shape; its circumradius against the midpoint of ``SIZES`` names the size.
 
-Works at any resolution (large images are box-downscaled to 64 px first) and on the blurry,
+Works at any resolution (larger images are box-downscaled to 64 px first) and on the blurry,
 noisy images a small diffusion model produces.
 """
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import json
 import math
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 import cv2
@@ -31,27 +32,21 @@ from ldm_lab.data import shapes as sw
 
 ATTRIBUTES = ("color", "shape", "size", "position", "background")
 WORK_RES = 64  # larger images are downscaled to this side before reading
-SEED_THRESHOLD = 40.0  # RGB distance from the background that marks a first-pass foreground pixel
+SEED_THRESHOLD = 40.0  # RGB distance from the background of a first-pass foreground pixel
+SEED_BLUR = 1.0  # Gaussian sigma (px) of the copy used to find the blob and rank its core
+CORE_FRAC = 0.25  # share of blob pixels (farthest from the background) that give its colour
 MIN_AREA_FRAC = 0.003  # smallest blob (fraction of the image) that counts as a shape
-BLURS = (0.0, 1.0, 2.0)
-NEAR = 7
-CLIP_LO = 0.0
-SEED_BLUR = 1.0
-ALPHA_BLUR = 0
 RADIUS_SCALES = (0.96, 1.04)  # circumradii tried around the area-implied one
+BLURS = (0.0, 1.0, 2.0)  # template blurs (px) tried, so blurry samples still match their shape
 
 
-def _palette(names, table) -> tuple[list[str], np.ndarray]:
+def _nearest(rgb: np.ndarray, names, table: dict) -> str:
     names = list(names)
-    return names, np.array([table[n] for n in names], dtype=np.float32)
-
-
-def _nearest(rgb: np.ndarray, palette: tuple[list[str], np.ndarray]) -> str:
-    names, colors = palette
+    colors = np.array([table[n] for n in names], dtype=np.float32)
     return names[int(np.argmin(((colors - rgb) ** 2).sum(1)))]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _area_factor(shape: str) -> float:
     """Area of ``shape`` with circumradius 1."""
     poly = sw.shape_polygon(shape, 0.0, 0.0, 1.0)
@@ -61,17 +56,17 @@ def _area_factor(shape: str) -> float:
     return float(abs(np.dot(x, np.roll(y, -1)) - np.dot(np.roll(x, -1), y)) / 2)
 
 
+def _half(r: float, blur: float) -> int:
+    return math.ceil(r + 3 * blur) + 1
+
+
 @lru_cache(maxsize=8192)
 def _template(shape: str, fx: float, fy: float, r: float, blur: float) -> np.ndarray:
-    """Ideal coverage mask of ``shape``, Gaussian-blurred by ``blur`` px, centred at
-    (half + fx, half + fy) in a square crop of side ``2 * half + 1``; fx, fy in [0, 1)."""
+    """Ideal coverage of ``shape`` blurred by ``blur``, centred at (half + fx, half + fy) in a
+    square crop of side ``2 * half + 1``; fx, fy in [0, 1) are sub-pixel offsets."""
     half = _half(r, blur)
     t = sw.draw_mask(shape, half + fx, half + fy, r, 2 * half + 1)
     return cv2.GaussianBlur(t, (0, 0), blur) if blur else t
-
-
-def _half(r: float, blur: float) -> int:
-    return math.ceil(r + 3 * blur) + 1
 
 
 def _window(a: np.ndarray, ix: int, iy: int, half: int) -> np.ndarray:
@@ -85,22 +80,22 @@ def _window(a: np.ndarray, ix: int, iy: int, half: int) -> np.ndarray:
     return out
 
 
-def _fit_shape(alpha: np.ndarray, cx: float, cy: float, shape_names) -> tuple[str, float, float]:
-    """Best (shape, circumradius, soft IoU) for a coverage map centred at (cx, cy).
+def _fit_shape(alpha: np.ndarray, cx: float, cy: float, shape_names) -> tuple[str, float, float, float]:
+    """Best (shape, circumradius, soft IoU, blur) for a coverage map centred at (cx, cy).
 
-    Each shape is tried at the circumradii its area implies (coverage sums are blur-invariant)
-    and at a few blurs. Templates are cached on a quarter-pixel grid of centre and radius;
-    template pixels outside the image are ignored (shapes near the edge may be clipped).
+    Each shape is tried at the circumradii its area implies (coverage sums survive blur) and
+    at each of ``BLURS``. Templates are cached on a quarter-pixel grid of centre and radius;
+    template pixels outside the image are ignored (shapes at the edge may be clipped).
     """
     area = float(alpha.sum())
     qx, qy = round(cx * 4) / 4, round(cy * 4) / 4
     ix, iy = math.floor(qx), math.floor(qy)
-    cands = {(name, round(math.sqrt(area / _area_factor(name)) * k * 4) / 4, b)
-             for name in shape_names for k in RADIUS_SCALES for b in BLURS}
+    radii = {(name, round(math.sqrt(area / _area_factor(name)) * k * 4) / 4) for name in shape_names for k in RADIUS_SCALES}
+    cands = [(name, r, b) for name, r in sorted(radii) for b in BLURS]
     big = max(_half(r, b) for _, r, b in cands)
     win, inside = _window(alpha, ix, iy, big), _window(np.ones_like(alpha), ix, iy, big)
-    best = ("", 0.0, -1.0)
-    for name, r, b in sorted(cands):
+    best = ("", 0.0, -1.0, 0.0)
+    for name, r, b in cands:
         t = _template(name, qx - ix, qy - iy, r, b)
         o = big - _half(r, b)
         crop = (slice(o, o + t.shape[0]), slice(o, o + t.shape[1]))
@@ -108,82 +103,80 @@ def _fit_shape(alpha: np.ndarray, cx: float, cy: float, shape_names) -> tuple[st
         inter = float(np.minimum(t, win[crop]).sum())
         iou = inter / (float(t.sum()) + area - inter + 1e-6)
         if iou > best[2]:
-            best = (name, r, iou)
+            best = (name, r, iou, b)
     return best
 
 
 def _blob(values: np.ndarray, threshold: float, min_area: float) -> np.ndarray | None:
     """Largest 8-connected blob with ``values > threshold`` (holes filled), or None if too small."""
-    fg = (values > threshold).astype(np.uint8)
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(fg, connectivity=8)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats((values > threshold).astype(np.uint8), connectivity=8)
     if n < 2:
         return None
     k = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
     if stats[k, cv2.CC_STAT_AREA] < min_area:
         return None
-    # fill holes: flood the outside from a padded corner; what stays unreached is the blob or a hole
+    # fill holes: flood the outside from a padded corner; what it cannot reach is blob or hole
     outside = cv2.copyMakeBorder((labels != k).astype(np.uint8), 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=1)
     cv2.floodFill(outside, None, (0, 0), 0)
     return (labels == k) | (outside[1:-1, 1:-1] > 0)
 
 
-def _interior_median(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    inner = cv2.erode(mask.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
-    return np.median(rgb[inner if inner.sum() >= 4 else mask], axis=0)
+def _core_color(rgb: np.ndarray, dist: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Median colour of the ``CORE_FRAC`` of ``mask`` pixels with the largest ``dist``."""
+    d = dist[mask]
+    k = min(d.size, max(4, int(CORE_FRAC * d.size)))
+    return np.median(rgb[mask][np.argpartition(d, d.size - k)[-k:]], axis=0)
 
 
 def read_image(image: Image.Image, world: sw.World | None = None) -> dict:
     """Read colour, shape, size, position and background back from one image.
 
     Choices are restricted to ``world``'s palettes when given, else every palette entry in
-    ``ldm_lab.data.shapes``. Returns the five attributes, ``found`` (False, with the
-    attributes None except the background, when no blob of reasonable size exists) and
-    diagnostics: ``iou`` of the best ideal mask, ``radius`` and ``centroid`` as fractions of
-    the side, and ``area`` (fraction of the image).
+    ``ldm_lab.data.shapes``. Returns the five attributes and ``found``; when no blob of
+    reasonable size exists ``found`` is False and all attributes but the background are None.
+    Diagnostics: ``iou`` (soft IoU of the best ideal mask), ``blur`` (its blur, px at the
+    working resolution), ``radius`` and ``centroid`` (fractions of the side) and ``area``
+    (coverage as a fraction of the image).
     """
     image = image.convert("RGB")
     if max(image.size) > WORK_RES:
-        image = image.resize((WORK_RES, WORK_RES), Image.Resampling.BOX)
+        k = WORK_RES / max(image.size)
+        image = image.resize((round(image.width * k), round(image.height * k)), Image.Resampling.BOX)
     rgb = np.asarray(image, dtype=np.float32)
     h, w, _ = rgb.shape
-    colors = _palette(world.colors if world else sw.COLORS, sw.COLORS)
-    backgrounds = _palette(world.backgrounds if world else sw.BACKGROUNDS, sw.BACKGROUNDS)
-    shape_names = tuple(world.shapes if world else sw.SHAPES)
-
     border = np.concatenate([rgb[0], rgb[-1], rgb[1:-1, 0], rgb[1:-1, -1]])
     bg = np.median(border, axis=0)
-    out = {a: None for a in ATTRIBUTES} | {"found": False, "iou": 0.0, "radius": None, "centroid": None, "area": 0.0}
-    out["background"] = _nearest(bg, backgrounds)
+    diagnostics = {"iou": 0.0, "blur": None, "radius": None, "centroid": None, "area": 0.0}
+    out = dict.fromkeys(ATTRIBUTES) | {"found": False} | diagnostics
+    out["background"] = _nearest(bg, world.backgrounds if world else sw.BACKGROUNDS, sw.BACKGROUNDS)
 
     min_area = max(4.0, MIN_AREA_FRAC * h * w)
-    smooth = cv2.GaussianBlur(rgb, (0, 0), SEED_BLUR) if SEED_BLUR else rgb
-    seed = _blob(np.linalg.norm(smooth - bg, axis=2), SEED_THRESHOLD, min_area)
+    dist = np.linalg.norm(cv2.GaussianBlur(rgb, (0, 0), SEED_BLUR) - bg, axis=2)
+    seed = _blob(dist, SEED_THRESHOLD, min_area)
     if seed is None:
         return out
-    # coverage = projection on the background -> shape colour line; cut at half coverage
-    d = _interior_median(rgb, seed) - bg
-    alpha = (rgb - bg) @ d / max(float(d @ d), 1e-6)
-    if ALPHA_BLUR:
-        alpha = cv2.GaussianBlur(alpha, (0, 0), ALPHA_BLUR)
+    d = _core_color(rgb, dist, seed) - bg
+    alpha = (rgb - bg) @ d / max(float(d @ d), 1e-6)  # coverage by the shape colour
     mask = _blob(alpha, 0.5, min_area)
     if mask is None:
         return out
 
     ys, xs = np.nonzero(mask)
     cx, cy = float(xs.mean()), float(ys.mean())
-    near = cv2.dilate(mask.astype(np.uint8), np.ones((NEAR, NEAR), np.uint8)) > 0
-    shape, r, iou = _fit_shape(np.clip(alpha, CLIP_LO, 1) * near, cx, cy, shape_names)
+    near = cv2.dilate(mask.astype(np.uint8), np.ones((7, 7), np.uint8)) > 0  # room for blurred edges
+    shape, r, iou, blur = _fit_shape(np.clip(alpha, 0, 1) * near, cx, cy, tuple(world.shapes if world else sw.SHAPES))
     side = math.sqrt(h * w)
-    col = lambda f: ("left", "", "right")[(f > 3 / 8) + (f > 5 / 8)]  # noqa: E731
-    row = lambda f: ("top", "", "bottom")[(f > 3 / 8) + (f > 5 / 8)]  # noqa: E731
     fx, fy = (cx + 0.5) / w, (cy + 0.5) / h
+    row = ("top", "", "bottom")[(fy > 3 / 8) + (fy > 5 / 8)]
+    col = ("left", "", "right")[(fx > 3 / 8) + (fx > 5 / 8)]
     out.update(
         found=True,
-        color=_nearest(_interior_median(rgb, mask), colors),
+        color=_nearest(_core_color(rgb, dist, mask), world.colors if world else sw.COLORS, sw.COLORS),
         shape=shape,
         size="large" if r / side > (sw.SIZES["small"] + sw.SIZES["large"]) / 2 else "small",
-        position=" ".join(p for p in (row(fy), col(fx)) if p) or "center",
+        position=f"{row} {col}".strip() or "center",
         iou=iou,
+        blur=blur,
         radius=r / side,
         centroid=(fx, fy),
         area=float(mask.sum()) / (h * w),
@@ -198,10 +191,10 @@ def score(images: list[Image.Image], targets: list[sw.Shape], world: sw.World | 
     """
     if len(images) != len(targets):
         raise ValueError(f"{len(images)} images but {len(targets)} targets")
-    n = len(images)
-    if n == 0:
-        return {a: None for a in (*ATTRIBUTES, "all", "found")} | {"n": 0}
-    hits = {a: 0 for a in (*ATTRIBUTES, "all", "found")}
+    keys = (*ATTRIBUTES, "all", "found")
+    if not images:
+        return dict.fromkeys(keys) | {"n": 0}
+    hits = dict.fromkeys(keys, 0)
     for img, t in zip(images, targets):
         got = read_image(img, world)
         ok = [got["found"] and got[a] == getattr(t, a) for a in ATTRIBUTES]
@@ -209,21 +202,22 @@ def score(images: list[Image.Image], targets: list[sw.Shape], world: sw.World | 
             hits[a] += good
         hits["all"] += all(ok)
         hits["found"] += got["found"]
-    return {k: v / n for k, v in hits.items()} | {"n": n}
+    return {k: v / len(images) for k, v in hits.items()} | {"n": len(images)}
 
 
 def evaluate_dir(path: str | Path, world: sw.World | None = None) -> dict:
-    """Score a dir against its own labels; writes nothing.
+    """Score a dir's images against its own labels; writes nothing.
 
-    Reads ``metadata.jsonl`` (an imagefolder written by ``shapes.generate``) or ``samples.jsonl``
-    (generated samples: ``file_name`` plus the attribute fields and optionally ``heldout``).
+    Reads ``samples.jsonl`` (generated samples: ``file_name``, the attribute fields, optionally
+    ``heldout``) or else ``metadata.jsonl`` (an imagefolder written by ``shapes.generate``).
     ``world`` defaults to the dir's ``world.json`` when present, else all palettes. Returns the
-    overall scores at top level plus ``seen`` / ``heldout`` sub-dicts when rows carry ``heldout``.
+    overall scores at top level, ``source`` (which file was read), and ``seen`` / ``heldout``
+    sub-dicts of the same scores for the rows whose ``heldout`` is False / True (when present).
     """
     path = Path(path)
-    for name in ("samples.jsonl", "metadata.jsonl"):
-        if (path / name).exists():
-            rows = [json.loads(line) for line in (path / name).read_text().splitlines() if line.strip()]
+    for source in ("samples.jsonl", "metadata.jsonl"):
+        if (path / source).exists():
+            rows = [json.loads(line) for line in (path / source).read_text().splitlines() if line.strip()]
             break
     else:
         raise FileNotFoundError(f"{path} has neither samples.jsonl nor metadata.jsonl")
@@ -234,7 +228,7 @@ def evaluate_dir(path: str | Path, world: sw.World | None = None) -> dict:
     for r in rows:
         with Image.open(path / r["file_name"]) as im:
             images.append(im.convert("RGB"))
-    result = score(images, targets, world) | {"path": str(path), "source": name}
+    result = score(images, targets, world) | {"source": source}
     for split, flag in (("seen", False), ("heldout", True)):
         idx = [i for i, r in enumerate(rows) if "heldout" in r and bool(r["heldout"]) == flag]
         if idx:
@@ -243,7 +237,7 @@ def evaluate_dir(path: str | Path, world: sw.World | None = None) -> dict:
 
 
 def write_metrics(result: dict, path: str | Path) -> Path:
-    """Write ``result`` as indented JSON (parent dirs created)."""
+    """Write ``result`` as indented JSON (parent dirs created); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")

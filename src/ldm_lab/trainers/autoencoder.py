@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from ..components import load_autoencoder
 from ..data.sources import load_rows
 from ..data.transforms import image_transform, to_pil
+from ..recipe import RecipeError
 from ..recipe.schema import AutoencoderSpec
 from .base import TrainerPlugin
 from .registry import register
@@ -35,7 +36,7 @@ def check_options(plugin: dict, defaults: dict, trainer: str) -> dict:
         if k not in defaults:
             close = difflib.get_close_matches(k, list(defaults), n=1)
             hint = f"did you mean 'plugin.{close[0]}'?" if close else f"valid: {', '.join(defaults)}."
-            raise ValueError(f"unknown option 'plugin.{k}' for trainer {trainer}; {hint}")
+            raise RecipeError(f"unknown option 'plugin.{k}' for trainer {trainer}; {hint}")
     return {**defaults, **plugin}
 
 

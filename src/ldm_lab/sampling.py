@@ -1,0 +1,135 @@
+"""Sampling with stock diffusers pipelines, built from in-memory modules or loaded from disk.
+
+Samplers: ddpm, ddim, dpm++ (DPM-Solver++ multistep), euler, unipc — each a diffusers
+scheduler made from the training noise schedule's config, so the trained prediction type,
+betas and timestep spacing carry over.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+    UniPCMultistepScheduler,
+)
+from PIL import Image, ImageDraw, ImageFont
+
+SAMPLERS = {
+    "ddpm": (DDPMScheduler, {}, 1000),
+    "ddim": (DDIMScheduler, {}, 50),
+    "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}, 20),
+    "euler": (EulerDiscreteScheduler, {}, 30),
+    "unipc": (UniPCMultistepScheduler, {}, 20),
+}
+
+
+def make_sampler(name: str, noise_config) -> object:
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler '{name}'; choose from {', '.join(SAMPLERS)}")
+    cls, extra, _ = SAMPLERS[name]
+    if noise_config.get("timestep_spacing", "leading") == "leading":
+        extra = {**extra, "steps_offset": 1}  # Stable Diffusion's convention for leading spacing
+    return cls.from_config(noise_config, **extra)
+
+
+def default_steps(name: str) -> int:
+    return SAMPLERS[name][2]
+
+
+def build_pipeline(vae, text_encoder, tokenizer, unet, noise_scheduler, sampler: str = "dpm++") -> StableDiffusionPipeline:
+    """A stock StableDiffusionPipeline around modules already in memory (no reload from disk)."""
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=make_sampler(sampler, noise_scheduler.config), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def generate(pipe: StableDiffusionPipeline, prompts: list[str], seeds: list[int], steps: int, guidance: float,
+             batch_size: int = 64, prompt_embeds: torch.Tensor | None = None,
+             negative_embeds: torch.Tensor | None = None) -> list[Image.Image]:
+    """One image per (prompt, seed). Each image depends only on its own seed, not on batching.
+
+    With ``prompt_embeds`` (one row per prompt) and ``negative_embeds`` (1 row) the pipeline
+    skips its own text encoding: that is how in-training sampling uses the conditioner.
+    """
+    images: list[Image.Image] = []
+    device = pipe.unet.device
+    for s in range(0, len(prompts), batch_size):
+        gens = [torch.Generator(device="cpu").manual_seed(int(x)) for x in seeds[s:s + batch_size]]
+        kw = dict(num_inference_steps=steps, guidance_scale=guidance, generator=gens, output_type="pil")
+        if prompt_embeds is not None:
+            pe = prompt_embeds[s:s + batch_size].to(device)
+            kw.update(prompt_embeds=pe, negative_prompt_embeds=negative_embeds.to(device).expand(len(pe), -1, -1))
+        else:
+            kw.update(prompt=prompts[s:s + batch_size], negative_prompt=[""] * len(prompts[s:s + batch_size]))
+        images += pipe(**kw).images
+    return images
+
+
+def grid(images: list[Image.Image], captions: list[str] | None = None, cols: int = 8, cell: int = 128) -> Image.Image:
+    """A grid with each image upscaled to ``cell`` px and its prompt written under it."""
+    cols = max(1, min(cols, len(images)))
+    rows = (len(images) + cols - 1) // cols
+    font = ImageFont.load_default()
+    text_h = 52 if captions else 0
+    g = Image.new("RGB", (cols * cell, rows * (cell + text_h)), "white")
+    d = ImageDraw.Draw(g)
+    for i, im in enumerate(images):
+        x, y = (i % cols) * cell, (i // cols) * (cell + text_h)
+        g.paste(im.convert("RGB").resize((cell, cell), Image.Resampling.NEAREST), (x, y))
+        if captions:
+            lines = textwrap.wrap(captions[i], width=max(8, cell // 6))[:4]
+            for k, line in enumerate(lines):
+                d.text((x + 2, y + cell + 1 + 12 * k), line, fill="black", font=font)
+    return g
+
+
+def load_pipeline(source: str | Path) -> StableDiffusionPipeline:
+    """A run dir (uses RUN/pipeline), a pipeline dir, or a hub id."""
+    p = Path(source)
+    if (p / "pipeline" / "model_index.json").exists():
+        p = p / "pipeline"
+    if p.exists() and not (p / "model_index.json").exists():
+        raise ValueError(f"'{source}' is neither a run dir with a pipeline nor a diffusers pipeline dir.")
+    pipe = StableDiffusionPipeline.from_pretrained(str(p) if p.exists() else str(source), safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sample_cli(source: str, prompts: list[str], n: int = 1, steps: int | None = None, guidance: float = 4.0,
+               sampler: str = "dpm++", seed: int = 0, out: str | None = None) -> Path:
+    from .cli import UserError
+
+    if not prompts:
+        raise UserError("no prompts given; pass --prompt TEXT or a non-empty --prompts-file.")
+    try:
+        pipe = load_pipeline(source)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load a pipeline from '{source}' ({str(e).splitlines()[0]}); "
+                        "give a run dir, a diffusers pipeline dir or a hub id.") from None
+    pipe.scheduler = make_sampler(sampler, pipe.scheduler.config)
+    out_dir = Path(out) if out else (Path(source) / "samples-cli" if Path(source).is_dir() else Path("samples"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    all_prompts = [p for p in prompts for _ in range(n)]
+    seeds = [seed + i for i in range(len(all_prompts))]
+    images = generate(pipe, all_prompts, seeds, steps or default_steps(sampler), guidance)
+    rows = []
+    for i, (im, p, s) in enumerate(zip(images, all_prompts, seeds)):
+        name = f"{i:04d}.png"
+        im.save(out_dir / name)
+        rows.append({"file_name": name, "prompt": p, "seed": s})
+    (out_dir / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    grid(images, all_prompts).save(out_dir / "grid.png")
+    return out_dir

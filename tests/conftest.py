@@ -1,0 +1,68 @@
+"""Tiny local substitutes for every model a recipe names, built from configs (no network)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_tiny_parts(root: Path, hidden: int = 32, max_length: int = 20) -> dict[str, Path]:
+    """Write a tiny CLIP text encoder + real-BPE tokenizer and a tiny autoencoder under ``root``."""
+    import torch
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from ldm_lab.components import write_clip_bpe_vocab
+
+    torch.manual_seed(0)
+    clip = root / "clip"
+    write_clip_bpe_vocab(clip / "tokenizer", model_max_length=max_length)
+    tok = CLIPTokenizer.from_pretrained(clip / "tokenizer")
+    CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
+        num_attention_heads=2, max_position_embeddings=max_length, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )).save_pretrained(clip / "text_encoder")
+    vae = root / "vae"
+    AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 16, 16), layers_per_block=1,
+        latent_channels=4, norm_num_groups=8, sample_size=32,
+    ).save_pretrained(vae)
+    return {"clip": clip, "vae": vae}
+
+
+@pytest.fixture(scope="session")
+def tiny_parts(tmp_path_factory) -> dict[str, Path]:
+    return make_tiny_parts(tmp_path_factory.mktemp("tiny-parts"))
+
+
+TINY_UNET = {
+    "preset": "tiny",
+    "overrides": {"block_out_channels": [32, 32], "cross_attention_dim": 32, "attention_head_dim": 8,
+                  "norm_num_groups": 8, "sample_size": 8},
+}
+
+
+def tiny_t2i_overrides(parts: dict[str, Path], run_dir: Path, data_dir: Path) -> list[str]:
+    """Overrides that turn recipes/shapes/t2i.yaml into a seconds-long CPU run."""
+    return [
+        f"model.text_encoder.pretrained={parts['clip']}",
+        f"model.autoencoder.pretrained={parts['vae']}",
+        "model.unet.overrides={block_out_channels: [32, 32], cross_attention_dim: 32, attention_head_dim: 8, "
+        "norm_num_groups: 8, sample_size: 8}",
+        "data.shapes.n=64", "data.shapes.resolution=32", "data.resolution=32", f"data.cache_dir={data_dir}",
+        "train.batch_size=8", "train.max_steps=12", "train.checkpoint_every=6", "validation.every=6",
+        "validation.prompts=[a large red circle at the center on a white background]", "validation.steps=2",
+        "eval.n=4", "eval.heldout_n=2", "eval.steps=2", "logging.tracker=none", "logging.log_every=4",
+        f"output.dir={run_dir}",
+    ]
