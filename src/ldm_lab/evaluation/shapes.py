@@ -37,6 +37,7 @@ SEED_BLUR = 1.0  # Gaussian sigma (px) of the copy used to find the blob and ran
 CORE_FRAC = 0.25  # share of blob pixels (farthest from the background) that give its colour
 MIN_AREA_FRAC = 0.003  # smallest blob (fraction of the image) that counts as a shape
 RADIUS_SCALES = (0.96, 1.04)  # circumradii tried around the area-implied one
+CENTRE_STEPS = 2  # template centres are cached on a 1/CENTRE_STEPS-pixel grid
 BLURS = (0.0, 1.0, 2.0)  # template blurs (px) tried, so blurry samples still match their shape
 
 
@@ -84,13 +85,15 @@ def _fit_shape(alpha: np.ndarray, cx: float, cy: float, shape_names) -> tuple[st
     """Best (shape, circumradius, soft IoU, blur) for a coverage map centred at (cx, cy).
 
     Each shape is tried at the circumradii its area implies (coverage sums survive blur) and
-    at each of ``BLURS``. Templates are cached on a quarter-pixel grid of centre and radius;
+    at each of ``BLURS``. Templates are cached on a half-pixel grid of centre, quarter-pixel of radius;
     template pixels outside the image are ignored (shapes at the edge may be clipped).
     """
     area = float(alpha.sum())
-    qx, qy = round(cx * 4) / 4, round(cy * 4) / 4
+    qx, qy = round(cx * CENTRE_STEPS) / CENTRE_STEPS, round(cy * CENTRE_STEPS) / CENTRE_STEPS
     ix, iy = math.floor(qx), math.floor(qy)
-    radii = {(name, round(math.sqrt(area / _area_factor(name)) * k * 4) / 4) for name in shape_names for k in RADIUS_SCALES}
+    radii = {
+        (name, round(math.sqrt(area / _area_factor(name)) * k * 4) / 4) for name in shape_names for k in RADIUS_SCALES
+    }
     cands = [(name, r, b) for name, r in sorted(radii) for b in BLURS]
     big = max(_half(r, b) for _, r, b in cands)
     win, inside = _window(alpha, ix, iy, big), _window(np.ones_like(alpha), ix, iy, big)

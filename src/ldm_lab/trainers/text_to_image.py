@@ -29,7 +29,7 @@ from ..diffusion import (
 )
 from ..recipe import RecipeError
 from ..recipe.schema import TextEncoderSpec, UNetSpec
-from .base import TrainerPlugin
+from .base import GeneratorState, TrainerPlugin
 from .registry import register
 
 
@@ -70,6 +70,7 @@ class TextToImageTrainer(TrainerPlugin):
         self.scaling_factor = float(self.vae.config.scaling_factor)
         self.shift_factor = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
         self.generator = torch.Generator(device="cpu").manual_seed(self.recipe.seed + self.accelerator.process_index)
+        self.accelerator.register_for_checkpointing(GeneratorState(self.generator))
 
     # -- data --------------------------------------------------------------------------
     def build_data(self) -> None:
