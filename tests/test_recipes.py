@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, TINY_UNET
 
+from conftest import REPO, TINY_UNET
 from ldm_lab.recipe import RecipeError, load_recipe
 
 RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, tiny_t2i_overrides
 
+from conftest import REPO, tiny_t2i_overrides
 from ldm_lab.cli import main as cli_main
 from ldm_lab.recipe import RecipeError, load_recipe
 
@@ -135,3 +135,17 @@ def test_cached_and_raw_batches_give_the_same_loss(tiny_parts, tmp_path):
             losses.append(tr.loss(batch)[0].item())
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
 
+
+
+def test_sample_cli_then_eval(tiny_run, tmp_path, capsys):
+    out = tmp_path / "s"
+    prompts = ["a large red circle at the center on a white background", "a small blue star at the top on a gray background"]
+    assert cli_main(["sample", str(tiny_run / "run"), "--prompt", prompts[0], "--prompt", prompts[1], "--n", "2",
+                     "--steps", "2", "--sampler", "ddim", "--seed", "5", "--out", str(out)]) == 0
+    rows = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert [r["seed"] for r in rows] == [5, 6, 7, 8] and len(list(out.glob("0*.png"))) == 4
+    assert (out / "grid.png").exists()
+    assert cli_main(["eval", "shapes", str(out)]) == 0
+    assert json.loads((out / "metrics.json").read_text())["n"] == 4
+    assert cli_main(["sample", str(tmp_path / "nothing"), "--prompt", "x"]) == 2
+    assert "cannot load a pipeline" in capsys.readouterr().err

@@ -129,8 +129,13 @@ def _dispatch(args) -> int:
         path = Path(args.path)
         if not path.exists():
             raise UserError(f"'{path}' does not exist; give a run dir, a samples dir or a shapes dataset dir.")
+        if (path / "eval" / "samples.jsonl").exists():  # a run dir: its final evaluation samples
+            path = path / "eval"
+        if not path.is_dir() or not any((path / f).exists() for f in ("samples.jsonl", "metadata.jsonl")):
+            raise UserError(f"'{path}' has no samples.jsonl or metadata.jsonl; give a run dir, a samples dir "
+                            "(ldm-lab sample writes one) or a shapes dataset dir.")
         result = ev.evaluate_dir(path)
-        out = Path(args.out) if args.out else (path / "metrics.json" if path.is_dir() else None)
+        out = Path(args.out) if args.out else path / "metrics.json"
         if out is not None:
             ev.write_metrics(result, out)
         print(json.dumps(result, indent=2))

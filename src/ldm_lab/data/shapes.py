@@ -284,3 +284,16 @@ def prompts(world: World, n: int, seed: int = 0, heldout: bool = False) -> list[
     """Fixed evaluation prompt set: ``n`` attribute sets, seen or held-out colour-shape pairs."""
     rng = random.Random(f"prompts-{seed}-{int(heldout)}")
     return [world.sample(rng, heldout=heldout) for _ in range(n)]
+
+
+def parse_caption(text: str) -> Shape | None:
+    """The attributes a shapes caption states (the inverse of ``Shape.caption``), or None."""
+    import re
+
+    m = re.fullmatch(r"a (\w+) (\w+) (\w+) at the ([\w ]+?) on a (\w+) background", text.strip().lower())
+    if not m:
+        return None
+    size, color, shape, position, background = m.groups()
+    if size in SIZES and color in COLORS and shape in SHAPES and position in POSITIONS and background in BACKGROUNDS:
+        return Shape(color, shape, size, position, background)
+    return None

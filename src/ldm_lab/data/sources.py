@@ -31,10 +31,23 @@ def materialize_shapes(spec: DataSpec) -> Path:
     return out
 
 
+def _shapes_rows(root: Path) -> datasets.Dataset:
+    """The shapes imagefolder as a Dataset; saved once as Arrow next to it, because resolving
+    tens of thousands of files through the imagefolder loader takes minutes on every run."""
+    arrow = root / "arrow"
+    if (arrow / "dataset_info.json").exists():
+        return datasets.load_from_disk(str(arrow))
+    ds = datasets.load_dataset("imagefolder", data_dir=str(root), split="train")
+    tmp = root / "arrow.tmp"
+    ds.save_to_disk(str(tmp))
+    tmp.rename(arrow)
+    return datasets.load_from_disk(str(arrow))
+
+
 def load_rows(spec: DataSpec) -> datasets.Dataset:
     """The recipe's dataset with ``spec.image_column`` and ``spec.caption_column``."""
     if spec.source == "shapes":
-        ds = datasets.load_dataset("imagefolder", data_dir=str(materialize_shapes(spec)), split="train")
+        ds = _shapes_rows(materialize_shapes(spec))
     elif spec.source == "imagefolder":
         ds = datasets.load_dataset("imagefolder", data_dir=spec.path, split=spec.split)
     else:

@@ -23,4 +23,4 @@ def to_pil(x: torch.Tensor):
     """A [-1, 1] CHW tensor back to a PIL image."""
     from torchvision.transforms.functional import to_pil_image
 
-    return to_pil_image(((x.detach().float().cpu().clamp(-1, 1) + 1) / 2))
+    return to_pil_image((x.detach().float().cpu().clamp(-1, 1) + 1) / 2)

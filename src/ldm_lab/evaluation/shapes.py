@@ -226,7 +226,14 @@ def evaluate_dir(path: str | Path, world: sw.World | None = None) -> dict:
         raise FileNotFoundError(f"{path} has neither samples.jsonl nor metadata.jsonl")
     if world is None and (path / "world.json").exists():
         world = sw.load_world(path)
-    targets = [sw.Shape(**{a: r[a] for a in ATTRIBUTES}) for r in rows]
+    rows = [r for r in rows if all(a in r for a in ATTRIBUTES) or _parsed(r)]
+    if not rows:
+        raise ValueError(f"{path / source} has no rows with shapes attributes or a shapes caption")
+    targets = [sw.Shape(**{a: r[a] for a in ATTRIBUTES}) if all(a in r for a in ATTRIBUTES) else _parsed(r)
+               for r in rows]
+    if world is not None:  # samples from `ldm-lab sample` carry only their prompt
+        for r, t in zip(rows, targets):
+            r.setdefault("heldout", world.is_heldout(t))
     images = []
     for r in rows:
         with Image.open(path / r["file_name"]) as im:
@@ -237,6 +244,11 @@ def evaluate_dir(path: str | Path, world: sw.World | None = None) -> dict:
         if idx:
             result[split] = score([images[i] for i in idx], [targets[i] for i in idx], world)
     return result
+
+
+def _parsed(row: dict) -> sw.Shape | None:
+    text = row.get("text") or row.get("prompt") or ""
+    return sw.parse_caption(text)
 
 
 def write_metrics(result: dict, path: str | Path) -> Path:

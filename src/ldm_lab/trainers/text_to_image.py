@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..components import latent_factor, load_autoencoder, load_text_encoder, load_unet
+from ..components import load_autoencoder, load_text_encoder, load_unet
 from ..conditioning import Conditioner
 from ..data import cache as latent_cache
 from ..data.sources import load_rows

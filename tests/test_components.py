@@ -1,0 +1,86 @@
+"""Component builders: text encoders (CLIP / T5 / OpenCLIP), autoencoder, UNet presets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import TINY_UNET
+from ldm_lab.components import PRESETS, load_autoencoder, load_text_encoder, load_unet, unet_config
+from ldm_lab.components.text_encoders import write_clip_bpe_vocab
+from ldm_lab.recipe.schema import AutoencoderSpec, TextEncoderSpec, UNetSpec
+
+
+def test_clip_bpe_vocab_matches_open_clip_tokenizer(tmp_path):
+    """The written transformers CLIPTokenizer tokenizes exactly as open_clip's own tokenizer."""
+    import open_clip
+    from transformers import CLIPTokenizer
+
+    write_clip_bpe_vocab(tmp_path, model_max_length=77)
+    ours = CLIPTokenizer.from_pretrained(tmp_path)
+    ref = open_clip.get_tokenizer("ViT-B-32")
+    for text in ["a large red circle at the top left on a white background", "Photo of a sks dog, 4k!"]:
+        a = ours(text, padding="max_length", max_length=77, truncation=True).input_ids
+        b = ref([text])[0].tolist()
+        n = b.index(49407) + 1
+        assert a[:n] == b[:n]
+    assert len(ours) == 49408
+
+
+def test_clip_from_local_dir_and_pipeline_subfolder(tiny_parts):
+    te = load_text_encoder(TextEncoderSpec(kind="clip", pretrained=str(tiny_parts["clip"]), subfolder="text_encoder"))
+    out = te(["a red circle", ""])
+    assert out.hidden_states.shape == (2, 20, 32) and te.max_length == 20
+    assert not any(p.requires_grad for p in te.parameters())
+    trainable = load_text_encoder(TextEncoderSpec(kind="clip", pretrained=str(tiny_parts["clip"]),
+                                                  subfolder="text_encoder", trainable=True))
+    assert all(p.requires_grad for p in trainable.parameters())
+
+
+def test_t5_from_config_with_a_tokenizer(tiny_parts):
+    te = load_text_encoder(TextEncoderSpec(
+        kind="t5", tokenizer=str(tiny_parts["clip"] / "tokenizer"), max_length=16,
+        config={"d_model": 32, "d_ff": 64, "num_layers": 1, "num_heads": 2, "d_kv": 16, "vocab_size": 49408}))
+    out = te(["a red circle"])
+    assert out.hidden_states.shape == (1, 16, 32) and te.hidden_size == 32
+
+
+def test_openclip_text_tower_penultimate_states():
+    te = load_text_encoder(TextEncoderSpec(kind="openclip", config=dict(
+        context_length=77, vocab_size=49408, width=32, heads=2, layers=2, output_dim=32)))
+    ids = te.tokenize(["a red circle"])
+    out = te.encode_ids(ids)
+    assert out.hidden_states.shape == (1, 77, 32)
+    # penultimate: dropping the last block must not change the result, dropping another must
+    m = te.model
+    saved = m.transformer.resblocks
+    m.transformer.resblocks = torch.nn.ModuleList(list(saved)[:1])
+    with torch.no_grad():
+        fewer = te.encode_ids(ids).hidden_states
+    m.transformer.resblocks = saved
+    assert not torch.allclose(fewer, out.hidden_states)
+
+
+def test_autoencoder_from_dir_pipeline_dir_and_config(tiny_parts, tmp_path):
+    import shutil
+
+    vae = load_autoencoder(AutoencoderSpec(pretrained=str(tiny_parts["vae"])))
+    pipe_dir = tmp_path / "pipe"
+    shutil.copytree(tiny_parts["vae"], pipe_dir / "vae")
+    from_pipe = load_autoencoder(AutoencoderSpec(pretrained=str(pipe_dir)))
+    for a, b in zip(vae.parameters(), from_pipe.parameters()):
+        assert torch.equal(a, b)
+    from_cfg = load_autoencoder(AutoencoderSpec(config=dict(vae.config)))
+    assert from_cfg.config.latent_channels == 4 and not any(p.requires_grad for p in from_cfg.parameters())
+
+
+def test_unet_presets():
+    assert set(PRESETS) >= {"tiny", "sd15", "sd21"}
+    sd15 = unet_config(UNetSpec(preset="sd15"))
+    assert sd15["cross_attention_dim"] == 768 and tuple(sd15["block_out_channels"]) == (320, 640, 1280, 1280)
+    assert unet_config(UNetSpec(preset="sd21"))["cross_attention_dim"] == 1024
+    unet = load_unet(UNetSpec(**TINY_UNET))
+    x = unet(torch.randn(2, 4, 8, 8), torch.tensor([1, 500]), encoder_hidden_states=torch.randn(2, 5, 32)).sample
+    assert x.shape == (2, 4, 8, 8)
+    with pytest.raises(ValueError, match="unknown UNet preset"):
+        unet_config(UNetSpec(preset="sd99"))
