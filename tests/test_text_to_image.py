@@ -149,3 +149,16 @@ def test_sample_cli_then_eval(tiny_run, tmp_path, capsys):
     assert json.loads((out / "metrics.json").read_text())["n"] == 4
     assert cli_main(["sample", str(tmp_path / "nothing"), "--prompt", "x"]) == 2
     assert "cannot load a pipeline" in capsys.readouterr().err
+
+
+def test_adamw8bit_without_bitsandbytes_is_a_clear_error(tiny_parts, tmp_path, capsys):
+    pytest.importorskip("torch")
+    try:
+        import bitsandbytes  # noqa: F401
+        pytest.skip("bitsandbytes is installed here; the error path cannot be reached")
+    except ImportError:
+        pass
+    ov = tiny_t2i_overrides(tiny_parts, tmp_path / "run", tmp_path / "data")
+    assert cli_main(["train", str(RECIPE), *ov, "train.optimizer=adamw8bit"]) == 2
+    err = capsys.readouterr().err
+    assert "bitsandbytes is not installed" in err and "Traceback" not in err

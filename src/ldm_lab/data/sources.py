@@ -32,12 +32,24 @@ def materialize_shapes(spec: DataSpec) -> Path:
 
 
 def _shapes_rows(root: Path) -> datasets.Dataset:
-    """The shapes imagefolder as a Dataset; saved once as Arrow next to it, because resolving
-    tens of thousands of files through the imagefolder loader takes minutes on every run."""
+    """The shapes imagefolder as a Dataset, built from its metadata.jsonl (the imagefolder
+    loader's glob over tens of thousands of files takes minutes) and saved once as Arrow."""
+    import json
+
     arrow = root / "arrow"
     if (arrow / "dataset_info.json").exists():
         return datasets.load_from_disk(str(arrow))
-    ds = datasets.load_dataset("imagefolder", data_dir=str(root), split="train")
+    rows = [json.loads(line) for line in (root / "metadata.jsonl").read_text().splitlines()]
+    cols: dict[str, list] = {"image": [str(root / r["file_name"]) for r in rows]}
+    for key in rows[0]:
+        if key == "file_name":
+            continue
+        name = key[: -len("_file_name")] if key.endswith("_file_name") else key
+        cols[name] = [str(root / r[key]) if key.endswith("_file_name") else r[key] for r in rows]
+    ds = datasets.Dataset.from_dict(cols)
+    for name in cols:
+        if name == "image" or f"{name}_file_name" in rows[0]:
+            ds = ds.cast_column(name, datasets.Image())
     tmp = root / "arrow.tmp"
     ds.save_to_disk(str(tmp))
     tmp.rename(arrow)

@@ -101,6 +101,8 @@ def train(recipe: Recipe, run_dir: str | Path | None = None) -> Path:
     run_dir = Path(run_dir or recipe.output.dir)
     t = recipe.train
     tracker = None if recipe.logging.tracker == "none" else recipe.logging.tracker
+    if tracker == "wandb":
+        _wandb_offline_unless_configured()
     accelerator = Accelerator(
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         mixed_precision=t.mixed_precision,
@@ -247,6 +249,19 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, limit: i
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _wandb_offline_unless_configured() -> None:
+    """wandb logs offline (to RUN/logs/wandb) unless the user has set it up: WANDB_MODE,
+    WANDB_API_KEY or a stored login."""
+    import os
+
+    if "WANDB_MODE" in os.environ or "WANDB_API_KEY" in os.environ:
+        return
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    if netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
+        return
+    os.environ["WANDB_MODE"] = "offline"
 
 
 def _batch_size(batch) -> int:
