@@ -93,7 +93,7 @@ def test_resume_latest_continues_from_checkpoint(tiny_run, tiny_parts):
     assert cli_main(["train", str(RECIPE), *ov, f"output.dir={out}", f"train.resume={ck}", "train.max_steps=9",
                      "eval.shapes=false"]) == 0
     hist = [json.loads(x)["step"] for x in (out / "history.jsonl").read_text().splitlines()]
-    assert hist == [8, 9]  # started at 6, not at 0
+    assert hist == [4, 8, 9]  # history up to the checkpoint, then steps 7-9 (not a restart at 0)
     assert (out / "pipeline" / "unet").exists()
 
 
@@ -130,7 +130,7 @@ def test_cached_and_raw_batches_give_the_same_loss(tiny_parts, tmp_path):
         else:
             rows = [tr.rows[i] for i in range(4)]
             batch = {k: torch.stack([r[k] for r in rows]) for k in ("pixel_values", "input_ids")}
-        tr.generator.manual_seed(7)
+        torch.manual_seed(7)
         with torch.no_grad():
             losses.append(tr.loss(batch)[0].item())
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)

@@ -45,7 +45,11 @@ def default_steps(name: str) -> int:
 
 
 def build_pipeline(vae, text_encoder, tokenizer, unet, noise_scheduler, sampler: str = "dpm++") -> StableDiffusionPipeline:
-    """A stock StableDiffusionPipeline around modules already in memory (no reload from disk)."""
+    """A stock StableDiffusionPipeline around modules already in memory (no reload from disk).
+
+    ``tokenizer.model_max_length`` must be the length training padded prompts to: the stock
+    pipeline pads to it, so the exported pipeline conditions exactly as training did.
+    """
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
         scheduler=make_sampler(sampler, noise_scheduler.config), safety_checker=None, feature_extractor=None,

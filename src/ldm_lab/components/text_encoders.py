@@ -124,7 +124,7 @@ def _load_openclip(spec: TextEncoderSpec):
     text = clip.transformer, clip.token_embedding, clip.positional_embedding, clip.ln_final, clip.attn_mask
     holder = nn.Module()
     holder.transformer, holder.token_embedding, holder.positional_embedding, holder.ln_final = text[:4]
-    holder.attn_mask = text[4]
+    holder.register_buffer("attn_mask", text[4], persistent=False)  # moves with .to(device)
     return holder, tokenizer, clip.context_length
 
 

@@ -44,9 +44,10 @@ class LatentCache:
         return self.mean.shape[0]
 
 
-def cache_key(vae, conditioner: Conditioner, rows, resolution: int, caption_column: str) -> str:
-    parts = [module_digest(vae), module_digest(conditioner.text_encoder), str(resolution),
-             getattr(rows, "_fingerprint", str(len(rows))), caption_column, "v1"]
+def cache_key(vae, conditioner: Conditioner, rows, resolution: int, image_column: str, caption_column: str) -> str:
+    te = conditioner.text_encoder
+    parts = [module_digest(vae), module_digest(te), te.kind, str(te.max_length), str(resolution),
+             getattr(rows, "_fingerprint", str(len(rows))), image_column, caption_column, "center-crop", "v1"]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
 
 
@@ -54,7 +55,7 @@ def cache_key(vae, conditioner: Conditioner, rows, resolution: int, caption_colu
 def build_or_load(rows, vae, conditioner: Conditioner, resolution: int, image_column: str, caption_column: str,
                   cache_dir: Path, batch_size: int = 64, log=print) -> LatentCache:
     cache_dir = Path(cache_dir)
-    key = cache_key(vae, conditioner, rows, resolution, caption_column)
+    key = cache_key(vae, conditioner, rows, resolution, image_column, caption_column)
     path = cache_dir / f"latents-{key}.safetensors"
     if path.exists():
         t = load_file(path)

@@ -114,9 +114,9 @@ def read_yaml(path: str | Path) -> dict:
 
 def looks_local(ref: str) -> bool:
     """True when ``ref`` names a local path rather than a hub id like ``org/name``."""
-    if ref.startswith((".", "/", "~")) or ref.count("/") != 1:
+    if ref.startswith((".", "/", "~")) or ref.count("/") > 1 or Path(ref).exists():
         return True
-    return Path(ref).exists() or Path(ref.split("/")[0]).is_dir()
+    return "/" in ref and Path(ref.split("/")[0]).is_dir()  # "data/x" where data/ is here
 
 
 def _check_paths(recipe: Recipe, source: str) -> None:

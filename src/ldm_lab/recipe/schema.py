@@ -27,6 +27,8 @@ class PretrainedSpec(Strict):
     def _one_source(self):
         if self.pretrained is not None and self.config is not None:
             raise ValueError("give either 'pretrained' or 'config', not both")
+        if self.pretrained is None and self.config is None and not getattr(self, "preset", None):
+            raise ValueError("give 'pretrained' (a hub id or a local dir) or 'config'")
         return self
 
 
@@ -42,7 +44,7 @@ class AutoencoderSpec(PretrainedSpec):
 
 
 class UNetSpec(PretrainedSpec):
-    preset: str | None = None
+    preset: Literal["tiny", "sd15", "sd21"] | None = None
     overrides: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -55,10 +57,10 @@ class ModelSpec(Strict):
 
 
 class NoiseSpec(Strict):
-    num_train_timesteps: int = Field(1000, ge=1)
+    num_train_timesteps: int = Field(1000, ge=2)
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "scaled_linear"
-    beta_start: float = 0.00085
-    beta_end: float = 0.012
+    beta_start: float = Field(0.00085, gt=0, lt=1)
+    beta_end: float = Field(0.012, gt=0, lt=1)
     prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
     zero_terminal_snr: bool = False
     min_snr_gamma: float | None = Field(None, gt=0)
@@ -92,6 +94,9 @@ class DataSpec(Strict):
     def _path_needed(self):
         if self.source in ("imagefolder", "hub") and not self.path:
             raise ValueError(f"data.source '{self.source}' needs data.path")
+        if self.cache_latents and (self.random_flip or not self.center_crop):
+            raise ValueError("cached latents are encoded from centre crops without flips; set data.random_flip=false "
+                             "and data.center_crop=true, or data.cache_latents=false")
         return self
 
 

@@ -27,7 +27,6 @@ from ..components import load_autoencoder
 from ..data.sources import load_rows
 from ..data.transforms import image_transform, to_pil
 from ..recipe import RecipeError
-from ..recipe.schema import AutoencoderSpec
 from .base import TrainerPlugin
 from .registry import register
 
@@ -51,7 +50,10 @@ class AutoencoderTrainer(TrainerPlugin):
 
     def setup(self) -> None:
         self.opts = check_options(self.recipe.plugin, OPTIONS, self.name)
-        spec = self.recipe.model.autoencoder or AutoencoderSpec()
+        spec = self.recipe.model.autoencoder
+        if spec is None:
+            raise RecipeError("the autoencoder trainer needs model.autoencoder (a 'config' for a new one, or "
+                              "'pretrained' to continue training one).")
         self.vae = load_autoencoder(spec.model_copy(update={"trainable": True}))
         if spec.pretrained is None and self.opts["init_logvar"] is not None:
             conv = self.vae.quant_conv if self.vae.quant_conv is not None else self.vae.encoder.conv_out

@@ -66,16 +66,3 @@ class TrainerPlugin:
     def unwrap(self, module: nn.Module) -> nn.Module:
         return self.accelerator.unwrap_model(module)
 
-
-class GeneratorState:
-    """Makes a torch.Generator part of accelerate's checkpoint (``register_for_checkpointing``),
-    so the noise and timesteps drawn after resume continue the same stream."""
-
-    def __init__(self, generator: torch.Generator):
-        self.generator = generator
-
-    def state_dict(self) -> dict:
-        return {"state": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["state"])

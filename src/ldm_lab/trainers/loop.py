@@ -149,16 +149,21 @@ def train(recipe: Recipe, run_dir: str | Path | None = None) -> Path:
     ckpt = resolve_resume(run_dir, t.resume)
     if ckpt is not None:
         accelerator.load_state(str(ckpt))
+        if ema is not None:
+            ema.to(accelerator.device)  # accelerate reloads custom objects on the CPU
         step = json.loads((ckpt / "loop.json").read_text())["step"]
         accelerator.print(f"resumed from {ckpt} at step {step}")
     if tracker and accelerator.is_main_process:
         accelerator.init_trackers(recipe.logging.project, config=_flat(recipe.model_dump(mode="json")))
 
     batches_per_epoch = len(dataloader)
+    if batches_per_epoch == 0:
+        raise RecipeError(f"the dataset has fewer rows than one batch (train.batch_size={t.batch_size} x "
+                          f"{accelerator.num_processes} processes); lower train.batch_size or add data.")
     seen_batches = step * t.gradient_accumulation_steps
     batches = _cycle(accelerator, dataloader, seen_batches % batches_per_epoch)
     progress = Progress(t.max_steps, step, recipe.logging.log_every, accelerator.is_main_process)
-    history: list[dict] = _read_history(run_dir) if ckpt is not None else []
+    history: list[dict] = [h for h in _read_history(ckpt) if h["step"] <= step] if ckpt is not None else []
     for m in modules.values():
         m.train()
 

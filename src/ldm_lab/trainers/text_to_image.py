@@ -29,7 +29,7 @@ from ..diffusion import (
 )
 from ..recipe import RecipeError
 from ..recipe.schema import TextEncoderSpec, UNetSpec
-from .base import GeneratorState, TrainerPlugin
+from .base import TrainerPlugin
 from .registry import register
 
 
@@ -63,14 +63,19 @@ class TextToImageTrainer(TrainerPlugin):
             raise RecipeError(
                 f"model.unet cross_attention_dim is {cad} but the text encoder's hidden size is "
                 f"{self.text_encoder.hidden_size}; set model.unet.overrides.cross_attention_dim={self.text_encoder.hidden_size}")
+        if self.text_encoder.kind == "openclip":
+            raise RecipeError("the text_to_image trainer exports a stock StableDiffusionPipeline, which cannot hold "
+                              "an OpenCLIP text tower; use kind clip (SD 2.x's OpenCLIP weights load as CLIPTextModel "
+                              "from the pipeline's text_encoder subfolder).")
         self.conditioner = Conditioner(self.text_encoder)
         n = self.recipe.noise
         self.noise_scheduler = make_noise_scheduler(n.num_train_timesteps, n.beta_schedule, n.beta_start, n.beta_end,
                                                     n.prediction_type, n.zero_terminal_snr)
         self.scaling_factor = float(self.vae.config.scaling_factor)
         self.shift_factor = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
-        self.generator = torch.Generator(device="cpu").manual_seed(self.recipe.seed + self.accelerator.process_index)
-        self.accelerator.register_for_checkpointing(GeneratorState(self.generator))
+        # Noise, timesteps and caption dropout draw from the global RNG, which the loop seeds per
+        # process and accelerate's save_state/load_state restores per process.
+        self.generator = None
 
     # -- data --------------------------------------------------------------------------
     def build_data(self) -> None:
@@ -116,7 +121,7 @@ class TextToImageTrainer(TrainerPlugin):
     def latents_and_condition(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Scaled latents (B, C, h, w) and token states (B, L, D) of a cached or raw batch."""
         if "mean" in batch:
-            eps = torch.randn(batch["mean"].shape, generator=self.generator).to(batch["mean"].device)
+            eps = torch.randn_like(batch["mean"])
             z = batch["mean"] + batch["std"] * eps
             cond = self.embeddings[batch["caption_index"]]
         else:
@@ -148,9 +153,7 @@ class TextToImageTrainer(TrainerPlugin):
         from ..sampling import build_pipeline
 
         te = self.text_encoder
-        if te.kind == "openclip":
-            raise ValueError("a stock StableDiffusionPipeline cannot hold an OpenCLIP text tower; "
-                             "sample with prompt embeddings instead")
+        te.tokenizer.model_max_length = te.max_length  # the stock pipeline pads to this length
         return build_pipeline(self.vae, te.model, te.tokenizer, self.unwrap(self.unet), self.noise_scheduler, sampler)
 
     def sample(self, prompts: list[str], seeds: list[int], sampler: str, steps: int, guidance: float):
