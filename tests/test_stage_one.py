@@ -29,6 +29,9 @@ def test_autoencoder_trainer_tiny_run(tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     assert vae.config.scaling_factor == pytest.approx(metrics["scaling_factor"])
     assert (run / "samples" / "reconstructions-000004.png").exists()
+    assert metrics["reconstruction_adherence"]["n"] == 256
+    assert cli_main(["eval", "autoencoder", str(tmp_path / "exported"), "--n", "8", "--resolution", "32"]) == 0
+    assert cli_main(["eval", "autoencoder", str(tmp_path / "nothing")]) == 2
 
 
 def test_clip_trainer_tiny_run(tmp_path):

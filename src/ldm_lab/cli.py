@@ -63,6 +63,10 @@ def _parser() -> argparse.ArgumentParser:
     esh = es.add_parser("shapes", help="read colour/shape/size/position/background back from images")
     esh.add_argument("path", help="a run dir, a samples dir (samples.jsonl) or a shapes dataset dir")
     esh.add_argument("--out", help="metrics.json to write (default: inside the path)")
+    eae = es.add_parser("autoencoder", help="shapes adherence of an autoencoder's reconstructions")
+    eae.add_argument("path", help="an AutoencoderKL dir (or a pipeline dir with vae/)")
+    eae.add_argument("--n", type=int, default=256)
+    eae.add_argument("--resolution", type=int, default=64)
 
     s = sub.add_parser("sample", help="generate images from a run or a diffusers pipeline dir")
     s.add_argument("source", help="a run dir (uses RUN/pipeline) or a pipeline dir / hub id")
@@ -122,6 +126,16 @@ def _dispatch(args) -> int:
             raise UserError(f"--out '{out}' exists and is not empty; choose a new dir so nothing is overwritten.")
         shapes.generate(out, args.n, seed=args.seed, world=shapes.World(resolution=args.resolution), heldout=args.heldout)
         print(f"wrote {args.n} rows to {out}")
+        return 0
+    if args.command == "eval" and args.action == "autoencoder":
+        from .components import load_autoencoder
+        from .evaluation.autoencoder import reconstruction_adherence
+        from .recipe.schema import AutoencoderSpec
+
+        if not Path(args.path).is_dir():
+            raise UserError(f"'{args.path}' is not a directory; give an AutoencoderKL dir.")
+        vae = load_autoencoder(AutoencoderSpec(pretrained=args.path))
+        print(json.dumps(reconstruction_adherence(vae, args.resolution, args.n), indent=2))
         return 0
     if args.command == "eval":
         from .evaluation import shapes as ev

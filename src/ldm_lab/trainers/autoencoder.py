@@ -134,6 +134,10 @@ class AutoencoderTrainer(TrainerPlugin):
         vae.register_to_config(scaling_factor=scale)
         vae.save_pretrained(out_dir / "autoencoder")
         self.metrics = {"scaling_factor": scale, "reconstruction_l1": sum(errs) / len(errs)}
+        if self.recipe.data.source == "shapes":
+            from ..evaluation.autoencoder import reconstruction_adherence
+
+            self.metrics["reconstruction_adherence"] = reconstruction_adherence(vae, self.recipe.data.resolution)
         (out_dir / "metrics.json").write_text(json.dumps(self.metrics, indent=2))
         if self.recipe.output.export_to:
             dst = Path(self.recipe.output.export_to)
