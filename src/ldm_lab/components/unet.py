@@ -25,14 +25,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=768, attention_head_dim=8,
     ),
-    "sd21": dict(
-        sample_size=96, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(320, 640, 1280, 1280),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True,
-    ),
 }
+PRESETS["sd21"] = {**PRESETS["sd15"], "sample_size": 96, "cross_attention_dim": 1024,
+                   "attention_head_dim": (5, 10, 20, 20), "use_linear_projection": True}
 
 
 def unet_config(spec: UNetSpec) -> dict[str, Any]:

@@ -131,25 +131,25 @@ class TrainSpec(Strict):
     resume: str | None = None  # "latest" or a checkpoint dir
 
 
-class ValidationSpec(Strict):
-    every: int | None = Field(None, ge=1)
-    prompts: list[str] = Field(default_factory=list)
-    images_per_prompt: int = Field(1, ge=1)
+class SamplingSpec(Strict):
     sampler: Literal["ddpm", "ddim", "dpm++", "euler", "unipc"] = "dpm++"
     steps: int = Field(20, ge=1)
     guidance_scale: float = 4.0
     seed: int = 0
 
 
-class EvalSpec(Strict):
+class ValidationSpec(SamplingSpec):
+    every: int | None = Field(None, ge=1)
+    prompts: list[str] = Field(default_factory=list)
+    images_per_prompt: int = Field(1, ge=1)
+
+
+class EvalSpec(SamplingSpec):
     """Final evaluation of a trained text-to-image model on the shapes world."""
 
     shapes: bool = False
     n: int = Field(240, ge=1)
     heldout_n: int = Field(120, ge=0)
-    sampler: Literal["ddpm", "ddim", "dpm++", "euler", "unipc"] = "dpm++"
-    steps: int = Field(20, ge=1)
-    guidance_scale: float = 4.0
     seed: int = 1234
 
 
