@@ -82,5 +82,5 @@ def test_unet_presets():
     unet = load_unet(UNetSpec(**TINY_UNET))
     x = unet(torch.randn(2, 4, 8, 8), torch.tensor([1, 500]), encoder_hidden_states=torch.randn(2, 5, 32)).sample
     assert x.shape == (2, 4, 8, 8)
-    with pytest.raises(ValueError, match="unknown UNet preset"):
-        unet_config(UNetSpec(preset="sd99"))
+    with pytest.raises(ValueError, match="'tiny', 'sd15' or 'sd21'"):
+        UNetSpec(preset="sd99")

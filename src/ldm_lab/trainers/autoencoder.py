@@ -44,6 +44,19 @@ def check_options(plugin: dict, defaults: dict, trainer: str) -> dict:
     return {**defaults, **plugin}
 
 
+class Reconstruct(torch.nn.Module):
+    """encode -> sample -> decode in one ``forward``, so DDP/FSDP hooks and accelerate's
+    autocast (both attached to ``forward``) see the whole autoencoder step."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        posterior = self.vae.encode(x).latent_dist
+        return self.vae.decode(posterior.sample()).sample, posterior.kl()
+
+
 @register
 class AutoencoderTrainer(TrainerPlugin):
     name = "autoencoder"
@@ -69,7 +82,9 @@ class AutoencoderTrainer(TrainerPlugin):
         self.full_tf = image_transform(d.resolution, True, False)
 
     def trainable_modules(self):
-        return {"vae": self.vae}
+        if not hasattr(self, "model"):
+            self.model = Reconstruct(self.vae)
+        return {"model": self.model}
 
     def train_dataloader(self):
         def collate(rows):
@@ -80,14 +95,12 @@ class AutoencoderTrainer(TrainerPlugin):
 
     def loss(self, batch):
         x = batch["pixel_values"]
-        vae = self.vae
-        posterior = vae.encode(x).latent_dist
-        rec = vae.decode(posterior.sample()).sample
+        rec, kl_sum = self.model(x)
         err = rec.float() - x.float()
         l1 = err.abs().mean()
         rec_loss = l1 + self.opts["mse_weight"] * err.pow(2).mean()
         # KL per pixel element, so kl_weight means what LDM's does against a per-pixel-summed loss
-        kl = posterior.kl().mean() / x[0].numel()
+        kl = kl_sum.mean() / x[0].numel()
         return rec_loss + self.opts["kl_weight"] * kl, {"l1": l1.item(), "kl": kl.item()}
 
     @torch.no_grad()
