@@ -21,8 +21,11 @@ lint:
 	$(BIN)/ruff check src tests
 
 # The main job: a text-to-image UNet trained from scratch on the shapes world (CPU, offline).
+# accelerate launch gives each process one CPU thread unless told otherwise.
+NPROC := $(shell nproc 2>/dev/null || echo 2)
 demo:
-	$(BIN)/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no -m ldm_lab.train recipes/shapes/t2i.yaml
+	$(BIN)/accelerate launch --num_processes 1 --num_machines 1 --num_cpu_threads_per_process $(NPROC) \
+		--mixed_precision no --dynamo_backend no -m ldm_lab.train recipes/shapes/t2i.yaml
 
 # Re-train the shipped stage-one parts (autoencoder and CLIP) into data/pretrained/.
 pretrained:
