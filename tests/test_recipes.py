@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from conftest import REPO, TINY_UNET
@@ -129,4 +130,5 @@ def test_every_recipe_instantiates(path, tiny_parts):
         h = te(["a red circle"]).hidden_states
         assert h.shape[0] == 1 and h.shape[-1] == te.hidden_size
     if vae is not None:
-        assert vae.config.scaling_factor > 0
+        z = vae.encode(torch.randn(1, 3, 32, 32)).latent_dist.mean
+        assert z.shape[1] == vae.config.latent_channels

@@ -21,7 +21,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
 from ..components import load_autoencoder
 from ..data.sources import load_rows
@@ -87,11 +87,8 @@ class AutoencoderTrainer(TrainerPlugin):
         return {"model": self.model}
 
     def train_dataloader(self):
-        def collate(rows):
-            return {"pixel_values": torch.stack([r["pixel_values"] for r in rows])}
-
         return DataLoader(self.rows, batch_size=self.recipe.train.batch_size, shuffle=True, drop_last=True,
-                          collate_fn=collate, num_workers=self.recipe.data.num_workers)
+                          collate_fn=default_collate, num_workers=self.recipe.data.num_workers)
 
     def loss(self, batch):
         x = batch["pixel_values"]

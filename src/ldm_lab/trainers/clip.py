@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
 from ..components import write_clip_bpe_vocab
 from ..data.sources import load_rows
@@ -72,11 +72,8 @@ class ClipTrainer(TrainerPlugin):
         return {"clip": self.clip}
 
     def train_dataloader(self):
-        def collate(rows):
-            return {k: torch.stack([r[k] for r in rows]) for k in ("pixel_values", "input_ids")}
-
         return DataLoader(self.rows, batch_size=self.recipe.train.batch_size, shuffle=True, drop_last=True,
-                          collate_fn=collate, num_workers=self.recipe.data.num_workers)
+                          collate_fn=default_collate, num_workers=self.recipe.data.num_workers)
 
     def loss(self, batch):
         out = self.clip(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], return_loss=True)

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from ..components import load_autoencoder, load_text_encoder, load_unet
 from ..conditioning import Conditioner
@@ -110,12 +110,9 @@ class TextToImageTrainer(TrainerPlugin):
     def train_dataloader(self):
         ds = CachedRows(self.cached) if self.cached is not None else self.rows
 
-        def collate(rows):
-            return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
-
         d = self.recipe.data
         return DataLoader(ds, batch_size=self.recipe.train.batch_size, shuffle=True, drop_last=True,
-                          collate_fn=collate, num_workers=d.num_workers, persistent_workers=d.num_workers > 0)
+                          collate_fn=default_collate, num_workers=d.num_workers, persistent_workers=d.num_workers > 0)
 
     # -- loss --------------------------------------------------------------------------
     def latents_and_condition(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
