@@ -66,3 +66,31 @@ def tiny_t2i_overrides(parts: dict[str, Path], run_dir: Path, data_dir: Path) ->
         "eval.n=4", "eval.heldout_n=2", "eval.steps=2", "logging.tracker=none", "logging.log_every=4",
         f"output.dir={run_dir}",
     ]
+
+
+def make_tiny_pipeline(root: Path, parts: dict[str, Path]) -> Path:
+    """A stock StableDiffusionPipeline dir around the tiny parts and a tiny random UNet (a LoRA base)."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from ldm_lab.components.unet import unet_config
+    from ldm_lab.recipe.schema import UNetSpec
+
+    torch.manual_seed(1)
+    unet = UNet2DConditionModel(**unet_config(UNetSpec(**TINY_UNET)))
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL.from_pretrained(parts["vae"]),
+        text_encoder=CLIPTextModel.from_pretrained(parts["clip"] / "text_encoder"),
+        tokenizer=CLIPTokenizer.from_pretrained(parts["clip"] / "tokenizer"), unet=unet,
+        scheduler=DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                prediction_type="v_prediction"),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    out = root / "base-pipeline"
+    pipe.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tiny_parts, tmp_path_factory) -> Path:
+    return make_tiny_pipeline(tmp_path_factory.mktemp("tiny-pipeline"), tiny_parts)

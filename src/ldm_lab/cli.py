@@ -19,6 +19,7 @@ examples:
   ldm-lab recipe check recipes/shapes/t2i.yaml
   ldm-lab recipe show recipes/shapes/t2i.yaml data.resolution=64
   ldm-lab data shapes --out data/shapes --n 2000 --seed 0
+  ldm-lab finetune lora --base data/pretrained/shapes-t2i --data data/shapes-pink --out runs/lora --steps 300
   ldm-lab sample runs/shapes-t2i --prompt "a large red circle at the center on a white background" --n 4
   ldm-lab eval shapes runs/shapes-t2i
 """
@@ -68,6 +69,43 @@ def _parser() -> argparse.ArgumentParser:
     eae.add_argument("--n", type=int, default=256)
     eae.add_argument("--resolution", type=int, default=64)
 
+    f = sub.add_parser("finetune", help="fine-tune a pipeline with a plugin trainer (flags override a built-in recipe)")
+    fs = f.add_subparsers(dest="action", required=True, metavar="TRAINER")
+    fl = fs.add_parser("lora", help="LoRA adapters (PEFT) on the UNet and optionally the text encoder",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    fl.add_argument("--base", required=True, help="the pipeline to adapt: a diffusers pipeline dir, a run dir or a hub id")
+    fl.add_argument("--data", required=True, help="an imagefolder dir (images + metadata.jsonl) or a hub dataset id")
+    fl.add_argument("--out", required=True, help="run dir (gets pytorch_lora_weights.safetensors)")
+    fl.add_argument("--rank", type=int, help="LoRA rank (plugin.rank; default 8)")
+    fl.add_argument("--alpha", type=float, help="LoRA alpha (plugin.alpha; default: the rank)")
+    fl.add_argument("--targets", help="attn | attn_ff | attn_ff_conv, or comma-separated module names")
+    fl.add_argument("--dropout", type=float, help="LoRA dropout")
+    fl.add_argument("--init", choices=["default", "gaussian", "pissa", "olora"], help="adapter initialisation")
+    fl.add_argument("--dora", action="store_true", help="weight-decomposed LoRA (DoRA)")
+    fl.add_argument("--train-text-encoder", action="store_true", help="also put adapters on the text encoder")
+    fl.add_argument("--lr", type=float, help="learning rate (train.learning_rate; default 1e-4)")
+    fl.add_argument("--text-encoder-lr", type=float, help="text-encoder adapter learning rate (default: --lr)")
+    fl.add_argument("--steps", type=int, help="optimiser steps (train.max_steps; default 1000)")
+    fl.add_argument("--batch-size", type=int, help="train.batch_size (default 8)")
+    fl.add_argument("--resolution", type=int, help="training resolution (default: the base's native one)")
+    fl.add_argument("--caption-column", help="data.caption_column (default text)")
+    fl.add_argument("--validation-prompt", action="append", help="a validation prompt (repeatable)")
+    fl.add_argument("--resume", help="'latest' or a checkpoint dir")
+    fl.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit")
+    fl.add_argument("overrides", nargs="*", help="further dotted key=value recipe overrides")
+
+    x = sub.add_parser("export", help="convert LoRA files between layouts, or fuse LoRAs into a pipeline")
+    xs = x.add_subparsers(dest="action", required=True, metavar="ACTION")
+    xl = xs.add_parser("lora", help="write a LoRA in the diffusers, PEFT or kohya (A1111/ComfyUI) layout")
+    xl.add_argument("source", help="a LoRA .safetensors file or a run dir holding pytorch_lora_weights.safetensors")
+    xl.add_argument("--format", required=True, choices=["diffusers", "peft", "kohya"])
+    xl.add_argument("--out", required=True, help="output file (.safetensors; a dir for --format peft)")
+    xm = xs.add_parser("merge", help="fuse LoRAs into a base pipeline and save the result")
+    xm.add_argument("--base", required=True, help="a pipeline dir, run dir or hub id")
+    xm.add_argument("--lora", required=True, action="append", help="FILE[:scale] (repeatable)")
+    xm.add_argument("--scale", type=float, default=None, help="scale of every --lora given without its own")
+    xm.add_argument("--out", required=True, help="new pipeline dir")
+
     s = sub.add_parser("sample", help="generate images from a run or a diffusers pipeline dir")
     s.add_argument("source", help="a run dir (uses RUN/pipeline) or a pipeline dir / hub id")
     g = s.add_mutually_exclusive_group(required=True)
@@ -79,6 +117,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++", "euler", "unipc"], default="dpm++")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", default=None, help="output dir (default: SOURCE/samples-cli)")
+    s.add_argument("--lora", action="append", default=[], help="FILE[:scale] LoRA to apply (repeatable)")
     return p
 
 
@@ -104,10 +143,27 @@ def _dispatch(args) -> int:
         if args.action == "check":
             print(f"{args.recipe}: ok (trainer {recipe.trainer})")
         else:
-            print(dump_recipe(recipe), end="")
+            from .recipe import pipeline_defaults
+
+            print(dump_recipe(pipeline_defaults(recipe)), end="")
         return 0
     if args.command == "train":
         recipe = load_recipe(args.recipe, args.overrides)
+        from .trainers.loop import train
+
+        run = train(recipe)
+        from accelerate import PartialState
+
+        if PartialState().is_main_process:
+            print(f"done: {run}")
+        return 0
+    if args.command == "finetune":
+        recipe = load_recipe(BUILTIN / f"{args.action}.yaml", finetune_overrides(args))
+        if args.print_recipe:
+            from .recipe import pipeline_defaults
+
+            print(dump_recipe(pipeline_defaults(recipe)), end="")
+            return 0
         from .trainers.loop import train
 
         run = train(recipe)
@@ -154,15 +210,96 @@ def _dispatch(args) -> int:
             ev.write_metrics(result, out)
         print(json.dumps(result, indent=2))
         return 0
+    if args.command == "export":
+        return _export(args)
     if args.command == "sample":
         from .sampling import sample_cli
 
         prompts = args.prompt or [ln.strip() for ln in _read_lines(args.prompts_file) if ln.strip()]
         out = sample_cli(args.source, prompts, n=args.n, steps=args.steps, guidance=args.guidance,
-                         sampler=args.sampler, seed=args.seed, out=args.out)
+                         sampler=args.sampler, seed=args.seed, out=args.out, loras=_lora_args(args.lora))
         print(f"wrote {len(prompts) * args.n} images and grid.png to {out}")
         return 0
     raise UserError(f"unknown command {args.command}")
+
+
+BUILTIN = Path(__file__).parent / "builtin"
+
+
+def _lora_args(items: list[str], default_scale: float | None = None) -> list[tuple[str, float]]:
+    from .lora_io import parse_lora_arg
+
+    out = []
+    for item in items:
+        path, scale = parse_lora_arg(item)
+        if default_scale is not None and ":" not in item[len(path):]:
+            scale = default_scale
+        p = Path(path)
+        if not (p.is_file() or (p / "pytorch_lora_weights.safetensors").is_file()):
+            raise UserError(f"LoRA '{path}' is neither a .safetensors file nor a dir with "
+                            "pytorch_lora_weights.safetensors; give FILE[:scale].")
+        out.append((path, scale))
+    return out
+
+
+def _export(args) -> int:
+    from . import lora_io
+
+    if args.action == "merge":
+        loras = _lora_args(args.lora, args.scale)
+        out = Path(args.out)
+        if out.exists() and any(out.iterdir()):
+            raise UserError(f"--out '{out}' exists and is not empty; choose a new dir so nothing is overwritten.")
+        try:
+            lora_io.merge(args.base, loras, out)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot merge into '{args.base}' ({str(e).splitlines()[0][:200]}); give a pipeline "
+                            "dir, run dir or hub id and LoRAs trained for it.") from None
+        print(f"wrote fused pipeline to {out}")
+        return 0
+    (src, _), = _lora_args([args.source])
+    try:
+        w = lora_io.read_lora(src)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"cannot read LoRA weights from '{src}' ({str(e).splitlines()[0][:200]}).") from None
+    writer = {"diffusers": lora_io.write_diffusers, "peft": lora_io.write_peft, "kohya": lora_io.write_kohya}
+    try:
+        out = writer[args.format](w, Path(args.out))
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    print(f"wrote {args.format} LoRA ({len(w.modules())} adapted modules) to {out}")
+    return 0
+
+
+def finetune_overrides(args) -> list[str]:
+    """``ldm-lab finetune`` flags as dotted overrides of the built-in recipe (same code path as
+    ``trainer: lora`` in a recipe file)."""
+    import json as _json
+
+    base = args.base
+    if (Path(base) / "pipeline" / "model_index.json").exists():
+        base = str(Path(base) / "pipeline")  # a run dir
+    local = Path(args.data).exists()
+    ov = [f"model.pipeline={_json.dumps(base)}", f"data.source={'imagefolder' if local else 'hub'}",
+          f"data.path={_json.dumps(args.data)}", f"output.dir={_json.dumps(args.out)}"]
+    flag_keys = {"rank": "plugin.rank", "alpha": "plugin.alpha", "dropout": "plugin.dropout", "init": "plugin.init",
+                 "lr": "train.learning_rate", "text_encoder_lr": "plugin.text_encoder_lr", "steps": "train.max_steps",
+                 "batch_size": "train.batch_size", "resolution": "data.resolution",
+                 "caption_column": "data.caption_column", "resume": "train.resume"}
+    for flag, key in flag_keys.items():
+        v = getattr(args, flag, None)
+        if v is not None:
+            ov.append(f"{key}={_json.dumps(v)}")
+    if getattr(args, "targets", None):
+        t = args.targets
+        ov.append(f"plugin.targets={t if ',' not in t and t in ('attn', 'attn_ff', 'attn_ff_conv') else _json.dumps([x.strip() for x in t.split(',') if x.strip()])}")
+    if getattr(args, "dora", False):
+        ov.append("plugin.dora=true")
+    if getattr(args, "train_text_encoder", False):
+        ov.append("plugin.train_text_encoder=true")
+    if getattr(args, "validation_prompt", None):
+        ov.append(f"validation.prompts={_json.dumps(args.validation_prompt)}")
+    return ov + list(args.overrides)
 
 
 def _read_lines(path: str) -> list[str]:

@@ -113,7 +113,8 @@ def load_pipeline(source: str | Path) -> StableDiffusionPipeline:
 
 
 def sample_cli(source: str, prompts: list[str], n: int = 1, steps: int | None = None, guidance: float = 4.0,
-               sampler: str = "dpm++", seed: int = 0, out: str | None = None) -> Path:
+               sampler: str = "dpm++", seed: int = 0, out: str | None = None,
+               loras: list[tuple[str, float]] | None = None) -> Path:
     from .cli import UserError
 
     if not prompts:
@@ -124,6 +125,14 @@ def sample_cli(source: str, prompts: list[str], n: int = 1, steps: int | None = 
         raise UserError(f"cannot load a pipeline from '{source}' ({str(e).splitlines()[0]}); "
                         "give a run dir, a diffusers pipeline dir or a hub id.") from None
     pipe.scheduler = make_sampler(sampler, pipe.scheduler.config)
+    if loras:
+        from .lora_io import apply_loras
+
+        try:
+            apply_loras(pipe, loras)
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            raise UserError(f"cannot apply LoRA to '{source}' ({str(e).splitlines()[0][:200]}); "
+                            "was it trained for this base?") from None
     out_dir = Path(out) if out else (Path(source) / "samples-cli" if Path(source).is_dir() else Path("samples"))
     out_dir.mkdir(parents=True, exist_ok=True)
     all_prompts = [p for p in prompts for _ in range(n)]
@@ -133,7 +142,7 @@ def sample_cli(source: str, prompts: list[str], n: int = 1, steps: int | None = 
     for i, (im, p, s) in enumerate(zip(images, all_prompts, seeds)):
         name = f"{i:04d}.png"
         im.save(out_dir / name)
-        rows.append({"file_name": name, "prompt": p, "seed": s})
+        rows.append({"file_name": name, "prompt": p, "seed": s, **({"loras": loras} if loras else {})})
     (out_dir / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     grid(images, all_prompts).save(out_dir / "grid.png")
     return out_dir

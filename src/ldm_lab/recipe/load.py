@@ -46,14 +46,14 @@ def _model_in(ann: Any) -> type[BaseModel] | None:
     return None
 
 
-def _explain(err: ValidationError, source: str) -> str:
+def _explain(err: ValidationError, source: str, root: type[BaseModel] = Recipe, prefix: tuple = ()) -> str:
     e = err.errors()[0]
     loc = tuple(e["loc"])
-    key = ".".join(str(p) for p in loc) or "(top level)"
+    key = ".".join(str(p) for p in prefix + loc) or "(top level)"
     if e["type"] == "extra_forbidden":
-        valid = _fields_at(Recipe, loc[:-1])
+        valid = _fields_at(root, loc[:-1])
         close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
-        hint = f"did you mean '{'.'.join(str(p) for p in loc[:-1] + (close[0],))}'?" if close else (
+        hint = f"did you mean '{'.'.join(str(p) for p in prefix + loc[:-1] + (close[0],))}'?" if close else (
             f"valid keys here: {', '.join(valid)}." if valid else "remove it.")
         return f"{source}: unknown key '{key}'; {hint}"
     if e["type"] == "literal_error":
@@ -120,6 +120,10 @@ def looks_local(ref: str) -> bool:
 
 
 def _check_paths(recipe: Recipe, source: str) -> None:
+    pipe = recipe.model.pipeline
+    if pipe is not None and looks_local(pipe) and not (Path(pipe).expanduser() / "model_index.json").exists():
+        raise RecipeError(f"{source}: 'model.pipeline' is '{pipe}', which is not a diffusers pipeline dir "
+                          "(no model_index.json); give a dir written by save_pretrained, a run's pipeline/ or a hub id.")
     specs: list[tuple[str, PretrainedSpec | None]] = [
         ("model.text_encoder", recipe.model.text_encoder),
         ("model.autoencoder", recipe.model.autoencoder),
@@ -154,8 +158,75 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None, dat
         close = difflib.get_close_matches(recipe.trainer, known_trainers(), n=1)
         hint = f"did you mean '{close[0]}'?" if close else f"choose from {', '.join(known_trainers())}."
         raise RecipeError(f"{source}: unknown trainer '{recipe.trainer}'; {hint}")
+    from .plugins import PLUGIN_OPTIONS
+
+    if recipe.trainer in PLUGIN_OPTIONS:
+        try:
+            PLUGIN_OPTIONS[recipe.trainer].model_validate(recipe.plugin)
+        except ValidationError as e:
+            raise RecipeError(_explain(e, source, PLUGIN_OPTIONS[recipe.trainer], ("plugin",))) from None
     if check_paths:
         _check_paths(recipe, source)
+    return _fill_from_pipeline(recipe)
+
+
+def _fill_from_pipeline(recipe: Recipe) -> Recipe:
+    """``model.pipeline``: components the recipe does not give come from the pipeline's subfolders."""
+    from .schema import AutoencoderSpec, TextEncoderSpec, UNetSpec
+
+    m = recipe.model
+    if m.pipeline is None:
+        return recipe
+    if m.text_encoder is None:
+        m.text_encoder = TextEncoderSpec(kind="clip", pretrained=m.pipeline, subfolder="text_encoder")
+    if m.autoencoder is None:
+        m.autoencoder = AutoencoderSpec(pretrained=m.pipeline, subfolder="vae")
+    if m.unet is None:
+        m.unet = UNetSpec(pretrained=m.pipeline, subfolder="unet")
+    return recipe
+
+
+def _pipeline_json(pipeline: str, subfolder: str, name: str) -> dict:
+    import json
+
+    p = Path(pipeline) / subfolder / name
+    if not p.exists():
+        if looks_local(pipeline):
+            raise RecipeError(f"model.pipeline '{pipeline}' has no {subfolder}/{name}; "
+                              "give a diffusers pipeline dir (the one save_pretrained writes).")
+        from huggingface_hub import hf_hub_download
+
+        try:
+            p = Path(hf_hub_download(pipeline, name, subfolder=subfolder))
+        except Exception as e:  # noqa: BLE001 - network, auth or missing file: one sentence for all
+            raise RecipeError(f"cannot read {subfolder}/{name} of model.pipeline '{pipeline}' "
+                              f"({type(e).__name__}); check the hub id and your connection.") from None
+    return json.loads(p.read_text())
+
+
+def pipeline_defaults(recipe: Recipe) -> Recipe:
+    """Keys the recipe leaves unset take ``model.pipeline``'s values, so a fine-tune trains with
+    the noise schedule and prediction type its base was trained with, at its native resolution.
+
+    Reads the pipeline's small config files (from the hub for a hub id); called when a run
+    starts and by ``recipe show``, not by ``recipe check``.
+    """
+    m = recipe.model
+    if m.pipeline is None:
+        return recipe
+    cfg = _pipeline_json(m.pipeline, "scheduler", "scheduler_config.json")
+    n = recipe.noise
+    mapping = {"num_train_timesteps": "num_train_timesteps", "beta_schedule": "beta_schedule",
+               "beta_start": "beta_start", "beta_end": "beta_end", "prediction_type": "prediction_type",
+               "zero_terminal_snr": "rescale_betas_zero_snr"}
+    given = set(n.model_fields_set)
+    for ours, theirs in mapping.items():
+        if ours not in given and cfg.get(theirs) is not None:
+            setattr(n, ours, cfg[theirs])
+    if "resolution" not in recipe.data.model_fields_set:
+        unet = _pipeline_json(m.pipeline, "unet", "config.json")
+        vae = _pipeline_json(m.pipeline, "vae", "config.json")
+        recipe.data.resolution = int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
     return recipe
 
 

@@ -49,6 +49,9 @@ class UNetSpec(PretrainedSpec):
 
 
 class ModelSpec(Strict):
+    # A diffusers pipeline (hub id or dir) to start from: text_encoder, autoencoder and unet not
+    # given below come from its subfolders, and noise keys not given come from its scheduler.
+    pipeline: str | None = None
     text_encoder: TextEncoderSpec | None = None
     autoencoder: AutoencoderSpec | None = None
     unet: UNetSpec | None = None

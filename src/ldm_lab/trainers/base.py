@@ -55,6 +55,11 @@ class TrainerPlugin:
         """The module whose weights EMA tracks (the first trainable module by default)."""
         return next(iter(self.trainable_modules().values()))
 
+    def checkpoint_hooks(self):
+        """Optional (save_hook, load_hook) for accelerate's save_state/load_state, when a plugin
+        checkpoints less than its modules' full state (LoRA: adapters only)."""
+        return None
+
     def validate(self, step: int) -> dict[str, float]:
         return {}
 

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
-from ..recipe import Recipe, RecipeError, dump_recipe
+from ..recipe import Recipe, RecipeError, dump_recipe, pipeline_defaults
 from .registry import get_trainer
 
 CKPT_PREFIX = "checkpoint-"
@@ -36,6 +36,13 @@ def make_optimizer(recipe: Recipe, param_groups: list[dict]) -> torch.optim.Opti
                               "pip install 'ldm-lab[bnb]' or use train.optimizer=adamw.") from None
         return bnb.optim.AdamW8bit(param_groups, **kw)
     return torch.optim.AdamW(param_groups, **kw)
+
+
+def clip_gradients(accelerator: Accelerator, optimizer: torch.optim.Optimizer, max_norm: float) -> float:
+    """Clip the gradients of exactly the parameters the optimiser trains (every param group:
+    adapters of a LoRA run, both the UNet's and the text encoder's); returns the norm before."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    return float(accelerator.clip_grad_norm_(params, max_norm))
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
@@ -98,6 +105,7 @@ def _cycle(accelerator: Accelerator, dataloader, skip: int):
 
 def train(recipe: Recipe, run_dir: str | Path | None = None) -> Path:
     """Run the recipe's trainer plugin to ``train.max_steps``; returns the run dir."""
+    recipe = pipeline_defaults(recipe)
     run_dir = Path(run_dir or recipe.output.dir)
     t = recipe.train
     tracker = None if recipe.logging.tracker == "none" else recipe.logging.tracker
@@ -108,6 +116,9 @@ def train(recipe: Recipe, run_dir: str | Path | None = None) -> Path:
         mixed_precision=t.mixed_precision,
         log_with=tracker,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
+        # the shuffle order of every epoch comes from (seed, epoch), so a resumed run sees the
+        # batches the uninterrupted one would have seen
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=recipe.seed),
     )
     if accelerator.is_main_process:
         _check_writable(run_dir)
@@ -131,17 +142,23 @@ def train(recipe: Recipe, run_dir: str | Path | None = None) -> Path:
     lr_scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps * n,
                                  num_training_steps=t.max_steps * n)
     dataloader = plugin.train_dataloader()
+    if dataloader.generator is None:
+        # a new DataLoader iterator draws its base seed from this generator, not from the global
+        # RNG that noise and dropout use (a resumed run starts a new iterator mid-epoch)
+        dataloader.generator = torch.Generator().manual_seed(recipe.seed)
     names = list(modules)
     prepared = accelerator.prepare(*modules.values(), optimizer, dataloader, lr_scheduler)
     wrapped, (optimizer, dataloader, lr_scheduler) = prepared[: len(names)], prepared[len(names):]
     for name, w in zip(names, wrapped):
         setattr(plugin, name, w)
-    trainable_params = [p for g in optimizer.param_groups for p in g["params"]]
+    hooks = plugin.checkpoint_hooks()
+    if hooks is not None:
+        accelerator.register_save_state_pre_hook(hooks[0])
+        accelerator.register_load_state_pre_hook(hooks[1])
 
     ema = None
     if t.ema.enabled:
-        ema_target = accelerator.unwrap_model(plugin.ema_module())
-        ema = EMAModel(ema_target.parameters(), decay=t.ema.decay, use_ema_warmup=t.ema.warmup)
+        ema = EMAModel(_ema_params(plugin, accelerator), decay=t.ema.decay, use_ema_warmup=t.ema.warmup)
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
 
@@ -173,8 +190,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None) -> Path:
             loss, logs = plugin.loss(batch)
             accelerator.backward(loss)
             if accelerator.sync_gradients and t.max_grad_norm:
-                grad_norm = accelerator.clip_grad_norm_(trainable_params, t.max_grad_norm)
-                logs["grad_norm"] = float(grad_norm)
+                logs["grad_norm"] = clip_gradients(accelerator, optimizer, t.max_grad_norm)
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -182,7 +198,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None) -> Path:
             continue
         step += 1
         if ema is not None and step % t.ema.every == 0:
-            ema.step(accelerator.unwrap_model(plugin.ema_module()).parameters())
+            ema.step(_ema_params(plugin, accelerator))
         logs = {"loss": accelerator.gather(loss.detach()).mean().item(), **logs, "lr": lr_scheduler.get_last_lr()[0]}
         bs = _batch_size(batch) * accelerator.num_processes * t.gradient_accumulation_steps
         logs.update(progress.update(step, bs, {k: logs[k] for k in ("loss", "lr")}))
@@ -213,6 +229,12 @@ def train(recipe: Recipe, run_dir: str | Path | None = None) -> Path:
     return run_dir
 
 
+def _ema_params(plugin, accelerator) -> list[torch.nn.Parameter]:
+    """What EMA averages: the trained parameters of the plugin's EMA module (adapters only when
+    the base is frozen)."""
+    return [p for p in accelerator.unwrap_model(plugin.ema_module()).parameters() if p.requires_grad]
+
+
 class _ema_weights:
     """Context: EMA weights in the tracked module while inside, the trained ones after."""
 
@@ -221,7 +243,7 @@ class _ema_weights:
 
     def __enter__(self):
         if self.ema is not None:
-            params = list(self.accelerator.unwrap_model(self.plugin.ema_module()).parameters())
+            params = _ema_params(self.plugin, self.accelerator)
             self.ema.store(params)
             self.ema.copy_to(params)
             self.params = params

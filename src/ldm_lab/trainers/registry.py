@@ -10,6 +10,7 @@ _BUILTIN = {
     "text_to_image": "ldm_lab.trainers.text_to_image",
     "autoencoder": "ldm_lab.trainers.autoencoder",
     "clip": "ldm_lab.trainers.clip",
+    "lora": "ldm_lab.trainers.lora",
 }
 _REGISTRY: dict[str, type] = {}
 

@@ -176,8 +176,13 @@ class TextToImageTrainer(TrainerPlugin):
         seeds = [v.seed + i for i in range(len(prompts))]
         images = self.sample(prompts, seeds, v.sampler, v.steps, v.guidance_scale)
         out = self.run_dir / "samples"
-        out.mkdir(parents=True, exist_ok=True)
+        (out / f"step-{step:06d}").mkdir(parents=True, exist_ok=True)
         grid(images, prompts, cols=min(8, len(prompts))).save(out / f"step-{step:06d}.png")
+        for i, (im, p, sd) in enumerate(zip(images, prompts, seeds)):
+            im.save(out / f"step-{step:06d}" / f"{i:02d}.png")
+        (out / f"step-{step:06d}" / "samples.jsonl").write_text("".join(
+            json.dumps({"file_name": f"{i:02d}.png", "prompt": p, "seed": sd}) + "\n"
+            for i, (p, sd) in enumerate(zip(prompts, seeds))))
         return {}
 
     def save(self, out_dir: Path) -> None:

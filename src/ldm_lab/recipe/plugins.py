@@ -1,0 +1,58 @@
+"""Typed ``plugin:`` sections of the trainer plugins, checked with the rest of the recipe
+(so ``ldm-lab recipe check`` finds a misspelt LoRA option before any model is loaded)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from .schema import Strict
+
+# UNet module-name suffixes (diffusers UNet2DConditionModel) each LoRA target preset adapts.
+UNET_TARGET_PRESETS: dict[str, list[str]] = {
+    # attention projections of every transformer block (self- and cross-attention)
+    "attn": ["to_q", "to_k", "to_v", "to_out.0"],
+    # + the feed-forward of each transformer block
+    "attn_ff": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"],
+    # + resnet convolutions and the transformer in/out projections (LoCon-style)
+    "attn_ff_conv": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2",
+                     "proj_in", "proj_out", "conv1", "conv2", "conv_shortcut"],
+}
+TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+class LoRAOptions(Strict):
+    """``plugin:`` keys of ``trainer: lora``."""
+
+    rank: int = Field(8, ge=1)
+    alpha: float | None = Field(None, gt=0)  # default: equal to rank (scale 1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    # a preset name (see UNET_TARGET_PRESETS) or an explicit list of module-name suffixes / regex
+    targets: Literal["attn", "attn_ff", "attn_ff_conv"] | list[str] = "attn"
+    # peft init_lora_weights: "default" (Kaiming A, zero B), "gaussian", "pissa", "olora"
+    init: Literal["default", "gaussian", "pissa", "olora"] = "default"
+    dora: bool = False  # weight-decomposed LoRA (peft use_dora)
+    train_text_encoder: bool = False
+    text_encoder_rank: int | None = Field(None, ge=1)  # default: rank
+    text_encoder_alpha: float | None = Field(None, gt=0)  # default: text_encoder_rank
+    text_encoder_targets: list[str] = Field(default_factory=lambda: list(TEXT_ENCODER_TARGETS))
+    text_encoder_lr: float | None = Field(None, gt=0)  # default: train.learning_rate
+
+    @model_validator(mode="after")
+    def _targets_nonempty(self):
+        if isinstance(self.targets, list) and not self.targets:
+            raise ValueError("targets is an empty list; give module names or a preset (attn, attn_ff, attn_ff_conv)")
+        return self
+
+    def unet_targets(self) -> list[str]:
+        return list(UNET_TARGET_PRESETS[self.targets]) if isinstance(self.targets, str) else list(self.targets)
+
+
+PLUGIN_OPTIONS: dict[str, type[Strict]] = {"lora": LoRAOptions}
+
+
+def plugin_options(trainer: str, plugin: dict) -> Strict | None:
+    """The typed options of ``trainer`` (None for plugins that check their own)."""
+    cls = PLUGIN_OPTIONS.get(trainer)
+    return cls.model_validate(plugin) if cls is not None else None

@@ -1,0 +1,232 @@
+"""LoRA fine-tuning: PEFT adapters on a frozen text-to-image base, trained on the one loop.
+
+* Adapters on the UNet (target presets or an explicit module list), optionally on the text
+  encoder; rank, alpha, dropout, init and DoRA from ``plugin:`` (see ``recipe/plugins.py``).
+* Only adapter parameters are trainable, so the loop's optimiser, gradient clipping and EMA
+  see exactly them.
+* Checkpoints hold the adapter weights only (accelerate save/load hooks), and ``resume``
+  loads them back before training continues.
+* The artifact is ``pytorch_lora_weights.safetensors`` in the diffusers layout, written by
+  diffusers' ``save_lora_weights`` with each adapter's PEFT config in the file's metadata, so
+  ``pipe.load_lora_weights(run_dir)`` loads it; ``ldm-lab export lora`` converts it to the
+  kohya layout A1111 / ComfyUI load.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..recipe.plugins import LoRAOptions
+from .registry import register
+from .text_to_image import TextToImageTrainer
+
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+CKPT_NAME = "lora_adapters.safetensors"
+META_KEY = "ldm_lab"  # our own safetensors metadata entry (base model, rank, alpha, targets)
+
+
+def lora_config(rank: int, alpha: float | None, targets: list[str], dropout: float, init: str, dora: bool):
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, target_modules=targets,
+                      lora_dropout=dropout, init_lora_weights=True if init == "default" else init,
+                      use_dora=dora)
+
+
+def _adapter_state(module) -> dict[str, torch.Tensor]:
+    from peft.utils import get_peft_model_state_dict
+
+    return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(module).items()}
+
+
+@register
+class LoRATrainer(TextToImageTrainer):
+    name = "lora"
+
+    def setup(self) -> None:
+        self.opts = LoRAOptions.model_validate(self.recipe.plugin)
+        self.build_models()
+        self.build_data()  # caches come from the pure base (PiSSA/OLoRA inits change base weights)
+        o = self.opts
+        self.unet.requires_grad_(False)
+        self.unet_targets = o.unet_targets()
+        from ..recipe import RecipeError
+
+        try:
+            self.unet.add_adapter(lora_config(o.rank, o.alpha, self.unet_targets, o.dropout, o.init, o.dora))
+        except ValueError as e:
+            raise RecipeError(f"plugin.targets {self.unet_targets} do not match modules of this UNet "
+                              f"({str(e).splitlines()[0][:160]}); use a preset (attn, attn_ff, attn_ff_conv) "
+                              "or module names such as to_q, to_k, to_v, to_out.0.") from None
+        self.te_model = None
+        if o.train_text_encoder:
+            if self.text_encoder.kind != "clip":
+                raise RecipeError("plugin.train_text_encoder needs a CLIP text encoder (model.text_encoder.kind clip).")
+            te = self.text_encoder.model
+            te.requires_grad_(False)
+            rank = o.text_encoder_rank or o.rank
+            te.add_adapter(lora_config(rank, o.text_encoder_alpha or rank, o.text_encoder_targets, o.dropout,
+                                       o.init, o.dora))
+            self.te_model = te
+        if o.train_text_encoder:
+            self.null_ids = self.text_encoder.tokenize([""])
+
+    def trainable_modules(self):
+        mods = {"unet": self.unet}
+        if self.te_model is not None:
+            mods["te_model"] = self.te_model
+        return mods
+
+    def param_groups(self):
+        groups = [{"params": [p for p in self.unet.parameters() if p.requires_grad]}]
+        if self.te_model is not None:
+            lr = self.opts.text_encoder_lr or self.recipe.train.learning_rate
+            groups.append({"params": [p for p in self.te_model.parameters() if p.requires_grad], "lr": lr})
+        return groups
+
+    def ema_module(self):
+        return self.unet
+
+    # -- conditioning through a trained text encoder ------------------------------------
+    def latents_and_condition(self, batch):
+        if self.te_model is None:
+            return super().latents_and_condition(batch)
+        if "mean" in batch:
+            z = batch["mean"] + batch["std"] * torch.randn_like(batch["mean"])
+            caps = [self.cached.captions[i] for i in batch["caption_index"].tolist()]
+            ids = self.text_encoder.tokenize(caps)
+        else:
+            with torch.no_grad():
+                z = self.vae.encode(batch["pixel_values"].to(self.vae.dtype)).latent_dist.sample()
+            ids = batch["input_ids"]
+        ids = ids.to(self.accelerator.device)
+        p = self.recipe.data.caption_dropout
+        if p > 0:  # dropped captions become the empty prompt, encoded by the adapted encoder
+            drop = torch.rand(ids.shape[0]) < p
+            ids = torch.where(drop[:, None].to(ids.device), self.null_ids.to(ids.device), ids)
+        self.text_encoder.model = self.te_model  # the prepared (possibly wrapped) module
+        cond = self.text_encoder.encode_ids(ids).hidden_states
+        z = (z.float() - self.shift_factor) * self.scaling_factor
+        return z, cond
+
+    def sample(self, prompts, seeds, sampler, steps, guidance):
+        if self.te_model is None:
+            return super().sample(prompts, seeds, sampler, steps, guidance)
+        from ..sampling import generate
+
+        unet, te = self.unwrap(self.unet), self.unwrap(self.te_model)
+        modes = unet.training, te.training
+        unet.eval()
+        te.eval()
+        pipe = self.pipeline(sampler)
+        pipe.text_encoder = te
+        images = generate(pipe, prompts, seeds, steps, guidance)  # the pipeline encodes through the adapters
+        unet.train(modes[0])
+        te.train(modes[1])
+        return images
+
+    # -- checkpoints: adapters only ------------------------------------------------------
+    def checkpoint_hooks(self):
+        acc = self.accelerator
+
+        def owner(model):
+            m = acc.unwrap_model(model)
+            if m is acc.unwrap_model(self.unet):
+                return "unet"
+            if self.te_model is not None and m is acc.unwrap_model(self.te_model):
+                return "text_encoder"
+            return None
+
+        def save_hook(models, weights, output_dir):
+            state = {}
+            for i in reversed(range(len(models))):
+                name = owner(models[i])
+                if name is None:
+                    continue
+                state.update({f"{name}.{k}": v for k, v in _adapter_state(acc.unwrap_model(models[i])).items()})
+                if weights:
+                    weights.pop(i)
+            if acc.is_main_process:
+                save_file(state, str(Path(output_dir) / CKPT_NAME))
+
+        def load_hook(models, input_dir):
+            from peft.utils import set_peft_model_state_dict
+
+            state = load_file(str(Path(input_dir) / CKPT_NAME))
+            for i in reversed(range(len(models))):
+                name = owner(models[i])
+                if name is None:
+                    continue
+                sub = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
+                result = set_peft_model_state_dict(acc.unwrap_model(models.pop(i)), sub)
+                missing = [k for k in getattr(result, "unexpected_keys", []) or [] if "lora" in k]
+                if missing:
+                    raise RuntimeError(f"checkpoint adapter keys not in the model: {missing[:3]}")
+
+        return save_hook, load_hook
+
+    # -- artifact ------------------------------------------------------------------------
+    def save(self, out_dir: Path) -> None:
+        from diffusers import StableDiffusionPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
+
+        unet = self.unwrap(self.unet)
+        kw = dict(unet_lora_layers=convert_state_dict_to_diffusers(_adapter_state(unet)),
+                  unet_lora_adapter_metadata=_peft_config_dict(unet))
+        if self.te_model is not None:
+            te = self.unwrap(self.te_model)
+            kw.update(text_encoder_lora_layers=convert_state_dict_to_diffusers(_adapter_state(te)),
+                      text_encoder_lora_adapter_metadata=_peft_config_dict(te))
+        StableDiffusionPipeline.save_lora_weights(out_dir, safe_serialization=True, **kw)
+        o = self.opts
+        add_metadata(out_dir / WEIGHT_NAME, {
+            "base_model": self.recipe.model.pipeline or (self.recipe.model.unet.pretrained or ""),
+            "rank": o.rank, "alpha": o.alpha if o.alpha is not None else o.rank, "targets": self.unet_targets,
+            "dora": o.dora, "text_encoder": o.train_text_encoder,
+            "text_encoder_rank": (o.text_encoder_rank or o.rank) if o.train_text_encoder else None,
+            "text_encoder_alpha": (o.text_encoder_alpha or o.text_encoder_rank or o.rank) if o.train_text_encoder else None,
+            "trainable_parameters": sum(p.numel() for g in self.param_groups() for p in g["params"]),
+            "unet_parameters": sum(p.numel() for p in unet.parameters()),
+        })
+
+    def evaluate(self) -> dict:
+        return super().evaluate()
+
+
+def _peft_config_dict(module) -> dict:
+    cfg = module.peft_config["default"].to_dict()
+    return json.loads(json.dumps(cfg, default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
+
+
+def add_metadata(path: Path, info: dict) -> None:
+    """Add our description (``ldm_lab`` key, JSON) to a safetensors file's metadata, keeping the rest."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta[META_KEY] = json.dumps(info)
+    meta.setdefault("format", "pt")
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)
+
+
+def read_metadata(path: str | Path) -> dict:
+    """Our description and diffusers' adapter metadata of a LoRA file (empty dicts when absent)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+
+    flat = json.loads(meta.get(LORA_ADAPTER_METADATA_KEY, "{}"))  # {"unet.r": 4, "unet.lora_alpha": ...}
+    adapters: dict[str, dict] = {}
+    for k, v in flat.items():
+        comp, _, key = k.partition(".")
+        adapters.setdefault(comp, {})[key] = v
+    return {"ldm_lab": json.loads(meta.get(META_KEY, "{}")), "adapters": adapters}

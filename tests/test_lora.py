@@ -1,0 +1,226 @@
+"""The LoRA plugin end to end on a tiny base pipeline: training through the CLI, the artifact in
+stock diffusers, format conversion, gradient clipping, resume, and CLI == recipe form."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from ldm_lab.cli import main as cli_main
+from ldm_lab.lora_io import read_lora
+from ldm_lab.recipe import dump_recipe, load_recipe, pipeline_defaults
+from ldm_lab.trainers.lora import read_metadata
+
+PROMPT = "a large red circle at the center on a white background"
+
+
+def _flags(base: Path, data: Path, out: Path, cache: Path, steps: int = 6) -> list[str]:
+    return ["finetune", "lora", "--base", str(base), "--data", str(data), "--out", str(out), "--rank", "4",
+            "--alpha", "2", "--targets", "attn_ff", "--steps", str(steps), "--batch-size", "4", "--lr", "1e-2",
+            "--validation-prompt", PROMPT, "train.checkpoint_every=3", "validation.every=3", "validation.steps=3",
+            "validation.sampler=ddim", "train.lr_warmup_steps=0", "logging.tracker=none", "logging.log_every=1", f"data.cache_dir={cache}"]
+
+
+@pytest.fixture(scope="module")
+def lora_env(tiny_pipeline, tmp_path_factory):
+    from ldm_lab.data import shapes
+
+    root = tmp_path_factory.mktemp("lora")
+    shapes.generate(root / "data", 24, seed=3, world=shapes.World(resolution=32))
+    assert cli_main(_flags(tiny_pipeline, root / "data", root / "run", root / "cache")) == 0
+    return {"base": tiny_pipeline, "data": root / "data", "run": root / "run", "root": root}
+
+
+def test_run_writes_diffusers_lora_with_metadata(lora_env):
+    run = lora_env["run"]
+    f = run / "pytorch_lora_weights.safetensors"
+    assert f.exists() and (run / "recipe.yaml").exists() and (run / "loss.png").exists()
+    meta = read_metadata(f)
+    unet_cfg = meta["adapters"]["unet"]
+    assert unet_cfg["r"] == 4 and unet_cfg["lora_alpha"] == 2
+    assert set(unet_cfg["target_modules"]) == {"to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"}
+    ours = meta["ldm_lab"]
+    assert ours["base_model"] == str(lora_env["base"]) and ours["rank"] == 4 and ours["alpha"] == 2
+    # only adapters were trained, and they moved away from their zero-initialised B
+    assert 0 < ours["trainable_parameters"] < 0.2 * ours["unet_parameters"]
+    w = load_file(f)
+    assert all("lora" in k for k in w)
+    assert any(k.endswith("lora.up.weight") and v.abs().max() > 0 for k, v in w.items())
+
+
+def test_stock_load_lora_weights_reproduces_in_training_samples(lora_env):
+    """Stock diffusers, in a fresh process without ldm_lab: base pipeline + load_lora_weights(run)
+    gives the image validation sampled from the in-memory adapted model at the last step."""
+    run = lora_env["run"]
+    code = f"""
+import sys, numpy as np, torch
+from diffusers import StableDiffusionPipeline, DDIMScheduler
+pipe = StableDiffusionPipeline.from_pretrained({str(lora_env['base'])!r}, safety_checker=None)
+pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, steps_offset=1)
+pipe.load_lora_weights({str(run)!r})
+g = torch.Generator().manual_seed(0)
+im = pipe({PROMPT!r}, negative_prompt="", num_inference_steps=3, guidance_scale=5.0, generator=[g],
+          output_type="np").images[0]
+np.save({str(lora_env['root'] / 'stock.npy')!r}, im)
+base = StableDiffusionPipeline.from_pretrained({str(lora_env['base'])!r}, safety_checker=None)
+base.scheduler = pipe.scheduler
+im0 = base({PROMPT!r}, negative_prompt="", num_inference_steps=3, guidance_scale=5.0,
+           generator=[torch.Generator().manual_seed(0)], output_type="np").images[0]
+np.save({str(lora_env['root'] / 'base.npy')!r}, im0)
+assert not any(m.startswith("ldm_lab") for m in sys.modules)
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+    stock = np.load(lora_env["root"] / "stock.npy") * 255
+    base = np.load(lora_env["root"] / "base.npy") * 255
+    trained = np.asarray(Image.open(run / "samples" / "step-000006" / "00.png"), dtype=np.float64)
+    assert np.abs(stock - trained).max() <= 2.0  # PNG rounding
+    assert np.abs(base - trained).max() > 10.0  # and the adapter changes the image
+
+
+def test_kohya_round_trip_is_exact_and_keeps_alpha(lora_env, tmp_path):
+    src = lora_env["run"] / "pytorch_lora_weights.safetensors"
+    assert cli_main(["export", "lora", str(src), "--format", "kohya", "--out", str(tmp_path / "k.safetensors")]) == 0
+    k = load_file(tmp_path / "k.safetensors")
+    assert all(key.startswith("lora_unet_") for key in k)
+    alphas = [v for key, v in k.items() if key.endswith(".alpha")]
+    assert alphas and all(float(a) == 2.0 for a in alphas)  # the trained alpha, not the rank
+    assert any(key.endswith(".lora_down.weight") for key in k)
+    # back to diffusers through the CLI, then compare every tensor with the original
+    assert cli_main(["export", "lora", str(tmp_path / "k.safetensors"), "--format", "diffusers",
+                     "--out", str(tmp_path / "back.safetensors")]) == 0
+    a, b = read_lora(src), read_lora(tmp_path / "back.safetensors")
+    assert set(a.tensors) == set(b.tensors) and len(a.tensors) > 0
+    assert all(torch.equal(a.tensors[x], b.tensors[x]) for x in a.tensors)
+    assert a.alphas == b.alphas and set(a.alphas.values()) == {2.0}
+
+
+def test_kohya_file_loads_in_stock_diffusers_with_the_same_effect(lora_env, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    src = lora_env["run"] / "pytorch_lora_weights.safetensors"
+    assert cli_main(["export", "lora", str(src), "--format", "kohya", "--out", str(tmp_path / "k.safetensors")]) == 0
+    outs = []
+    for d, name in ((lora_env["run"], "pytorch_lora_weights.safetensors"), (tmp_path, "k.safetensors")):
+        pipe = StableDiffusionPipeline.from_pretrained(lora_env["base"], safety_checker=None)
+        pipe.load_lora_weights(str(d), weight_name=name)
+        outs.append(pipe(PROMPT, num_inference_steps=2, generator=torch.Generator().manual_seed(1),
+                         output_type="np").images[0])
+    assert np.abs(outs[0] - outs[1]).max() < 1e-4
+
+
+def test_peft_export_loads_with_peft(lora_env, tmp_path):
+    from diffusers import UNet2DConditionModel
+    from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict
+
+    src = lora_env["run"]
+    assert cli_main(["export", "lora", str(src), "--format", "peft", "--out", str(tmp_path / "peft")]) == 0
+    unet = UNet2DConditionModel.from_pretrained(lora_env["base"], subfolder="unet")
+    pm = PeftModel.from_pretrained(unet, tmp_path / "peft" / "unet")
+    assert pm.peft_config["default"].lora_alpha == 2 and pm.peft_config["default"].r == 4
+    got = {k.removeprefix("base_model.model."): v for k, v in get_peft_model_state_dict(pm).items()}
+    want = read_lora(src).component("unet")
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_sample_with_lora_scales(lora_env, tmp_path):
+    base = lora_env["base"]
+    lora = lora_env["run"] / "pytorch_lora_weights.safetensors"
+    runs = {}
+    for name, extra in (("base", []), ("zero", ["--lora", f"{lora}:0"]), ("one", ["--lora", f"{lora}:1.0"])):
+        assert cli_main(["sample", str(base), "--prompt", PROMPT, "--steps", "2", "--seed", "4",
+                         "--out", str(tmp_path / name), *extra]) == 0
+        runs[name] = np.asarray(Image.open(tmp_path / name / "0000.png"), dtype=np.float64)
+    assert np.abs(runs["base"] - runs["zero"]).max() <= 1.0
+    assert np.abs(runs["base"] - runs["one"]).max() > 10.0
+
+
+def test_merge_equals_lora_at_sampling(lora_env, tmp_path):
+    lora = lora_env["run"] / "pytorch_lora_weights.safetensors"
+    assert cli_main(["export", "merge", "--base", str(lora_env["base"]), "--lora", str(lora), "--out",
+                     str(tmp_path / "merged")]) == 0
+    assert (tmp_path / "merged" / "model_index.json").exists()
+    for name, src, extra in (("fused", tmp_path / "merged", []), ("lora", lora_env["base"], ["--lora", str(lora)])):
+        assert cli_main(["sample", str(src), "--prompt", PROMPT, "--steps", "2", "--out", str(tmp_path / name),
+                         *extra]) == 0
+    a = np.asarray(Image.open(tmp_path / "fused" / "0000.png"), dtype=np.float64)
+    b = np.asarray(Image.open(tmp_path / "lora" / "0000.png"), dtype=np.float64)
+    assert np.abs(a - b).max() <= 2.0
+
+
+def test_resume_gives_the_weights_of_an_uninterrupted_run(lora_env, tmp_path):
+    """Resume from checkpoint-3 of the finished 6-step run; the adapters at step 6 must match."""
+    run = tmp_path / "run"
+    shutil.copytree(lora_env["run"], run)
+    ck = run / "checkpoints" / "checkpoint-3"
+    assert (ck / "lora_adapters.safetensors").exists()
+    assert not list(ck.glob("model*.safetensors")) and not list(ck.glob("pytorch_model*"))  # adapters only
+    first = load_file(run / "pytorch_lora_weights.safetensors")
+    args = _flags(lora_env["base"], lora_env["data"], run, lora_env["root"] / "cache")
+    assert cli_main([*args, "--resume", str(ck)]) == 0
+    again = load_file(run / "pytorch_lora_weights.safetensors")
+    assert set(first) == set(again)
+    assert all(torch.equal(first[k], again[k]) for k in first)  # bit for bit: same batches, noise, dropout
+    hist = [json.loads(x)["step"] for x in (run / "history.jsonl").read_text().splitlines()]
+    assert hist == [1, 2, 3, 4, 5, 6]
+
+
+def test_clipping_applies_to_exactly_the_adapters(lora_env, tmp_path):
+    from accelerate import Accelerator
+
+    from ldm_lab.trainers.lora import LoRATrainer
+    from ldm_lab.trainers.loop import clip_gradients, make_optimizer
+
+    recipe = pipeline_defaults(load_recipe(lora_env["run"] / "recipe.yaml", [f"output.dir={tmp_path}", "train.resume=null"]))
+    acc = Accelerator(cpu=True)
+    plugin = LoRATrainer(recipe, acc, tmp_path)
+    plugin.setup()
+    opt = make_optimizer(recipe, plugin.param_groups())
+    names = {id(p): n for n, p in plugin.unet.named_parameters()}
+    trained = [p for g in opt.param_groups for p in g["params"]]
+    assert trained and all("lora_" in names[id(p)] for p in trained)
+    assert sum(p.requires_grad for p in plugin.unet.parameters()) == len(trained)
+    batch = next(iter(plugin.train_dataloader()))
+    loss, _ = plugin.loss(batch)
+    loss.backward()
+    assert all(p.grad is None for n, p in plugin.unet.named_parameters() if "lora_" not in n)
+    max_norm = 1e-4
+    before = clip_gradients(acc, opt, max_norm)
+    after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trained])).item()
+    assert before > 10 * max_norm and after == pytest.approx(max_norm, rel=1e-3)
+
+
+def test_cli_flags_and_recipe_form_resolve_the_same(lora_env, tmp_path, capsys):
+    flags = _flags(lora_env["base"], lora_env["data"], tmp_path / "o", tmp_path / "c")
+    assert cli_main([*flags, "--print-recipe"]) == 0
+    from_cli = capsys.readouterr().out
+    recipe = tmp_path / "lora.yaml"
+    recipe.write_text(from_cli)
+    assert cli_main(["recipe", "show", str(recipe)]) == 0
+    assert capsys.readouterr().out == from_cli
+    r = load_recipe(recipe)
+    assert r.trainer == "lora" and r.plugin["rank"] == 4 and r.plugin["targets"] == "attn_ff"
+    assert r.noise.prediction_type == "v_prediction"  # from the base pipeline's scheduler
+    assert dump_recipe(pipeline_defaults(r)) == from_cli
+
+
+def test_bad_lora_options_are_one_sentence(lora_env, tmp_path, capsys):
+    flags = _flags(lora_env["base"], lora_env["data"], tmp_path / "o", tmp_path / "c")
+    assert cli_main([*flags, "plugin.rnak=4", "--print-recipe"]) == 2
+    err = capsys.readouterr().err
+    assert "plugin.rnak" in err and "plugin.rank" in err and "Traceback" not in err
+    assert cli_main([*flags, "--targets", "nonexistent_module"]) == 2
+    err = capsys.readouterr().err
+    assert "nonexistent_module" in err and "Traceback" not in err
