@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 RUN := $(BIN)/python
 
-.PHONY: setup test test-slow lint demo pretrained data bench clean
+.PHONY: setup test test-slow lint demo demo-lora pretrained data bench clean
 
 setup:
 	$(PY) -m venv $(VENV)
@@ -27,10 +27,16 @@ demo:
 	$(BIN)/accelerate launch --num_processes 1 --num_machines 1 --num_cpu_threads_per_process $(NPROC) \
 		--mixed_precision no --dynamo_backend no -m ldm_lab.train recipes/shapes/t2i.yaml
 
-# Re-train the shipped stage-one parts (autoencoder and CLIP) into data/pretrained/.
+# LoRA demo: teach the shipped base (data/pretrained/shapes-t2i) the colour pink.
+demo-lora:
+	$(BIN)/ldm-lab train recipes/shapes/lora.yaml
+
+# Re-train everything shipped in data/pretrained/: the stage-one parts (autoencoder, CLIP) and
+# the main job's pipeline, which the fine-tuning demos start from.
 pretrained:
 	$(BIN)/ldm-lab train recipes/shapes/autoencoder.yaml
 	$(BIN)/ldm-lab train recipes/shapes/clip.yaml
+	$(BIN)/ldm-lab train recipes/shapes/t2i.yaml output.export_to=data/pretrained/shapes-t2i
 
 clean:
 	rm -rf runs .pytest_cache

@@ -33,3 +33,21 @@ def test_help_lists_commands():
     assert r.returncode == 0
     for cmd in ("train", "recipe", "data", "eval", "sample"):
         assert cmd in r.stdout
+
+
+def test_data_shapes_colors_and_eval_pipeline(tmp_path, tiny_pipeline, capsys):
+    import json as _json
+
+    out = tmp_path / "pink"
+    assert cli_main(["data", "shapes", "--out", str(out), "--n", "6", "--resolution", "32", "--colors", "pink,red",
+                     "--shapes", "heart"]) == 0
+    rows = [_json.loads(x) for x in (out / "metadata.jsonl").read_text().splitlines()]
+    assert {r["shape"] for r in rows} == {"heart"} and {r["color"] for r in rows} <= {"pink", "red"}
+    assert cli_main(["data", "shapes", "--out", str(tmp_path / "bad"), "--colors", "mauve"]) == 2
+    assert "mauve" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    ev = tmp_path / "ev"
+    assert cli_main(["eval", "pipeline", str(tiny_pipeline), "--world", str(out), "--colors", "pink", "--n", "3",
+                     "--steps", "2", "--out", str(ev)]) == 0
+    m = _json.loads((ev / "metrics.json").read_text())
+    assert m["n"] == 3 and set(m["by_color"]) == {"pink"} and set(m["by_shape"]) == {"heart"}
+    assert len(list((ev / "samples").glob("*.png"))) == 3 and (ev / "world.json").exists()

@@ -23,10 +23,11 @@ from ldm_lab.trainers.lora import read_metadata
 PROMPT = "a large red circle at the center on a white background"
 
 
-def _flags(base: Path, data: Path, out: Path, cache: Path, steps: int = 6) -> list[str]:
+def _flags(base: Path, data: Path, out: Path, cache: Path, steps: int = 6, extra: tuple = ()) -> list[str]:
+    """CLI flags (then ``extra`` flags), then dotted overrides last, as argparse wants them."""
     return ["finetune", "lora", "--base", str(base), "--data", str(data), "--out", str(out), "--rank", "4",
             "--alpha", "2", "--targets", "attn_ff", "--steps", str(steps), "--batch-size", "4", "--lr", "1e-2",
-            "--validation-prompt", PROMPT, "train.checkpoint_every=3", "validation.every=3", "validation.steps=3",
+            "--validation-prompt", PROMPT, *extra, "train.checkpoint_every=3", "validation.every=3", "validation.steps=3",
             "validation.sampler=ddim", "train.lr_warmup_steps=0", "logging.tracker=none", "logging.log_every=1", f"data.cache_dir={cache}"]
 
 
@@ -168,8 +169,8 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(lora_env, tmp_path):
     assert (ck / "lora_adapters.safetensors").exists()
     assert not list(ck.glob("model*.safetensors")) and not list(ck.glob("pytorch_model*"))  # adapters only
     first = load_file(run / "pytorch_lora_weights.safetensors")
-    args = _flags(lora_env["base"], lora_env["data"], run, lora_env["root"] / "cache")
-    assert cli_main([*args, "--resume", str(ck)]) == 0
+    args = _flags(lora_env["base"], lora_env["data"], run, lora_env["root"] / "cache", extra=("--resume", str(ck)))
+    assert cli_main(args) == 0
     again = load_file(run / "pytorch_lora_weights.safetensors")
     assert set(first) == set(again)
     assert all(torch.equal(first[k], again[k]) for k in first)  # bit for bit: same batches, noise, dropout
@@ -180,8 +181,8 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(lora_env, tmp_path):
 def test_clipping_applies_to_exactly_the_adapters(lora_env, tmp_path):
     from accelerate import Accelerator
 
-    from ldm_lab.trainers.lora import LoRATrainer
     from ldm_lab.trainers.loop import clip_gradients, make_optimizer
+    from ldm_lab.trainers.lora import LoRATrainer
 
     recipe = pipeline_defaults(load_recipe(lora_env["run"] / "recipe.yaml", [f"output.dir={tmp_path}", "train.resume=null"]))
     acc = Accelerator(cpu=True)
@@ -203,8 +204,8 @@ def test_clipping_applies_to_exactly_the_adapters(lora_env, tmp_path):
 
 
 def test_cli_flags_and_recipe_form_resolve_the_same(lora_env, tmp_path, capsys):
-    flags = _flags(lora_env["base"], lora_env["data"], tmp_path / "o", tmp_path / "c")
-    assert cli_main([*flags, "--print-recipe"]) == 0
+    flags = _flags(lora_env["base"], lora_env["data"], tmp_path / "o", tmp_path / "c", extra=("--print-recipe",))
+    assert cli_main(flags) == 0
     from_cli = capsys.readouterr().out
     recipe = tmp_path / "lora.yaml"
     recipe.write_text(from_cli)
@@ -217,10 +218,34 @@ def test_cli_flags_and_recipe_form_resolve_the_same(lora_env, tmp_path, capsys):
 
 
 def test_bad_lora_options_are_one_sentence(lora_env, tmp_path, capsys):
-    flags = _flags(lora_env["base"], lora_env["data"], tmp_path / "o", tmp_path / "c")
-    assert cli_main([*flags, "plugin.rnak=4", "--print-recipe"]) == 2
+    flags = _flags(lora_env["base"], lora_env["data"], tmp_path / "o", tmp_path / "c", extra=("--print-recipe",))
+    assert cli_main([*flags, "plugin.rnak=4"]) == 2
     err = capsys.readouterr().err
     assert "plugin.rnak" in err and "plugin.rank" in err and "Traceback" not in err
-    assert cli_main([*flags, "--targets", "nonexistent_module"]) == 2
+    flags = _flags(lora_env["base"], lora_env["data"], tmp_path / "o", tmp_path / "c",
+                   extra=("--targets", "nonexistent_module"))
+    assert cli_main(flags) == 2
     err = capsys.readouterr().err
     assert "nonexistent_module" in err and "Traceback" not in err
+
+
+def test_text_encoder_lora_trains_saves_and_loads_in_stock_diffusers(lora_env, tmp_path):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    run = tmp_path / "te-run"
+    flags = _flags(lora_env["base"], lora_env["data"], run, lora_env["root"] / "cache", steps=4,
+                   extra=("--train-text-encoder", "--text-encoder-lr", "5e-3"))
+    assert cli_main([*flags, "data.caption_dropout=0.5", "validation.every=4"]) == 0
+    w = read_lora(run / "pytorch_lora_weights.safetensors")
+    te_keys = [k for k in w.tensors if k.startswith("text_encoder.")]
+    assert te_keys and any(k.endswith("lora_B.weight") and w.tensors[k].abs().max() > 0 for k in te_keys)
+    meta = read_metadata(run / "pytorch_lora_weights.safetensors")
+    assert meta["adapters"]["text_encoder"]["r"] == 4 and meta["ldm_lab"]["text_encoder"] is True
+    pipe = StableDiffusionPipeline.from_pretrained(lora_env["base"], safety_checker=None)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, steps_offset=1)
+    pipe.load_lora_weights(str(run))
+    assert "default_0" in pipe.text_encoder.peft_config  # the text-encoder adapter was loaded
+    im = pipe(PROMPT, negative_prompt="", num_inference_steps=3, guidance_scale=5.0,
+              generator=[torch.Generator().manual_seed(0)], output_type="np").images[0] * 255
+    trained = np.asarray(Image.open(run / "samples" / "step-000004" / "00.png"), dtype=np.float64)
+    assert np.abs(im - trained).max() <= 2.0

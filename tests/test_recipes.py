@@ -92,11 +92,13 @@ def test_cli_recipe_show_resolves_overrides():
 
 # ---- the smoke test: every recipe under recipes/ builds with tiny local substitutes ----------------
 
-def substitute(path: Path, parts: dict[str, Path]) -> list[str]:
+def substitute(path: Path, parts: dict[str, Path], pipeline: Path | None = None) -> list[str]:
     """Overrides replacing every model a recipe names with the tiny local parts."""
     raw = yaml.safe_load(path.read_text())
     ov = []
     model = raw.get("model") or {}
+    if model.get("pipeline"):
+        ov.append(f"model.pipeline={pipeline}")
     if "text_encoder" in model:
         te = model["text_encoder"]
         if te.get("kind", "clip") == "t5":
@@ -114,11 +116,12 @@ def substitute(path: Path, parts: dict[str, Path]) -> list[str]:
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[str(p.relative_to(REPO)) for p in RECIPES])
-def test_every_recipe_instantiates(path, tiny_parts):
+def test_every_recipe_instantiates(path, tiny_parts, tiny_pipeline):
     from ldm_lab.components import load_autoencoder, load_text_encoder, load_unet
+    from ldm_lab.recipe import pipeline_defaults
     from ldm_lab.trainers.registry import get_trainer
 
-    recipe = load_recipe(path, substitute(path, tiny_parts))
+    recipe = pipeline_defaults(load_recipe(path, substitute(path, tiny_parts, tiny_pipeline)))
     assert get_trainer(recipe.trainer).name == recipe.trainer
     m = recipe.model
     te = load_text_encoder(m.text_encoder) if m.text_encoder else None

@@ -58,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     dsh.add_argument("--seed", type=int, default=0)
     dsh.add_argument("--resolution", type=int, default=64)
     dsh.add_argument("--heldout", action="store_true", help="write only the held-out colour-shape pairs")
+    dsh.add_argument("--colors", help="comma-separated colours to draw from (default: the six base colours; "
+                                      "pink is the extra one)")
+    dsh.add_argument("--shapes", help="comma-separated shapes (default: circle,square,triangle,star; heart is extra)")
 
     e = sub.add_parser("eval", help="evaluate images")
     es = e.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -105,6 +108,21 @@ def _parser() -> argparse.ArgumentParser:
     xm.add_argument("--lora", required=True, action="append", help="FILE[:scale] (repeatable)")
     xm.add_argument("--scale", type=float, default=None, help="scale of every --lora given without its own")
     xm.add_argument("--out", required=True, help="new pipeline dir")
+
+    ep = es.add_parser("pipeline", help="sample the fixed shapes evaluation prompts from a pipeline and score them",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ep.add_argument("source", help="a run dir, a diffusers pipeline dir or a hub id")
+    ep.add_argument("--out", required=True, help="dir for samples/, samples.jsonl, grid.png and metrics.json")
+    ep.add_argument("--world", help="a shapes dataset dir whose world.json gives the palettes and held-out pairs")
+    ep.add_argument("--colors", help="ask only for these colours (comma-separated), e.g. pink")
+    ep.add_argument("--shapes", help="ask only for these shapes (comma-separated)")
+    ep.add_argument("--n", type=int, default=240, help="prompts from seen colour-shape pairs")
+    ep.add_argument("--heldout-n", type=int, default=0, help="prompts from held-out pairs")
+    ep.add_argument("--lora", action="append", default=[], help="FILE[:scale] LoRA to apply (repeatable)")
+    ep.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++", "euler", "unipc"], default="dpm++")
+    ep.add_argument("--steps", type=int, default=20)
+    ep.add_argument("--guidance", type=float, default=4.0)
+    ep.add_argument("--seed", type=int, default=1234)
 
     s = sub.add_parser("sample", help="generate images from a run or a diffusers pipeline dir")
     s.add_argument("source", help="a run dir (uses RUN/pipeline) or a pipeline dir / hub id")
@@ -180,7 +198,8 @@ def _dispatch(args) -> int:
         out = Path(args.out)
         if out.exists() and any(out.iterdir()):
             raise UserError(f"--out '{out}' exists and is not empty; choose a new dir so nothing is overwritten.")
-        shapes.generate(out, args.n, seed=args.seed, world=shapes.World(resolution=args.resolution), heldout=args.heldout)
+        shapes.generate(out, args.n, seed=args.seed, world=_world(args, shapes.World(resolution=args.resolution)),
+                        heldout=args.heldout)
         print(f"wrote {args.n} rows to {out}")
         return 0
     if args.command == "eval" and args.action == "autoencoder":
@@ -193,6 +212,8 @@ def _dispatch(args) -> int:
         vae = load_autoencoder(AutoencoderSpec(pretrained=args.path))
         print(json.dumps(reconstruction_adherence(vae, args.resolution, args.n), indent=2))
         return 0
+    if args.command == "eval" and args.action == "pipeline":
+        return _eval_pipeline(args)
     if args.command == "eval":
         from .evaluation import shapes as ev
 
@@ -224,6 +245,68 @@ def _dispatch(args) -> int:
 
 
 BUILTIN = Path(__file__).parent / "builtin"
+
+
+def _world(args, world):
+    """``world`` restricted to --colors / --shapes (held-out pairs kept where both remain)."""
+    import dataclasses
+
+    from .data import shapes
+
+    def pick(text, allowed, name):
+        vals = [v.strip() for v in text.split(",") if v.strip()]
+        bad = [v for v in vals if v not in allowed]
+        if bad or not vals:
+            raise UserError(f"--{name} has {bad[0]!r}, which is not one of {', '.join(allowed)}." if bad
+                            else f"--{name} is empty; give comma-separated values.")
+        return tuple(vals)
+
+    kw = {}
+    if getattr(args, "colors", None):
+        kw["colors"] = pick(args.colors, shapes.COLORS, "colors")
+    if getattr(args, "shapes", None):
+        kw["shapes"] = pick(args.shapes, shapes.SHAPES, "shapes")
+    if not kw:
+        return world
+    w = dataclasses.replace(world, **kw)
+    w.holdout = tuple(p for p in w.holdout if p[0] in w.colors and p[1] in w.shapes)
+    if all(w.is_heldout(shapes.Shape(c, s, "small", "center", "white")) for c in w.colors for s in w.shapes):
+        raise UserError("every colour-shape pair left by --colors/--shapes is held out; widen the choice.")
+    return w
+
+
+def _eval_pipeline(args) -> int:
+    from .data import shapes
+    from .evaluation.run import shapes_eval
+    from .sampling import generate, load_pipeline, make_sampler
+
+    if args.world and not Path(args.world).is_dir():
+        raise UserError(f"--world '{args.world}' is not a directory; give a shapes dataset dir (it has world.json).")
+    world = _world(args, shapes.load_world(args.world) if args.world else shapes.World())
+    try:
+        pipe = load_pipeline(args.source)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load a pipeline from '{args.source}' ({str(e).splitlines()[0]}); "
+                        "give a run dir, a diffusers pipeline dir or a hub id.") from None
+    loras = _lora_args(args.lora)
+    if loras:
+        from .lora_io import apply_loras
+
+        apply_loras(pipe, loras)
+
+    def sample(prompts, seeds, sampler, steps, guidance):
+        pipe.scheduler = make_sampler(sampler, pipe.scheduler.config)
+        return generate(pipe, prompts, seeds, steps, guidance)
+
+    result = shapes_eval(sample, world, Path(args.out), args.n, args.heldout_n, args.seed, args.sampler,
+                         args.steps, args.guidance)
+    if loras:
+        result["loras"] = [{"path": p, "scale": s} for p, s in loras]
+        from .evaluation.shapes import write_metrics
+
+        write_metrics(result, Path(args.out) / "metrics.json")
+    print(json.dumps({k: v for k, v in result.items() if k not in ("by_shape",)}, indent=2))
+    return 0
 
 
 def _lora_args(items: list[str], default_scale: float | None = None) -> list[tuple[str, float]]:

@@ -14,17 +14,28 @@ from . import shapes
 CACHE_ROOT = Path("data/cache")
 
 
+def shapes_world(spec: DataSpec) -> shapes.World:
+    s = spec.shapes
+    kw = {k: tuple(v) for k, v in (("colors", s.colors), ("shapes", s.shapes)) if v}
+    world = shapes.World(resolution=s.resolution, **kw)
+    world.holdout = tuple(p for p in world.holdout if p[0] in world.colors and p[1] in world.shapes)
+    return world
+
+
 def shapes_dir(spec: DataSpec) -> Path:
     s = spec.shapes
     root = Path(spec.cache_dir) if spec.cache_dir else CACHE_ROOT
-    return root / f"shapes-n{s.n}-s{s.seed}-r{s.resolution}"
+    name = f"shapes-n{s.n}-s{s.seed}-r{s.resolution}"
+    if s.colors or s.shapes:
+        name += "-" + "-".join(s.colors or []) + ("--" + "-".join(s.shapes) if s.shapes else "")
+    return root / name
 
 
 def materialize_shapes(spec: DataSpec) -> Path:
     """Generate the shapes dataset the recipe names, once; later runs reuse it."""
     out = shapes_dir(spec)
     if not (out / "world.json").exists():
-        world = shapes.World(resolution=spec.shapes.resolution)
+        world = shapes_world(spec)
         tmp = out.with_name(out.name + ".tmp")
         shapes.generate(tmp, spec.shapes.n, seed=spec.shapes.seed, world=world)
         tmp.rename(out)

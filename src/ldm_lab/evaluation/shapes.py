@@ -243,6 +243,13 @@ def evaluate_dir(path: str | Path, world: sw.World | None = None) -> dict:
         idx = [i for i, r in enumerate(rows) if "heldout" in r and bool(r["heldout"]) == flag]
         if idx:
             result[split] = score([images[i] for i in idx], [targets[i] for i in idx], world)
+    for attr in ("color", "shape"):  # adherence per asked-for value: how well each concept is drawn
+        by = {}
+        for value in sorted({getattr(t, attr) for t in targets}):
+            idx = [i for i, t in enumerate(targets) if getattr(t, attr) == value]
+            s = score([images[i] for i in idx], [targets[i] for i in idx], world)
+            by[value] = {attr: s[attr], "all": s["all"], "n": s["n"]}
+        result[f"by_{attr}"] = by
     return result
 
 

@@ -75,6 +75,18 @@ class ShapesSourceSpec(Strict):
     n: int = Field(20000, ge=1)
     seed: int = 0
     resolution: int = 64
+    colors: list[str] | None = None  # default: the six base colours (pink is the extra one)
+    shapes: list[str] | None = None  # default: circle, square, triangle, star (heart is extra)
+
+    @model_validator(mode="after")
+    def _known(self):
+        from ..data.shapes import COLORS, SHAPES
+
+        for name, vals, allowed in (("colors", self.colors, COLORS), ("shapes", self.shapes, SHAPES)):
+            bad = [v for v in vals or [] if v not in allowed]
+            if bad:
+                raise ValueError(f"{name} has {bad[0]!r}; choose from {', '.join(allowed)}")
+        return self
 
 
 class DataSpec(Strict):

@@ -17,7 +17,6 @@ their inputs after 250 steps).
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -149,7 +148,4 @@ class AutoencoderTrainer(TrainerPlugin):
 
             self.metrics["reconstruction_adherence"] = reconstruction_adherence(vae, self.recipe.data.resolution)
         (out_dir / "metrics.json").write_text(json.dumps(self.metrics, indent=2))
-        if self.recipe.output.export_to:
-            dst = Path(self.recipe.output.export_to)
-            shutil.rmtree(dst, ignore_errors=True)
-            shutil.copytree(out_dir / "autoencoder", dst)
+        self.export(out_dir / "autoencoder")

@@ -71,3 +71,20 @@ class TrainerPlugin:
     def unwrap(self, module: nn.Module) -> nn.Module:
         return self.accelerator.unwrap_model(module)
 
+    def export(self, artifact: Path) -> None:
+        """Copy the finished ``artifact`` dir to ``output.export_to`` (when set): copied next to
+        the target first and swapped in, so an interrupted export leaves the old copy intact."""
+        import shutil
+
+        if not self.recipe.output.export_to:
+            return
+        dst = Path(self.recipe.output.export_to)
+        tmp, old = dst.with_name(dst.name + ".tmp-export"), dst.with_name(dst.name + ".old-export")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(artifact, tmp)
+        if dst.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            dst.rename(old)
+        tmp.rename(dst)
+        shutil.rmtree(old, ignore_errors=True)
+

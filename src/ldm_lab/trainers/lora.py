@@ -194,7 +194,23 @@ class LoRATrainer(TextToImageTrainer):
         })
 
     def evaluate(self) -> dict:
-        return super().evaluate()
+        """The shapes evaluation with the adapters on, and again with them off (the base), on the
+        same prompts and seeds: ``by_color`` / ``by_shape`` show the taught concept and the old ones."""
+        e = self.recipe.eval
+        if not e.shapes or not self.accelerator.is_main_process:
+            return {}
+        from .text_to_image import evaluate_shapes
+
+        after = evaluate_shapes(self, self.run_dir / "eval", e)
+        mods = [self.unwrap(self.unet)] + ([self.unwrap(self.te_model)] if self.te_model is not None else [])
+        for m in mods:
+            m.disable_adapters()
+        try:
+            before = evaluate_shapes(self, self.run_dir / "eval-base", e)
+        finally:
+            for m in mods:
+                m.enable_adapters()
+        return {"shapes_eval": after["shapes_eval"], "shapes_eval_base": before["shapes_eval"]}
 
 
 def _peft_config_dict(module) -> dict:

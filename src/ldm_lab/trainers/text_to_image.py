@@ -178,7 +178,7 @@ class TextToImageTrainer(TrainerPlugin):
         out = self.run_dir / "samples"
         (out / f"step-{step:06d}").mkdir(parents=True, exist_ok=True)
         grid(images, prompts, cols=min(8, len(prompts))).save(out / f"step-{step:06d}.png")
-        for i, (im, p, sd) in enumerate(zip(images, prompts, seeds)):
+        for i, im in enumerate(images):
             im.save(out / f"step-{step:06d}" / f"{i:02d}.png")
         (out / f"step-{step:06d}" / "samples.jsonl").write_text("".join(
             json.dumps({"file_name": f"{i:02d}.png", "prompt": p, "seed": sd}) + "\n"
@@ -188,6 +188,7 @@ class TextToImageTrainer(TrainerPlugin):
     def save(self, out_dir: Path) -> None:
         pipe = self.pipeline("dpm++")
         pipe.save_pretrained(out_dir / "pipeline")
+        self.export(out_dir / "pipeline")
 
     def evaluate(self) -> dict:
         e = self.recipe.eval
@@ -200,27 +201,10 @@ def evaluate_shapes(trainer, out: Path, e) -> dict:
     """Sample fixed-seed prompts from the shapes world (seen and held-out colour-shape pairs),
     read attributes back with the analytic evaluator and return adherence per attribute."""
     from ..data import shapes
-    from ..evaluation import shapes as ev
+    from ..evaluation.run import shapes_eval
 
     world = shapes.load_world(_shapes_root(trainer.recipe))
-    seen = shapes.prompts(world, e.n, seed=e.seed)
-    held = shapes.prompts(world, e.heldout_n, seed=e.seed, heldout=True) if e.heldout_n and world.holdout else []
-    targets = seen + held
-    seeds = [e.seed + i for i in range(len(targets))]
-    images = trainer.sample([s.caption() for s in targets], seeds, e.sampler, e.steps, e.guidance_scale)
-    (out / "samples").mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i, (im, s) in enumerate(zip(images, targets)):
-        name = f"samples/{i:05d}.png"
-        im.save(out / name)
-        rows.append({"file_name": name, "text": s.caption(), **s.__dict__, "heldout": i >= len(seen), "seed": seeds[i]})
-    (out / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    from ..sampling import grid
-
-    grid(images[:32], [s.caption() for s in targets[:32]]).save(out / "grid.png")
-    result = ev.evaluate_dir(out, world)
-    result["sampler"] = {"name": e.sampler, "steps": e.steps, "guidance_scale": e.guidance_scale}
-    ev.write_metrics(result, out / "metrics.json")
+    result = shapes_eval(trainer.sample, world, out, e.n, e.heldout_n, e.seed, e.sampler, e.steps, e.guidance_scale)
     return {"shapes_eval": result}
 
 
