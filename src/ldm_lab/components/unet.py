@@ -12,10 +12,12 @@ from ..recipe.schema import UNetSpec
 # Architecture presets. ``sd15``/``sd21`` are the Stable Diffusion 1.x / 2.x UNets (random
 # weights); ``tiny`` is the shapes-world UNet that trains on a laptop CPU.
 PRESETS: dict[str, dict[str, Any]] = {
+    # attention (self + cross) at the 4x4 level and in the mid block only: 1.4x faster per step
+    # on a CPU than attention at 8x8 too (0.27 vs 0.38 s/step, batch 32, 2 threads)
     "tiny": dict(
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(64, 128), down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64,
+        block_out_channels=(64, 128), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64,
         attention_head_dim=8, norm_num_groups=32,
     ),
     "sd15": dict(
