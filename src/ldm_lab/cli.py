@@ -19,7 +19,8 @@ examples:
   ldm-lab recipe check recipes/shapes/t2i.yaml
   ldm-lab recipe show recipes/shapes/t2i.yaml data.resolution=64
   ldm-lab data shapes --out data/shapes --n 2000 --seed 0
-  ldm-lab finetune lora --base data/pretrained/shapes-t2i --data data/shapes-pink --out runs/lora --steps 300
+  ldm-lab data shapes --out data/hearts --n 500 --shapes circle,square,triangle,star,heart
+  ldm-lab finetune lora --base data/pretrained/shapes-t2i --data data/hearts --out runs/lora --steps 300
   ldm-lab sample runs/shapes-t2i --prompt "a large red circle at the center on a white background" --n 4
   ldm-lab eval shapes runs/shapes-t2i
 """
