@@ -72,8 +72,9 @@ class LoRATrainer(TextToImageTrainer):
             te.add_adapter(lora_config(rank, o.text_encoder_alpha or rank, o.text_encoder_targets, o.dropout,
                                        o.init, o.dora))
             self.te_model = te
-        if o.train_text_encoder:
             self.null_ids = self.text_encoder.tokenize([""])
+            if self.cached is not None:  # token ids of every distinct caption, once (not per step)
+                self.caption_ids = self.text_encoder.tokenize(self.cached.captions)
 
     def trainable_modules(self):
         mods = {"unet": self.unet}
@@ -97,8 +98,7 @@ class LoRATrainer(TextToImageTrainer):
             return super().latents_and_condition(batch)
         if "mean" in batch:
             z = batch["mean"] + batch["std"] * torch.randn_like(batch["mean"])
-            caps = [self.cached.captions[i] for i in batch["caption_index"].tolist()]
-            ids = self.text_encoder.tokenize(caps)
+            ids = self.caption_ids[batch["caption_index"].cpu()]
         else:
             with torch.no_grad():
                 z = self.vae.encode(batch["pixel_values"].to(self.vae.dtype)).latent_dist.sample()
