@@ -61,7 +61,14 @@ def _parser() -> argparse.ArgumentParser:
     dsh.add_argument("--heldout", action="store_true", help="write only the held-out colour-shape pairs")
     dsh.add_argument("--colors", help="comma-separated colours to draw from (default: the six base colours; "
                                       "pink is the extra one)")
-    dsh.add_argument("--shapes", help="comma-separated shapes (default: circle,square,triangle,star; heart is extra)")
+    dsh.add_argument("--shapes", help="comma-separated shapes (default: circle,square,triangle,star; "
+                     "heart and sparkle are extra)")
+    dsh.add_argument("--sizes", help="comma-separated sizes (default: small,large)")
+    dsh.add_argument("--positions", help="comma-separated positions, e.g. 'center,top left' (default: all nine)")
+    dsh.add_argument("--backgrounds", help="comma-separated backgrounds (default: white,black,gray)")
+    dsh.add_argument("--caption", help="caption template, e.g. 'a {size} {id} star at the {position} on a "
+                     "{background} background' ({color} {shape} {size} {position} {background} are filled in, "
+                     "anything else such as {id} is kept); default: the full shapes caption")
 
     e = sub.add_parser("eval", help="evaluate images")
     es = e.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -200,7 +207,7 @@ def _dispatch(args) -> int:
         if out.exists() and any(out.iterdir()):
             raise UserError(f"--out '{out}' exists and is not empty; choose a new dir so nothing is overwritten.")
         shapes.generate(out, args.n, seed=args.seed, world=_world(args, shapes.World(resolution=args.resolution)),
-                        heldout=args.heldout)
+                        heldout=args.heldout, caption=args.caption)
         print(f"wrote {args.n} rows to {out}")
         return 0
     if args.command == "eval" and args.action == "autoencoder":
@@ -249,7 +256,8 @@ BUILTIN = Path(__file__).parent / "builtin"
 
 
 def _world(args, world):
-    """``world`` restricted to --colors / --shapes (held-out pairs kept where both remain)."""
+    """``world`` restricted to --colors / --shapes / --sizes / --positions / --backgrounds (held-out
+    pairs kept where both their colour and shape remain)."""
     import dataclasses
 
     from .data import shapes
@@ -263,10 +271,10 @@ def _world(args, world):
         return tuple(vals)
 
     kw = {}
-    if getattr(args, "colors", None):
-        kw["colors"] = pick(args.colors, shapes.COLORS, "colors")
-    if getattr(args, "shapes", None):
-        kw["shapes"] = pick(args.shapes, shapes.SHAPES, "shapes")
+    for name, allowed in (("colors", shapes.COLORS), ("shapes", shapes.SHAPES), ("sizes", shapes.SIZES),
+                          ("positions", shapes.POSITIONS), ("backgrounds", shapes.BACKGROUNDS)):
+        if getattr(args, name, None):
+            kw[name] = pick(getattr(args, name), allowed, name)
     if not kw:
         return world
     w = dataclasses.replace(world, **kw)

@@ -45,18 +45,22 @@ class LatentCache:
         return self.mean.shape[0]
 
 
-def cache_key(vae, conditioner: Conditioner, rows, resolution: int, image_column: str, caption_column: str) -> str:
+def cache_key(vae, conditioner: Conditioner, rows, resolution: int, image_column: str, caption_column: str,
+              fingerprint: str | None = None) -> str:
+    """``fingerprint`` stands for the rows' contents when the dataset's own fingerprint does not
+    (a dataset built from file paths hashes the paths, not the images)."""
     te = conditioner.text_encoder
     parts = [module_digest(vae), module_digest(te), te.kind, str(te.max_length), str(resolution),
-             getattr(rows, "_fingerprint", str(len(rows))), image_column, caption_column, "center-crop", "v1"]
+             fingerprint or getattr(rows, "_fingerprint", str(len(rows))), image_column, caption_column,
+             "center-crop", "v1"]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
 
 
 @torch.no_grad()
 def build_or_load(rows, vae, conditioner: Conditioner, resolution: int, image_column: str, caption_column: str,
-                  cache_dir: Path, batch_size: int = 64, log=print) -> LatentCache:
+                  cache_dir: Path, batch_size: int = 64, log=print, fingerprint: str | None = None) -> LatentCache:
     cache_dir = Path(cache_dir)
-    key = cache_key(vae, conditioner, rows, resolution, image_column, caption_column)
+    key = cache_key(vae, conditioner, rows, resolution, image_column, caption_column, fingerprint)
     path = cache_dir / f"latents-{key}.safetensors"
     if path.exists():
         t = load_file(path)

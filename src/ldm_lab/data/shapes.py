@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-# Palettes. The default world trains on the first entries; the extra entries (pink, heart)
-# exist so fine-tuning demos can teach the base a concept it has never seen.
+# Palettes. The default world trains on the first entries; the extra entries (pink, heart,
+# sparkle) exist so fine-tuning demos can teach the base a concept it has never seen.
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "green": (40, 170, 60),
@@ -36,7 +36,7 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "black": (15, 15, 15),
     "gray": (128, 128, 128),
 }
-SHAPES = ("circle", "square", "triangle", "star", "heart")
+SHAPES = ("circle", "square", "triangle", "star", "heart", "sparkle")  # sparkle: a 4-pointed star
 POSITIONS: dict[str, tuple[float, float]] = {
     "top left": (0.25, 0.25),
     "top": (0.5, 0.25),
@@ -139,6 +139,9 @@ def shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[floa
     elif shape == "star":
         angles = [-90 + 36 * k for k in range(10)]
         radii = [r if k % 2 == 0 else 0.4 * r for k in range(10)]
+    elif shape == "sparkle":
+        angles = [-90 + 45 * k for k in range(8)]
+        radii = [r if k % 2 == 0 else 0.38 * r for k in range(8)]
     elif shape == "heart":
         pts = []
         for k in range(48):
@@ -237,8 +240,23 @@ def row(world: World, seed: int, index: int, heldout: bool = False) -> tuple[Sha
     return s, img, mask
 
 
-def generate(out: str | Path, n: int, seed: int = 0, world: World | None = None, heldout: bool = False) -> Path:
+class _KeepMissing(dict):
+    def __missing__(self, key: str) -> str:
+        return "{" + key + "}"
+
+
+def caption_from(template: str, s: Shape) -> str:
+    """``template`` with {color} {shape} {size} {position} {background} filled in; other fields
+    (such as DreamBooth's ``{id}``) are kept as they are."""
+    return template.format_map(_KeepMissing(asdict(s)))
+
+
+def generate(out: str | Path, n: int, seed: int = 0, world: World | None = None, heldout: bool = False,
+             caption: str | None = None) -> Path:
     """Write ``n`` rows as a Hugging Face imagefolder dataset in ``out``.
+
+    ``caption`` is a template for the ``text`` column (see ``caption_from``); the default is
+    the full shapes caption.
 
     Layout: ``out/images/*.png``, ``out/conditioning/{mask,edges}/*.png`` and
     ``out/metadata.jsonl`` with ``file_name``, ``text``, the attributes and the conditioning
@@ -258,7 +276,7 @@ def generate(out: str | Path, n: int, seed: int = 0, world: World | None = None,
         edges(img).save(out / "conditioning" / "edges" / name)
         rows.append({
             "file_name": f"images/{name}",
-            "text": s.caption(),
+            "text": caption_from(caption, s) if caption else s.caption(),
             **asdict(s),
             "heldout": world.is_heldout(s),
             "conditioning_image_file_name": f"conditioning/mask/{name}",

@@ -49,7 +49,46 @@ class LoRAOptions(Strict):
         return list(UNET_TARGET_PRESETS[self.targets]) if isinstance(self.targets, str) else list(self.targets)
 
 
-PLUGIN_OPTIONS: dict[str, type[Strict]] = {"lora": LoRAOptions}
+class DreamBoothOptions(LoRAOptions):
+    """``plugin:`` keys of ``trainer: dreambooth`` (the LoRA keys apply in ``mode: lora``)."""
+
+    mode: Literal["lora", "full"] = "lora"  # adapters (LoRA plugin formats) or the whole UNet (pipeline dir)
+    instance_prompt: str = "a photo of {id}"  # caption of instance images without their own caption
+    identifier: str = "auto"  # "auto": a rare single token of the tokenizer; or the token to use
+    class_prompt: str | list[str] | None = None  # prompts of the class images (a list is cycled)
+    prior_preservation: bool = False
+    num_class_images: int = Field(100, ge=1)
+    prior_loss_weight: float = Field(1.0, ge=0)  # lambda: loss = instance + lambda * prior
+    class_dir: str | None = None  # default: OUTPUT_DIR/class_images
+    class_sampler: Literal["ddpm", "ddim", "dpm++", "euler", "unipc"] = "dpm++"
+    class_steps: int = Field(25, ge=1)
+    class_guidance: float = Field(5.0, ge=0)
+    class_seed: int = 0
+    class_batch_size: int = Field(16, ge=1)  # images per sampling batch while generating class images
+    # shapes-world measurement (eval.shapes): prompt templates with {id} / {color} {position} {background} {size}
+    eval_subject_prompt: str | None = None
+    eval_class_prompt: str | None = None
+    eval_per_context: int = Field(4, ge=1)  # samples per (position, background) context
+
+    @model_validator(mode="after")
+    def _prompts(self):
+        if "{id}" not in self.instance_prompt:
+            raise ValueError(f"instance_prompt {self.instance_prompt!r} has no {{id}}; write where the identifier "
+                             "goes, e.g. 'a photo of {id} dog'")
+        if self.prior_preservation and not self.class_prompt:
+            raise ValueError("prior_preservation needs class_prompt (e.g. 'a photo of dog')")
+        if isinstance(self.class_prompt, list) and not self.class_prompt:
+            raise ValueError("class_prompt is an empty list; give one prompt or several")
+        if self.eval_subject_prompt is not None and "{id}" not in self.eval_subject_prompt:
+            raise ValueError("eval_subject_prompt needs {id}")
+        return self
+
+    def class_prompts(self) -> list[str]:
+        p = self.class_prompt
+        return [] if p is None else [p] if isinstance(p, str) else list(p)
+
+
+PLUGIN_OPTIONS: dict[str, type[Strict]] = {"lora": LoRAOptions, "dreambooth": DreamBoothOptions}
 
 
 def plugin_options(trainer: str, plugin: dict) -> Strict | None:

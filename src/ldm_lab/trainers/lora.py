@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..recipe import RecipeError
 from ..recipe.plugins import LoRAOptions
 from .registry import register
 from .text_to_image import TextToImageTrainer
@@ -51,11 +52,13 @@ class LoRATrainer(TextToImageTrainer):
         self.opts = LoRAOptions.model_validate(self.recipe.plugin)
         self.build_models()
         self.build_data()  # caches come from the pure base (PiSSA/OLoRA inits change base weights)
+        self.add_adapters()
+
+    def add_adapters(self) -> None:
+        """Freeze the UNet and add the adapters (and the text encoder's, when trained)."""
         o = self.opts
         self.unet.requires_grad_(False)
         self.unet_targets = o.unet_targets()
-        from ..recipe import RecipeError
-
         try:
             self.unet.add_adapter(lora_config(o.rank, o.alpha, self.unet_targets, o.dropout, o.init, o.dora))
         except ValueError as e:
@@ -64,17 +67,22 @@ class LoRATrainer(TextToImageTrainer):
                               "or module names such as to_q, to_k, to_v, to_out.0.") from None
         self.te_model = None
         if o.train_text_encoder:
-            if self.text_encoder.kind != "clip":
-                raise RecipeError("plugin.train_text_encoder needs a CLIP text encoder (model.text_encoder.kind clip).")
             te = self.text_encoder.model
             te.requires_grad_(False)
             rank = o.text_encoder_rank or o.rank
             te.add_adapter(lora_config(rank, o.text_encoder_alpha or rank, o.text_encoder_targets, o.dropout,
                                        o.init, o.dora))
-            self.te_model = te
-            self.null_ids = self.text_encoder.tokenize([""])
-            if self.cached is not None:  # token ids of every distinct caption, once (not per step)
-                self.caption_ids = self.text_encoder.tokenize(self.cached.captions)
+            self.use_trained_text_encoder(te)
+
+    def use_trained_text_encoder(self, te) -> None:
+        """Condition through ``te`` (trained) instead of cached embeddings: each distinct caption
+        is tokenized once here, not every step."""
+        if self.text_encoder.kind != "clip":
+            raise RecipeError("plugin.train_text_encoder needs a CLIP text encoder (model.text_encoder.kind clip).")
+        self.te_model = te
+        self.null_ids = self.text_encoder.tokenize([""])
+        if self.cached is not None:
+            self.caption_ids = self.text_encoder.tokenize(self.cached.captions)
 
     def trainable_modules(self):
         mods = {"unet": self.unet}
@@ -182,8 +190,12 @@ class LoRATrainer(TextToImageTrainer):
             kw.update(text_encoder_lora_layers=convert_state_dict_to_diffusers(_adapter_state(te)),
                       text_encoder_lora_adapter_metadata=_peft_config_dict(te))
         StableDiffusionPipeline.save_lora_weights(out_dir, safe_serialization=True, **kw)
-        o = self.opts
-        add_metadata(out_dir / WEIGHT_NAME, {
+        add_metadata(out_dir / WEIGHT_NAME, self.lora_metadata())
+
+    def lora_metadata(self) -> dict:
+        """Our description of the adapters, stored in the file's ``ldm_lab`` metadata entry."""
+        o, unet = self.opts, self.unwrap(self.unet)
+        return {
             "base_model": self.recipe.model.pipeline or (self.recipe.model.unet.pretrained or ""),
             "rank": o.rank, "alpha": o.alpha if o.alpha is not None else o.rank, "targets": self.unet_targets,
             "dora": o.dora, "text_encoder": o.train_text_encoder,
@@ -191,7 +203,7 @@ class LoRATrainer(TextToImageTrainer):
             "text_encoder_alpha": (o.text_encoder_alpha or o.text_encoder_rank or o.rank) if o.train_text_encoder else None,
             "trainable_parameters": sum(p.numel() for g in self.param_groups() for p in g["params"]),
             "unet_parameters": sum(p.numel() for p in unet.parameters()),
-        })
+        }
 
     def evaluate(self) -> dict:
         """The shapes evaluation with the adapters on, and again with them off (the base), on the

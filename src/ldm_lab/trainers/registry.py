@@ -11,6 +11,7 @@ _BUILTIN = {
     "autoencoder": "ldm_lab.trainers.autoencoder",
     "clip": "ldm_lab.trainers.clip",
     "lora": "ldm_lab.trainers.lora",
+    "dreambooth": "ldm_lab.trainers.dreambooth",
 }
 _REGISTRY: dict[str, type] = {}
 

@@ -81,22 +81,29 @@ class TextToImageTrainer(TrainerPlugin):
     def build_data(self) -> None:
         d = self.recipe.data
         with self.accelerator.main_process_first():
-            self.rows = load_rows(d)
+            rows = load_rows(d)
+        self.prepare_rows(rows, d.image_column, d.caption_column)
+
+    def prepare_rows(self, rows, image_column: str, caption_column: str, fingerprint: str | None = None) -> None:
+        """``rows`` -> ``self.cached`` (latents and caption embeddings, encoded once) when
+        ``data.cache_latents``, else ``self.rows`` with a transform that decodes and tokenizes."""
+        d = self.recipe.data
+        self.rows = rows
         self.cached = None
         if d.cache_latents:
             cache_dir = Path(d.cache_dir) if d.cache_dir else Path("data/cache")
             with self.accelerator.main_process_first():
                 self.cached = latent_cache.build_or_load(
-                    self.rows, self.vae, self.conditioner, d.resolution, d.image_column, d.caption_column, cache_dir,
-                    log=self.accelerator.print)
+                    rows, self.vae, self.conditioner, d.resolution, image_column, caption_column, cache_dir,
+                    log=self.accelerator.print, fingerprint=fingerprint)
             self.embeddings = self.cached.embeddings.to(self.accelerator.device)
         else:
             tf = image_transform(d.resolution, d.center_crop, d.random_flip)
-            icol, ccol, te = d.image_column, d.caption_column, self.text_encoder
+            te = self.text_encoder
 
             def transform(b):
-                ids = te.tokenize([c or "" for c in b[ccol]])
-                return {"pixel_values": [tf(im.convert("RGB")) for im in b[icol]], "input_ids": list(ids)}
+                ids = te.tokenize([c or "" for c in b[caption_column]])
+                return {"pixel_values": [tf(im.convert("RGB")) for im in b[image_column]], "input_ids": list(ids)}
 
             self.rows.set_transform(transform)
 
