@@ -30,6 +30,28 @@ class UserError(Exception):
     """Bad input from the user: printed as one sentence, exit code 2."""
 
 
+def _adapter_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rank", type=int, help="LoRA rank (plugin.rank; default 8)")
+    p.add_argument("--alpha", type=float, help="LoRA alpha (plugin.alpha; default: the rank)")
+    p.add_argument("--targets", help="attn | attn_ff | attn_ff_conv, or comma-separated module names")
+    p.add_argument("--dropout", type=float, help="LoRA dropout")
+    p.add_argument("--init", choices=["default", "gaussian", "pissa", "olora"], help="adapter initialisation")
+    p.add_argument("--dora", action="store_true", help="weight-decomposed LoRA (DoRA)")
+
+
+def _run_flags(p: argparse.ArgumentParser, lr: str, steps: int, batch: int) -> None:
+    p.add_argument("--lr", type=float, help=f"learning rate (train.learning_rate; default {lr})")
+    p.add_argument("--text-encoder-lr", type=float, help="text-encoder learning rate (default: --lr)")
+    p.add_argument("--steps", type=int, help=f"optimiser steps (train.max_steps; default {steps})")
+    p.add_argument("--batch-size", type=int, help=f"train.batch_size (default {batch})")
+    p.add_argument("--resolution", type=int, help="training resolution (default: the base's native one)")
+    p.add_argument("--caption-column", help="data.caption_column (default text)")
+    p.add_argument("--validation-prompt", action="append", help="a validation prompt (repeatable)")
+    p.add_argument("--resume", help="'latest' or a checkpoint dir")
+    p.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit")
+    p.add_argument("overrides", nargs="*", help="further dotted key=value recipe overrides")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ldm-lab",
@@ -87,23 +109,33 @@ def _parser() -> argparse.ArgumentParser:
     fl.add_argument("--base", required=True, help="the pipeline to adapt: a diffusers pipeline dir, a run dir or a hub id")
     fl.add_argument("--data", required=True, help="an imagefolder dir (images + metadata.jsonl) or a hub dataset id")
     fl.add_argument("--out", required=True, help="run dir (gets pytorch_lora_weights.safetensors)")
-    fl.add_argument("--rank", type=int, help="LoRA rank (plugin.rank; default 8)")
-    fl.add_argument("--alpha", type=float, help="LoRA alpha (plugin.alpha; default: the rank)")
-    fl.add_argument("--targets", help="attn | attn_ff | attn_ff_conv, or comma-separated module names")
-    fl.add_argument("--dropout", type=float, help="LoRA dropout")
-    fl.add_argument("--init", choices=["default", "gaussian", "pissa", "olora"], help="adapter initialisation")
-    fl.add_argument("--dora", action="store_true", help="weight-decomposed LoRA (DoRA)")
+    _adapter_flags(fl)
     fl.add_argument("--train-text-encoder", action="store_true", help="also put adapters on the text encoder")
-    fl.add_argument("--lr", type=float, help="learning rate (train.learning_rate; default 1e-4)")
-    fl.add_argument("--text-encoder-lr", type=float, help="text-encoder adapter learning rate (default: --lr)")
-    fl.add_argument("--steps", type=int, help="optimiser steps (train.max_steps; default 1000)")
-    fl.add_argument("--batch-size", type=int, help="train.batch_size (default 8)")
-    fl.add_argument("--resolution", type=int, help="training resolution (default: the base's native one)")
-    fl.add_argument("--caption-column", help="data.caption_column (default text)")
-    fl.add_argument("--validation-prompt", action="append", help="a validation prompt (repeatable)")
-    fl.add_argument("--resume", help="'latest' or a checkpoint dir")
-    fl.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit")
-    fl.add_argument("overrides", nargs="*", help="further dotted key=value recipe overrides")
+    _run_flags(fl, lr="1e-4", steps=1000, batch=8)
+
+    fd = fs.add_parser("dreambooth", help="bind a rare identifier to a subject from a few images (DreamBooth), "
+                       "with prior preservation", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    fd.add_argument("--base", required=True, help="the pipeline to fine-tune: a diffusers pipeline dir, a run dir or a hub id")
+    fd.add_argument("--instance-data", required=True, help="dir of the subject's images (captions from metadata.jsonl "
+                    "or NAME.txt sidecars when present, else --instance-prompt)")
+    fd.add_argument("--instance-prompt", help="caption with {id} where the identifier goes, e.g. 'a photo of {id} dog'")
+    fd.add_argument("--identifier", help="'auto' (a rare single token, printed and saved in OUT/dreambooth.json) "
+                    "or the token to use (default auto)")
+    fd.add_argument("--class-prompt", action="append", help="class prompt, e.g. 'a photo of dog' (repeatable: cycled "
+                    "over the class images)")
+    fd.add_argument("--prior-preservation", action="store_true", help="train on class images generated by the base "
+                    "too: loss = instance + λ·prior")
+    fd.add_argument("--num-class-images", type=int, help="class images to generate or reuse (default 100)")
+    fd.add_argument("--prior-loss-weight", type=float, help="λ (default 1.0)")
+    fd.add_argument("--class-dir", help="where class images and their manifest live (default OUT/class_images); "
+                    "a dir of your own images without manifest.json is used as is")
+    fd.add_argument("--out", required=True, help="run dir (gets pipeline/ in full mode, "
+                    "pytorch_lora_weights.safetensors with --lora)")
+    fd.add_argument("--lora", action="store_true", help="train LoRA adapters instead of the whole UNet")
+    _adapter_flags(fd)
+    fd.add_argument("--train-text-encoder", action="store_true",
+                    help="also train the text encoder (all weights; adapters with --lora)")
+    _run_flags(fd, lr="5e-6, 1e-4 with --lora", steps=800, batch=1)
 
     x = sub.add_parser("export", help="convert LoRA files between layouts, or fuse LoRAs into a pipeline")
     xs = x.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -365,19 +397,26 @@ def _export(args) -> int:
 
 def finetune_overrides(args) -> list[str]:
     """``ldm-lab finetune`` flags as dotted overrides of the built-in recipe (same code path as
-    ``trainer: lora`` in a recipe file)."""
+    ``trainer: lora`` / ``trainer: dreambooth`` in a recipe file)."""
     import json as _json
 
     base = args.base
     if (Path(base) / "pipeline" / "model_index.json").exists():
         base = str(Path(base) / "pipeline")  # a run dir
-    local = Path(args.data).exists()
-    ov = [f"model.pipeline={_json.dumps(base)}", f"data.source={'imagefolder' if local else 'hub'}",
-          f"data.path={_json.dumps(args.data)}", f"output.dir={_json.dumps(args.out)}"]
+    data = getattr(args, "data", None) or args.instance_data
+    local = Path(data).exists()
+    ov = [f"model.pipeline={_json.dumps(base)}", f"data.path={_json.dumps(data)}", f"output.dir={_json.dumps(args.out)}"]
+    if args.action == "lora":
+        ov.append(f"data.source={'imagefolder' if local else 'hub'}")
+    elif not Path(data).is_dir():
+        raise UserError(f"--instance-data '{data}' is not a directory; give a dir of the subject's images.")
     flag_keys = {"rank": "plugin.rank", "alpha": "plugin.alpha", "dropout": "plugin.dropout", "init": "plugin.init",
                  "lr": "train.learning_rate", "text_encoder_lr": "plugin.text_encoder_lr", "steps": "train.max_steps",
                  "batch_size": "train.batch_size", "resolution": "data.resolution",
-                 "caption_column": "data.caption_column", "resume": "train.resume"}
+                 "caption_column": "data.caption_column", "resume": "train.resume",
+                 "instance_prompt": "plugin.instance_prompt", "identifier": "plugin.identifier",
+                 "num_class_images": "plugin.num_class_images", "prior_loss_weight": "plugin.prior_loss_weight",
+                 "class_dir": "plugin.class_dir"}
     for flag, key in flag_keys.items():
         v = getattr(args, flag, None)
         if v is not None:
@@ -385,10 +424,17 @@ def finetune_overrides(args) -> list[str]:
     if getattr(args, "targets", None):
         t = args.targets
         ov.append(f"plugin.targets={t if ',' not in t and t in ('attn', 'attn_ff', 'attn_ff_conv') else _json.dumps([x.strip() for x in t.split(',') if x.strip()])}")
-    if getattr(args, "dora", False):
-        ov.append("plugin.dora=true")
-    if getattr(args, "train_text_encoder", False):
-        ov.append("plugin.train_text_encoder=true")
+    for flag, key in (("dora", "plugin.dora"), ("train_text_encoder", "plugin.train_text_encoder"),
+                      ("prior_preservation", "plugin.prior_preservation")):
+        if getattr(args, flag, False):
+            ov.append(f"{key}=true")
+    if getattr(args, "class_prompt", None):
+        cp = args.class_prompt
+        ov.append(f"plugin.class_prompt={_json.dumps(cp[0] if len(cp) == 1 else cp)}")
+    if getattr(args, "lora", False):
+        ov.append("plugin.mode=lora")
+        if args.lr is None:
+            ov.append("train.learning_rate=1.0e-4")
     if getattr(args, "validation_prompt", None):
         ov.append(f"validation.prompts={_json.dumps(args.validation_prompt)}")
     return ov + list(args.overrides)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Strict(BaseModel):
@@ -144,6 +144,11 @@ class TrainSpec(Strict):
     checkpoint_every: int | None = Field(None, ge=1)
     checkpoints_total_limit: int | None = Field(2, ge=1)
     resume: str | None = None  # "latest" or a checkpoint dir
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, v):
+        return "no" if v is False else v  # YAML reads a bare `no` (mixed_precision=no) as false
 
 
 class SamplingSpec(Strict):
