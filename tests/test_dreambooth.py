@@ -42,7 +42,7 @@ def _instances(root: Path, n: int = 4) -> Path:
 def _flags(base, inst, out, cache, extra=(), steps=4):
     return ["finetune", "dreambooth", "--base", str(base), "--instance-data", str(inst), "--out", str(out),
             "--instance-prompt", "a {id} circle", "--steps", str(steps), "--batch-size", "2", "--lr", "1e-3",
-            "--validation-prompt", VAL, *extra, "validation.every=%d" % steps, "validation.steps=3",
+            "--validation-prompt", VAL, *extra, f"validation.every={steps}", "validation.steps=3",
             "validation.sampler=ddim", "train.checkpoint_every=null", "logging.tracker=none", "logging.log_every=1",
             f"data.cache_dir={cache}", "data.resolution=32"]
 
@@ -226,6 +226,7 @@ def test_cli_equals_recipe_and_bad_input_exits_2(tiny_pipeline, tmp_path, capsys
     bad = [
         (["--instance-prompt", "a photo of dog"], "{id}"),
         (["--prior-preservation"], "class_prompt"),
+        (["--prior-preservation", "--class-prompt-file", str(tmp_path / "nope.txt")], "does not exist"),
     ]
     for extra, words in bad:
         code = cli_main(_flags(tiny_pipeline, inst, tmp_path / "bad", tmp_path / "cache", extra=extra))
@@ -263,9 +264,8 @@ def test_both_modes_on_the_shipped_shapes_base(mode, tmp_path):
 def test_sd15_recipe_trains_with_tiny_substitutes(tiny_parts, tiny_pipeline, tmp_path):
     """recipes/sd15/dreambooth.yaml (full mode, prior preservation) runs as written, with the
     tiny pipeline in place of SD 1.5 and CPU-sized steps."""
-    from test_recipes import substitute
-
     from ldm_lab.trainers.loop import train
+    from test_recipes import substitute
 
     path = ROOT / "recipes/sd15/dreambooth.yaml"
     over = substitute(path, tiny_parts, tiny_pipeline) + [

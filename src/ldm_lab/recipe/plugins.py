@@ -56,6 +56,7 @@ class DreamBoothOptions(LoRAOptions):
     instance_prompt: str = "a photo of {id}"  # caption of instance images without their own caption
     identifier: str = "auto"  # "auto": a rare single token of the tokenizer; or the token to use
     class_prompt: str | list[str] | None = None  # prompts of the class images (a list is cycled)
+    class_prompt_file: str | None = None  # or a text file, one class prompt per line (# starts a comment)
     prior_preservation: bool = False
     num_class_images: int = Field(100, ge=1)
     prior_loss_weight: float = Field(1.0, ge=0)  # lambda: loss = instance + lambda * prior
@@ -75,8 +76,10 @@ class DreamBoothOptions(LoRAOptions):
         if "{id}" not in self.instance_prompt:
             raise ValueError(f"instance_prompt {self.instance_prompt!r} has no {{id}}; write where the identifier "
                              "goes, e.g. 'a photo of {id} dog'")
-        if self.prior_preservation and not self.class_prompt:
-            raise ValueError("prior_preservation needs class_prompt (e.g. 'a photo of dog')")
+        if self.prior_preservation and not (self.class_prompt or self.class_prompt_file):
+            raise ValueError("prior_preservation needs class_prompt (e.g. 'a photo of dog') or class_prompt_file")
+        if self.class_prompt and self.class_prompt_file:
+            raise ValueError("give class_prompt or class_prompt_file, not both")
         if isinstance(self.class_prompt, list) and not self.class_prompt:
             raise ValueError("class_prompt is an empty list; give one prompt or several")
         if self.eval_subject_prompt is not None and "{id}" not in self.eval_subject_prompt:
@@ -84,6 +87,16 @@ class DreamBoothOptions(LoRAOptions):
         return self
 
     def class_prompts(self) -> list[str]:
+        if self.class_prompt_file:
+            from pathlib import Path
+
+            f = Path(self.class_prompt_file)
+            if not f.is_file():
+                raise ValueError(f"class_prompt_file '{f}' does not exist; give a text file with one prompt per line")
+            lines = [ln.strip() for ln in f.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+            if not lines:
+                raise ValueError(f"class_prompt_file '{f}' has no prompts")
+            return lines
         p = self.class_prompt
         return [] if p is None else [p] if isinstance(p, str) else list(p)
 

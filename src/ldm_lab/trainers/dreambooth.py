@@ -205,12 +205,16 @@ class DreamBoothTrainer(LoRATrainer):
     def setup(self) -> None:
         self.opts = o = DreamBoothOptions.model_validate(self.recipe.plugin)
         self.full = o.mode == "full"
+        try:
+            class_prompts = o.class_prompts()
+        except ValueError as e:
+            raise RecipeError(f"plugin.{e}.") from None
         self.te_model = None
         self.build_models()
         acc = self.accelerator
         self.unet.to(acc.device)  # class images and the base measurement sample before prepare()
         tok = self.text_encoder.tokenizer
-        words = {w.lower() for p in [o.instance_prompt, *o.class_prompts()] for w in p.replace("{id}", " ").split()}
+        words = {w.lower() for p in [o.instance_prompt, *class_prompts] for w in p.replace("{id}", " ").split()}
         try:
             self.identifier, warning = choose_identifier(tok, o.identifier, avoid=words)
         except ValueError as e:
@@ -269,7 +273,7 @@ class DreamBoothTrainer(LoRATrainer):
                 "instance_data": d.path, "instance_images": len(inst), "instance_captions": captions,
                 "prior_preservation": o.prior_preservation, "prior_loss_weight": o.prior_loss_weight,
                 "class_dir": str(class_dir) if cls else None, "class_images": len(cls),
-                "class_prompts": o.class_prompts(), "base_model": self.base_name,
+                "class_prompts": class_prompts, "base_model": self.base_name,
             }, indent=2))
 
     def train_dataloader(self):
