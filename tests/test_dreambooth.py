@@ -278,3 +278,28 @@ def test_sd15_recipe_trains_with_tiny_substitutes(tiny_parts, tiny_pipeline, tmp
     assert info["class_images"] == 2 and f" {info['identifier']} star" in info["instance_captions"][0]
     assert (run / "pipeline" / "model_index.json").exists()
     assert len(list((run / "samples" / "step-000002").glob("*.png"))) == 3
+
+
+@pytest.mark.slow
+def test_two_processes_split_class_generation_and_match_one(tiny_pipeline, tmp_path):
+    """torchrun with 2 CPU ranks: each rank generates every other class image, the run trains to
+    the end (no deadlock around generation, the manifest or saving), and the class set is
+    byte-identical to the one a single process makes."""
+    import os
+
+    inst = _instances(tmp_path / "inst")
+    flags = _flags(tiny_pipeline, inst, tmp_path / "run2", tmp_path / "cache2", extra=(
+        "--lora", "--prior-preservation", "--class-prompt", "a red circle", "--class-prompt", "a blue square",
+        "--num-class-images", "5", "--class-dir", str(tmp_path / "class2")), steps=2) + ["plugin.class_steps=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "ldm_lab.cli",
+                        *flags], capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "run2" / "pytorch_lora_weights.safetensors").exists()
+    assert json.loads((tmp_path / "class2" / "manifest.json").read_text())["count"] == 5
+    t = _trainer(tiny_pipeline, inst, tmp_path / "run1", tmp_path / "cache1")
+    o = DreamBoothOptions(instance_prompt="a {id} circle", class_prompt=["a red circle", "a blue square"],
+                          prior_preservation=True, num_class_images=5, class_steps=2)
+    one = ensure_class_images(t, o, tmp_path / "class1", str(tiny_pipeline))
+    assert [Path(p).read_bytes() for p, _ in one] == \
+        [(tmp_path / "class2" / Path(p).name).read_bytes() for p, _ in one]

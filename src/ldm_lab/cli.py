@@ -21,6 +21,9 @@ examples:
   ldm-lab data shapes --out data/shapes --n 2000 --seed 0
   ldm-lab data shapes --out data/hearts --n 500 --shapes circle,square,triangle,star,heart
   ldm-lab finetune lora --base data/pretrained/shapes-t2i --data data/hearts --out runs/lora --steps 300
+  ldm-lab finetune dreambooth --base data/pretrained/shapes-t2i --instance-data data/subjects/purple-sparkle \\
+      --instance-prompt "a large {id} star" --prior-preservation \\
+      --class-prompt-file recipes/shapes/star-class-prompts.txt --lora --lr 1e-3 --steps 300 --out runs/db
   ldm-lab sample runs/shapes-t2i --prompt "a large red circle at the center on a white background" --n 4
   ldm-lab eval shapes runs/shapes-t2i
 """

@@ -131,7 +131,7 @@ def ensure_class_images(trainer: TextToImageTrainer, opts: DreamBoothOptions, cl
         acc.print(f"class images: reusing {n} from {class_dir} (manifest matches)")
     else:
         if state == "regenerate":
-            acc.print(f"class images in {class_dir} were made with another {', '.join(changed)}; regenerating")
+            acc.print(f"class images in {class_dir} do not match this run ({', '.join(changed)} changed); regenerating")
         if acc.is_main_process:
             class_dir.mkdir(parents=True, exist_ok=True)
             if state == "regenerate":
