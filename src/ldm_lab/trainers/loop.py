@@ -112,6 +112,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None) -> Path:
     if tracker == "wandb":
         _wandb_offline_unless_configured()
     accelerator = Accelerator(
+        cpu=_multi_process_without_accelerator(),
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         mixed_precision=t.mixed_precision,
         log_with=tracker,
@@ -227,6 +228,20 @@ def train(recipe: Recipe, run_dir: str | Path | None = None) -> Path:
         _merge_metrics(run_dir, metrics)
     accelerator.end_training()
     return run_dir
+
+
+def _multi_process_without_accelerator() -> bool:
+    """True when torchrun / mpirun started several processes on a machine with no GPU: accelerate
+    makes them one gloo group only when told the run is on CPU (``accelerate launch --cpu`` tells
+    it through the environment; torchrun does not), and would otherwise run N unsynchronised
+    single-process copies that all write the same files."""
+    import os
+
+    from accelerate.utils import is_mps_available, is_npu_available, is_xpu_available
+
+    if os.environ.get("LOCAL_RANK") is None and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    return not (torch.cuda.is_available() or is_xpu_available() or is_npu_available() or is_mps_available())
 
 
 def _ema_params(plugin, accelerator) -> list[torch.nn.Parameter]:
