@@ -303,3 +303,36 @@ def test_two_processes_split_class_generation_and_match_one(tiny_pipeline, tmp_p
     one = ensure_class_images(t, o, tmp_path / "class1", str(tiny_pipeline))
     assert [Path(p).read_bytes() for p, _ in one] == \
         [(tmp_path / "class2" / Path(p).name).read_bytes() for p, _ in one]
+
+
+def test_full_mode_resume_with_prior_is_bit_exact(tiny_pipeline, tmp_path):
+    """Full mode with prior preservation and the text encoder trained: resuming from the step-2
+    checkpoint of a 4-step run ends with the same UNet and text encoder, bit for bit."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    inst = _instances(tmp_path / "inst")
+    run = tmp_path / "run"
+    extra = ("--train-text-encoder", "--prior-preservation", "--class-prompt", "a red circle",
+             "--num-class-images", "3", "--class-dir", str(tmp_path / "class"))
+    flags = _flags(tiny_pipeline, inst, run, tmp_path / "cache", extra=extra) + [
+        "train.checkpoint_every=2", "plugin.class_steps=2", "train.checkpoints_total_limit=2"]
+    assert cli_main(flags) == 0
+
+    def weights(r):
+        return {f"{c}/{k}": v for c in ("unet", "text_encoder")
+                for f in sorted((r / "pipeline" / c).glob("*.safetensors")) for k, v in load_file(f).items()}
+
+    first = weights(run)
+    again_dir = tmp_path / "again"
+    shutil.copytree(run, again_dir)
+    shutil.rmtree(again_dir / "pipeline")
+    ck = again_dir / "checkpoints" / "checkpoint-2"
+    assert ck.exists()
+    flags2 = _flags(tiny_pipeline, inst, again_dir, tmp_path / "cache", extra=(*extra, "--resume", str(ck))) + [
+        "train.checkpoint_every=2", "plugin.class_steps=2", "train.checkpoints_total_limit=2"]
+    assert cli_main(flags2) == 0
+    again = weights(again_dir)
+    assert set(first) == set(again) and len(first) > 10
+    assert all(torch.equal(first[k], again[k]) for k in first)

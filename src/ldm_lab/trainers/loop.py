@@ -94,13 +94,19 @@ def _hms(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def _cycle(accelerator: Accelerator, dataloader, skip: int):
-    """Batches forever; the first epoch after resume skips the batches already seen."""
-    epoch_skip = skip
+def _cycle(accelerator: Accelerator, dataloader, start: int, batches_per_epoch: int):
+    """Batches forever from batch ``start`` on: a resumed run starts in the epoch it stopped in,
+    with that epoch's shuffle order, and skips the batches of it already seen. The epoch is set
+    explicitly because a new (or skipping) dataloader counts its epochs from 0 and would replay
+    epoch 0's order."""
+    epoch, skip = divmod(start, batches_per_epoch)
     while True:
-        dl = accelerator.skip_first_batches(dataloader, epoch_skip) if epoch_skip else dataloader
-        epoch_skip = 0
+        dl = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
+        if hasattr(dl, "set_epoch"):
+            dl.set_epoch(epoch)
+        skip = 0
         yield from dl
+        epoch += 1
 
 
 def train(recipe: Recipe, run_dir: str | Path | None = None) -> Path:
@@ -179,7 +185,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None) -> Path:
         raise RecipeError(f"the dataset has fewer rows than one batch (train.batch_size={t.batch_size} x "
                           f"{accelerator.num_processes} processes); lower train.batch_size or add data.")
     seen_batches = step * t.gradient_accumulation_steps
-    batches = _cycle(accelerator, dataloader, seen_batches % batches_per_epoch)
+    batches = _cycle(accelerator, dataloader, seen_batches, batches_per_epoch)
     progress = Progress(t.max_steps, step, recipe.logging.log_every, accelerator.is_main_process)
     history: list[dict] = [h for h in _read_history(ckpt) if h["step"] <= step] if ckpt is not None else []
     for m in modules.values():
