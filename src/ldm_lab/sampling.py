@@ -61,24 +61,43 @@ def build_pipeline(vae, text_encoder, tokenizer, unet, noise_scheduler, sampler:
 @torch.no_grad()
 def generate(pipe: StableDiffusionPipeline, prompts: list[str], seeds: list[int], steps: int, guidance: float,
              batch_size: int = 64, prompt_embeds: torch.Tensor | None = None,
-             negative_embeds: torch.Tensor | None = None) -> list[Image.Image]:
+             negative_embeds: torch.Tensor | None = None, control: list | None = None, **pipe_kwargs) -> list[Image.Image]:
     """One image per (prompt, seed). Each image depends only on its own seed, not on batching.
 
     With ``prompt_embeds`` (one row per prompt) and ``negative_embeds`` (1 row) the pipeline
     skips its own text encoding: that is how in-training sampling uses the conditioner.
+    ``control`` (ControlNet pipelines): per prompt, a control image, or a list of them (one per
+    ControlNet of a multi-ControlNet pipeline); ``pipe_kwargs`` go to the pipeline call
+    (``controlnet_conditioning_scale``, ``guess_mode``).
     """
     images: list[Image.Image] = []
     device = pipe.unet.device
     for s in range(0, len(prompts), batch_size):
         gens = [torch.Generator(device="cpu").manual_seed(int(x)) for x in seeds[s:s + batch_size]]
-        kw = dict(num_inference_steps=steps, guidance_scale=guidance, generator=gens, output_type="pil")
+        kw = dict(num_inference_steps=steps, guidance_scale=guidance, generator=gens, output_type="pil", **pipe_kwargs)
         if prompt_embeds is not None:
             pe = prompt_embeds[s:s + batch_size].to(device)
             kw.update(prompt_embeds=pe, negative_prompt_embeds=negative_embeds.to(device).expand(len(pe), -1, -1))
         else:
             kw.update(prompt=prompts[s:s + batch_size], negative_prompt=[""] * len(prompts[s:s + batch_size]))
+        if control is not None:
+            part = control[s:s + batch_size]
+            kw["image"] = [[c[k] for c in part] for k in range(len(part[0]))] if isinstance(part[0], list) else part
         images += pipe(**kw).images
     return images
+
+
+def build_controlnet_pipeline(vae, text_encoder, tokenizer, unet, controlnet, noise_scheduler, sampler: str = "dpm++"):
+    """A stock StableDiffusionControlNetPipeline around in-memory modules (``controlnet``: one
+    ControlNetModel or a list, which diffusers composes by summing scaled residuals)."""
+    from diffusers import StableDiffusionControlNetPipeline
+
+    pipe = StableDiffusionControlNetPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, controlnet=controlnet,
+        scheduler=make_sampler(sampler, noise_scheduler.config), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def grid(images: list[Image.Image], captions: list[str] | None = None, cols: int = 8, cell: int = 128) -> Image.Image:

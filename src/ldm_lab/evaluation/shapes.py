@@ -131,6 +131,41 @@ def _core_color(rgb: np.ndarray, dist: np.ndarray, mask: np.ndarray) -> np.ndarr
     return np.median(rgb[mask][np.argpartition(d, d.size - k)[-k:]], axis=0)
 
 
+def _segment(image: Image.Image):
+    """(rgb, background colour, distance map, coverage alpha, shape mask or None) of an image,
+    box-downscaled to ``WORK_RES`` when larger."""
+    image = image.convert("RGB")
+    if max(image.size) > WORK_RES:
+        k = WORK_RES / max(image.size)
+        image = image.resize((round(image.width * k), round(image.height * k)), Image.Resampling.BOX)
+    rgb = np.asarray(image, dtype=np.float32)
+    h, w, _ = rgb.shape
+    border = np.concatenate([rgb[0], rgb[-1], rgb[1:-1, 0], rgb[1:-1, -1]])
+    bg = np.median(border, axis=0)
+    min_area = max(4.0, MIN_AREA_FRAC * h * w)
+    dist = np.linalg.norm(cv2.GaussianBlur(rgb, (0, 0), SEED_BLUR) - bg, axis=2)
+    seed = _blob(dist, SEED_THRESHOLD, min_area)
+    if seed is None:
+        return rgb, bg, dist, None, None
+    d = _core_color(rgb, dist, seed) - bg
+    alpha = (rgb - bg) @ d / max(float(d @ d), 1e-6)  # coverage by the shape colour
+    return rgb, bg, dist, alpha, _blob(alpha, 0.5, min_area)
+
+
+def object_mask(image: Image.Image) -> np.ndarray | None:
+    """The shape's mask (bool; at ``WORK_RES`` for larger images) as ``read_image`` finds it, or
+    None when no shape is found."""
+    return _segment(image)[4]
+
+
+def mask_iou(a: np.ndarray | None, b: np.ndarray) -> float:
+    """IoU of two boolean masks of one size (0 when ``a`` is None: nothing was drawn)."""
+    if a is None:
+        return 0.0
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
 def read_image(image: Image.Image, world: sw.World | None = None) -> dict:
     """Read colour, shape, size, position and background back from one image.
 
@@ -141,26 +176,11 @@ def read_image(image: Image.Image, world: sw.World | None = None) -> dict:
     working resolution), ``radius`` and ``centroid`` (fractions of the side) and ``area``
     (coverage as a fraction of the image).
     """
-    image = image.convert("RGB")
-    if max(image.size) > WORK_RES:
-        k = WORK_RES / max(image.size)
-        image = image.resize((round(image.width * k), round(image.height * k)), Image.Resampling.BOX)
-    rgb = np.asarray(image, dtype=np.float32)
+    rgb, bg, dist, alpha, mask = _segment(image)
     h, w, _ = rgb.shape
-    border = np.concatenate([rgb[0], rgb[-1], rgb[1:-1, 0], rgb[1:-1, -1]])
-    bg = np.median(border, axis=0)
     diagnostics = {"iou": 0.0, "blur": None, "radius": None, "centroid": None, "area": 0.0}
     out = dict.fromkeys(ATTRIBUTES) | {"found": False} | diagnostics
     out["background"] = _nearest(bg, world.backgrounds if world else sw.BACKGROUNDS, sw.BACKGROUNDS)
-
-    min_area = max(4.0, MIN_AREA_FRAC * h * w)
-    dist = np.linalg.norm(cv2.GaussianBlur(rgb, (0, 0), SEED_BLUR) - bg, axis=2)
-    seed = _blob(dist, SEED_THRESHOLD, min_area)
-    if seed is None:
-        return out
-    d = _core_color(rgb, dist, seed) - bg
-    alpha = (rgb - bg) @ d / max(float(d @ d), 1e-6)  # coverage by the shape colour
-    mask = _blob(alpha, 0.5, min_area)
     if mask is None:
         return out
 

@@ -101,7 +101,29 @@ class DreamBoothOptions(LoRAOptions):
         return [] if p is None else [p] if isinstance(p, str) else list(p)
 
 
-PLUGIN_OPTIONS: dict[str, type[Strict]] = {"lora": LoRAOptions, "dreambooth": DreamBoothOptions}
+class ControlNetOptions(Strict):
+    """``plugin:`` keys of ``trainer: controlnet``."""
+
+    # the control image: a dataset column, or computed from the target image by a preprocessor
+    conditioning_column: str | None = "conditioning_image"
+    preprocessor: Literal["canny"] | None = None  # canny: OpenCV Canny edges of the target image
+    canny_low: int = Field(100, ge=0)
+    canny_high: int = Field(200, ge=0)
+    controlnet: str | None = None  # continue from this ControlNet dir / hub id instead of ControlNetModel.from_unet
+    prompt_dropout: float = Field(0.5, ge=0, le=1)  # share of steps trained with the empty prompt (the paper: 50%)
+    conditioning_embedding_out_channels: list[int] = Field(default_factory=lambda: [16, 32, 96, 256])
+    validation_n: int = Field(4, ge=1)  # dataset rows (control + caption) sampled at each validation
+    eval_n: int = Field(64, ge=1)  # shapes evaluation: fresh rows per prompt set
+
+    @model_validator(mode="after")
+    def _source(self):
+        if self.preprocessor is None and not self.conditioning_column:
+            raise ValueError("give conditioning_column (a dataset column of control images) or a preprocessor (canny)")
+        return self
+
+
+PLUGIN_OPTIONS: dict[str, type[Strict]] = {"lora": LoRAOptions, "dreambooth": DreamBoothOptions,
+                                           "controlnet": ControlNetOptions}
 
 
 def plugin_options(trainer: str, plugin: dict) -> Strict | None:

@@ -12,6 +12,7 @@ _BUILTIN = {
     "clip": "ldm_lab.trainers.clip",
     "lora": "ldm_lab.trainers.lora",
     "dreambooth": "ldm_lab.trainers.dreambooth",
+    "controlnet": "ldm_lab.trainers.controlnet",
 }
 _REGISTRY: dict[str, type] = {}
 
