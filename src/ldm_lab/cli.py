@@ -42,14 +42,17 @@ def _adapter_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dora", action="store_true", help="weight-decomposed LoRA (DoRA)")
 
 
-def _run_flags(p: argparse.ArgumentParser, lr: str, steps: int, batch: int) -> None:
+def _run_flags(p: argparse.ArgumentParser, lr: str, steps: int, batch: int, text: bool = True) -> None:
+    """Training flags shared by the finetune commands (``text``: text-encoder lr and validation prompts)."""
     p.add_argument("--lr", type=float, help=f"learning rate (train.learning_rate; default {lr})")
-    p.add_argument("--text-encoder-lr", type=float, help="text-encoder learning rate (default: --lr)")
+    if text:
+        p.add_argument("--text-encoder-lr", type=float, help="text-encoder learning rate (default: --lr)")
     p.add_argument("--steps", type=int, help=f"optimiser steps (train.max_steps; default {steps})")
     p.add_argument("--batch-size", type=int, help=f"train.batch_size (default {batch})")
     p.add_argument("--resolution", type=int, help="training resolution (default: the base's native one)")
     p.add_argument("--caption-column", help="data.caption_column (default text)")
-    p.add_argument("--validation-prompt", action="append", help="a validation prompt (repeatable)")
+    if text:
+        p.add_argument("--validation-prompt", action="append", help="a validation prompt (repeatable)")
     p.add_argument("--resume", help="'latest' or a checkpoint dir")
     p.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit")
     p.add_argument("overrides", nargs="*", help="further dotted key=value recipe overrides")
@@ -141,6 +144,18 @@ def _parser() -> argparse.ArgumentParser:
                     help="also train the text encoder (all weights; adapters with --lora)")
     _run_flags(fd, lr="5e-6, 1e-4 with --lora", steps=800, batch=1)
 
+    fc = fs.add_parser("controlnet", help="a ControlNet (spatial control: masks, edges, ...) for a frozen base",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    fc.add_argument("--base", required=True, help="the pipeline to control: a diffusers pipeline dir, a run dir or a hub id")
+    fc.add_argument("--data", required=True, help="an imagefolder dir (images + metadata.jsonl) or a hub dataset id")
+    fc.add_argument("--out", required=True, help="run dir (gets controlnet/)")
+    g = fc.add_mutually_exclusive_group()
+    g.add_argument("--conditioning-column", help="dataset column holding the control images (default conditioning_image)")
+    g.add_argument("--preprocessor", choices=["canny"], help="compute the control image from the target instead")
+    fc.add_argument("--controlnet", help="continue from this ControlNet (dir or hub id) instead of copying the UNet")
+    fc.add_argument("--prompt-dropout", type=float, help="share of steps with the empty prompt (default 0.5)")
+    _run_flags(fc, lr="1e-5", steps=5000, batch=4, text=False)
+
     x = sub.add_parser("export", help="convert LoRA files between layouts, or fuse LoRAs into a pipeline")
     xs = x.add_subparsers(dest="action", required=True, metavar="ACTION")
     xl = xs.add_parser("lora", help="write a LoRA in the diffusers, PEFT or kohya (A1111/ComfyUI) layout")
@@ -180,6 +195,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", default=None, help="output dir (default: SOURCE/samples-cli)")
     s.add_argument("--lora", action="append", default=[], help="FILE[:scale] LoRA to apply (repeatable)")
+    s.add_argument("--controlnet", action="append", default=[], help="DIR[:scale] ControlNet (repeatable: "
+                   "several are composed by summing their scaled residuals)")
+    s.add_argument("--control-image", action="append", default=[], help="control image, one per --controlnet, in order")
+    s.add_argument("--guess-mode", action="store_true", help="ControlNet on the conditional branch only, residuals "
+                   "weighted from 0.1 (coarse) to 1.0 (fine) across resolutions: the paper's CFG resolution "
+                   "weighting, for prompt-less sampling")
     return p
 
 
@@ -282,7 +303,8 @@ def _dispatch(args) -> int:
 
         prompts = args.prompt or [ln.strip() for ln in _read_lines(args.prompts_file) if ln.strip()]
         out = sample_cli(args.source, prompts, n=args.n, steps=args.steps, guidance=args.guidance,
-                         sampler=args.sampler, seed=args.seed, out=args.out, loras=_lora_args(args.lora))
+                         sampler=args.sampler, seed=args.seed, out=args.out, loras=_lora_args(args.lora),
+                         controlnets=_controlnet_args(args.controlnet, args.control_image), guess_mode=args.guess_mode)
         print(f"wrote {len(prompts) * args.n} images and grid.png to {out}")
         return 0
     raise UserError(f"unknown command {args.command}")
@@ -370,6 +392,28 @@ def _lora_args(items: list[str], default_scale: float | None = None) -> list[tup
     return out
 
 
+def _controlnet_args(items: list[str], images: list[str]) -> list[tuple[str, float, str]]:
+    """(dir, scale, control image) per --controlnet DIR[:scale], paired with --control-image in order."""
+    from .lora_io import parse_lora_arg
+
+    if len(items) != len(images):
+        raise UserError(f"{len(items)} --controlnet but {len(images)} --control-image; give one control image per "
+                        "ControlNet, in the same order.")
+    out = []
+    for item, img in zip(items, images):
+        path, scale = parse_lora_arg(item)
+        p = Path(path)
+        if (p / "controlnet" / "config.json").exists():
+            p = p / "controlnet"  # a run dir
+        if not (p / "config.json").exists():
+            raise UserError(f"ControlNet '{path}' is not a ControlNet dir (no config.json); give a dir "
+                            "ControlNetModel.from_pretrained reads, or a controlnet run dir.")
+        if not Path(img).is_file():
+            raise UserError(f"--control-image '{img}' does not exist.")
+        out.append((str(p), scale, img))
+    return out
+
+
 def _export(args) -> int:
     from . import lora_io
 
@@ -410,7 +454,7 @@ def finetune_overrides(args) -> list[str]:
     data = getattr(args, "data", None) or args.instance_data
     local = Path(data).exists()
     ov = [f"model.pipeline={_json.dumps(base)}", f"data.path={_json.dumps(data)}", f"output.dir={_json.dumps(args.out)}"]
-    if args.action == "lora":
+    if args.action in ("lora", "controlnet"):
         ov.append(f"data.source={'imagefolder' if local else 'hub'}")
     elif not Path(data).is_dir():
         raise UserError(f"--instance-data '{data}' is not a directory; give a dir of the subject's images.")
@@ -420,7 +464,9 @@ def finetune_overrides(args) -> list[str]:
                  "caption_column": "data.caption_column", "resume": "train.resume",
                  "instance_prompt": "plugin.instance_prompt", "identifier": "plugin.identifier",
                  "num_class_images": "plugin.num_class_images", "prior_loss_weight": "plugin.prior_loss_weight",
-                 "class_dir": "plugin.class_dir", "class_prompt_file": "plugin.class_prompt_file"}
+                 "class_dir": "plugin.class_dir", "class_prompt_file": "plugin.class_prompt_file",
+                 "conditioning_column": "plugin.conditioning_column", "controlnet": "plugin.controlnet",
+                 "prompt_dropout": "plugin.prompt_dropout"}
     for flag, key in flag_keys.items():
         v = getattr(args, flag, None)
         if v is not None:
@@ -435,6 +481,8 @@ def finetune_overrides(args) -> list[str]:
     if getattr(args, "class_prompt", None):
         cp = args.class_prompt
         ov.append(f"plugin.class_prompt={_json.dumps(cp[0] if len(cp) == 1 else cp)}")
+    if getattr(args, "preprocessor", None):
+        ov += [f"plugin.preprocessor={args.preprocessor}", "plugin.conditioning_column=null"]
     if getattr(args, "lora", False):
         ov.append("plugin.mode=lora")
         if args.lr is None:

@@ -118,6 +118,23 @@ def grid(images: list[Image.Image], captions: list[str] | None = None, cols: int
     return g
 
 
+def with_controlnets(pipe: StableDiffusionPipeline, controlnets: list[tuple[str, float, str]], guess_mode: bool = False):
+    """A StableDiffusionControlNetPipeline sharing ``pipe``'s modules, with one ControlNet or
+    several (diffusers' MultiControlNetModel sums their residuals, each times its scale); returns
+    (pipeline, control image(s) for every prompt, extra call kwargs)."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    nets = [ControlNetModel.from_pretrained(d) for d, _, _ in controlnets]
+    size = (pipe.unet.config.sample_size * pipe.vae_scale_factor,) * 2
+    images = [Image.open(img).convert("RGB").resize(size) for _, _, img in controlnets]
+    scales = [s for _, s, _ in controlnets]
+    cpipe = StableDiffusionControlNetPipeline.from_pipe(pipe, controlnet=nets if len(nets) > 1 else nets[0])
+    cpipe.set_progress_bar_config(disable=True)
+    one = len(nets) == 1
+    return cpipe, (images[0] if one else images), {"controlnet_conditioning_scale": scales[0] if one else scales,
+                                                   "guess_mode": guess_mode}
+
+
 def load_pipeline(source: str | Path) -> StableDiffusionPipeline:
     """A run dir (uses RUN/pipeline), a pipeline dir, or a hub id."""
     p = Path(source)
@@ -133,7 +150,8 @@ def load_pipeline(source: str | Path) -> StableDiffusionPipeline:
 
 def sample_cli(source: str, prompts: list[str], n: int = 1, steps: int | None = None, guidance: float = 4.0,
                sampler: str = "dpm++", seed: int = 0, out: str | None = None,
-               loras: list[tuple[str, float]] | None = None) -> Path:
+               loras: list[tuple[str, float]] | None = None, controlnets: list[tuple[str, float, str]] | None = None,
+               guess_mode: bool = False) -> Path:
     from .cli import UserError
 
     if not prompts:
@@ -152,16 +170,21 @@ def sample_cli(source: str, prompts: list[str], n: int = 1, steps: int | None = 
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             raise UserError(f"cannot apply LoRA to '{source}' ({str(e).splitlines()[0][:200]}); "
                             "was it trained for this base?") from None
+    extra: dict = {}
+    if controlnets:
+        pipe, control, extra = with_controlnets(pipe, controlnets, guess_mode)
     out_dir = Path(out) if out else (Path(source) / "samples-cli" if Path(source).is_dir() else Path("samples"))
     out_dir.mkdir(parents=True, exist_ok=True)
     all_prompts = [p for p in prompts for _ in range(n)]
     seeds = [seed + i for i in range(len(all_prompts))]
-    images = generate(pipe, all_prompts, seeds, steps or default_steps(sampler), guidance)
+    images = generate(pipe, all_prompts, seeds, steps or default_steps(sampler), guidance,
+                      control=[control] * len(all_prompts) if controlnets else None, **extra)
     rows = []
     for i, (im, p, s) in enumerate(zip(images, all_prompts, seeds)):
         name = f"{i:04d}.png"
         im.save(out_dir / name)
-        rows.append({"file_name": name, "prompt": p, "seed": s, **({"loras": loras} if loras else {})})
+        rows.append({"file_name": name, "prompt": p, "seed": s, **({"loras": loras} if loras else {}),
+                     **({"controlnets": controlnets, "guess_mode": guess_mode} if controlnets else {})})
     (out_dir / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     grid(images, all_prompts).save(out_dir / "grid.png")
     return out_dir

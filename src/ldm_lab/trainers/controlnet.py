@@ -95,6 +95,8 @@ class ControlNetTrainer(TextToImageTrainer):
         self.unet.requires_grad_(False)
         self.unet.to(self.accelerator.device)
         self.unet.eval()
+        if self.recipe.train.gradient_checkpointing:  # the backward pass runs through the frozen UNet too
+            self.unet.enable_gradient_checkpointing()
         if o.controlnet:
             try:
                 self.controlnet = ControlNetModel.from_pretrained(o.controlnet)
@@ -114,9 +116,13 @@ class ControlNetTrainer(TextToImageTrainer):
         d = self.recipe.data
         with self.accelerator.main_process_first():
             rows = load_rows(d)
-        if o.preprocessor is None and o.conditioning_column not in rows.column_names:
-            raise RecipeError(f"dataset has no column '{o.conditioning_column}' for control images (columns: "
-                              f"{', '.join(rows.column_names)}); set plugin.conditioning_column or plugin.preprocessor canny.")
+        self.cond_col = o.conditioning_column
+        if o.preprocessor is None and self.cond_col not in rows.column_names:
+            if f"{self.cond_col}_file_name" in rows.column_names:  # an imagefolder's metadata.jsonl path column
+                self.cond_col = f"{self.cond_col}_file_name"
+            else:
+                raise RecipeError(f"dataset has no column '{o.conditioning_column}' for control images (columns: "
+                                  f"{', '.join(rows.column_names)}); set plugin.conditioning_column or plugin.preprocessor canny.")
         if d.cache_latents:
             self.prepare_rows(rows, d.image_column, d.caption_column)
         else:
@@ -128,7 +134,11 @@ class ControlNetTrainer(TextToImageTrainer):
         o = self.opts
         if o.preprocessor == "canny":
             return canny(image, o.canny_low, o.canny_high)
-        return row[o.conditioning_column].convert("RGB")
+        value = row[self.cond_col]
+        if isinstance(value, str):  # a path, relative to the imagefolder
+            with Image.open(Path(self.recipe.data.path or ".") / value) as im:
+                return im.convert("RGB")
+        return value.convert("RGB")
 
     def trainable_modules(self):
         return {"controlnet": self.controlnet}
@@ -191,7 +201,13 @@ class ControlNetTrainer(TextToImageTrainer):
         seeds = [v.seed + i for i in range(n)]
         images = self.sample_control(prompts, controls, seeds, v.sampler, v.steps, v.guidance_scale)
         out = self.run_dir / "samples"
-        out.mkdir(parents=True, exist_ok=True)
+        (out / f"step-{step:06d}").mkdir(parents=True, exist_ok=True)
+        for i, (c, im) in enumerate(zip(controls, images)):
+            c.save(out / f"step-{step:06d}" / f"control-{i:02d}.png")
+            im.save(out / f"step-{step:06d}" / f"{i:02d}.png")
+        (out / f"step-{step:06d}" / "samples.jsonl").write_text("".join(
+            json.dumps({"file_name": f"{i:02d}.png", "control": f"control-{i:02d}.png", "prompt": p, "seed": sd}) + "\n"
+            for i, (p, sd) in enumerate(zip(prompts, seeds))))
         pairs = [im for c, g in zip(controls, images) for im in (c, g)]
         captions = [x for p in prompts for x in ("control", p)]
         grid(pairs, captions, cols=min(8, 2 * n)).save(out / f"step-{step:06d}.png")
