@@ -81,8 +81,7 @@ def generate(pipe: StableDiffusionPipeline, prompts: list[str], seeds: list[int]
         else:
             kw.update(prompt=prompts[s:s + batch_size], negative_prompt=[""] * len(prompts[s:s + batch_size]))
         if control is not None:
-            part = control[s:s + batch_size]
-            kw["image"] = [[c[k] for c in part] for k in range(len(part[0]))] if isinstance(part[0], list) else part
+            kw["image"] = control[s:s + batch_size]  # multi-ControlNet: per prompt, a list with one per net
         images += pipe(**kw).images
     return images
 

@@ -3,8 +3,12 @@
 Fresh shapes rows (not the training rows) give a control image (mask or edges) and the true
 mask. Two prompt sets, same seeds for the model with and without ControlNet:
 
+* ``no_prompt``: the empty prompt: only the control can say where the shape goes (the base
+  alone lands at chance); the ControlNet is also sampled in guess mode (control on the
+  conditional branch only, residuals weighted by resolution: the paper's CFG resolution
+  weighting), where guidance acts on the control;
 * ``matching``: the row's own caption (text and control agree);
-* ``conflicting``: the caption with another position (the control must win over the text).
+* ``conflicting``: the caption with another position (does the control win over the text?).
 
 Score: IoU between the generated shape's mask (the analytic evaluator's segmentation) and the
 control's mask; ``chance`` is the IoU of each control mask with the mask of another row.
@@ -39,15 +43,21 @@ def control_eval(with_control: Callable, without: Callable, control_for: Callabl
     seeds = [seed + i for i in range(n)]
     chance = float(np.mean([ev.mask_iou(masks[i], masks[(i + 1) % n]) for i in range(n)]))
     result: dict = {"n": n, "chance_iou": chance}
-    for name, targets in (("matching", [s for s, _, _ in rows]), ("conflicting", conflicting)):
-        prompts = [t.caption() for t in targets]
+    sets = (("no_prompt", None), ("matching", [s for s, _, _ in rows]), ("conflicting", conflicting))
+    for name, targets in sets:
+        prompts = [t.caption() for t in targets] if targets else [""] * n
+        models = [("controlnet", lambda p, c, s: with_control(p, c, s, False))]
+        if targets is None:
+            models.append(("controlnet_guess_mode", lambda p, c, s: with_control(p, c, s, True)))
+        models.append(("base", without))
         part = {}
-        for model, fn in (("controlnet", with_control), ("base", without)):
+        for model, fn in models:
             images = fn(prompts, controls, seeds)
             ious = [ev.mask_iou(ev.object_mask(im), m) for im, m in zip(images, masks)]
-            adherence = ev.score(images, targets, world)
-            part[model] = {"iou": float(np.mean(ious)), "iou_over_0.5": float(np.mean([i > 0.5 for i in ious])),
-                           "color": adherence["color"], "shape": adherence["shape"], "position": adherence["position"]}
+            part[model] = {"iou": float(np.mean(ious)), "iou_over_0.5": float(np.mean([i > 0.5 for i in ious]))}
+            if targets:  # does the text still control colour, shape and position?
+                adherence = ev.score(images, targets, world)
+                part[model].update({k: adherence[k] for k in ("color", "shape", "position")})
             _save(out / name / model, images, prompts, seeds, controls, ious)
         result[name] = part
     ev.write_metrics(result, out / "metrics.json")

@@ -105,7 +105,7 @@ class ControlNetTrainer(TextToImageTrainer):
                                   "give a ControlNet dir (config.json + weights) or a hub id.") from None
         else:
             factor = latent_factor(self.vae)
-            chans = o.conditioning_embedding_out_channels
+            chans = o.conditioning_embedding_out_channels or [16, 32, 96, 256, 512][:int(math.log2(factor)) + 1]
             if 2 ** (len(chans) - 1) != factor:
                 raise RecipeError(f"plugin.conditioning_embedding_out_channels has {len(chans)} entries, which "
                                   f"downsample the control image {2 ** (len(chans) - 1)}x, but the autoencoder's "
@@ -237,8 +237,8 @@ class ControlNetTrainer(TextToImageTrainer):
         if kind is None:
             return {}
 
-        def with_control(prompts, controls, seeds):
-            return self.sample_control(prompts, controls, seeds, e.sampler, e.steps, e.guidance_scale)
+        def with_control(prompts, controls, seeds, guess_mode):
+            return self.sample_control(prompts, controls, seeds, e.sampler, e.steps, e.guidance_scale, guess_mode)
 
         def without(prompts, controls, seeds):
             return self.sample(prompts, seeds, e.sampler, e.steps, e.guidance_scale)
