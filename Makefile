@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 RUN := $(BIN)/python
 
-.PHONY: setup test test-slow lint demo demo-lora demo-dreambooth subject pretrained clean
+.PHONY: setup test test-slow lint demo demo-lora demo-dreambooth demo-controlnet subject pretrained clean
 
 setup:
 	$(PY) -m venv $(VENV)
@@ -37,6 +37,10 @@ demo-dreambooth:
 	$(BIN)/ldm-lab train recipes/shapes/dreambooth.yaml
 	$(BIN)/ldm-lab train recipes/shapes/dreambooth.yaml plugin.prior_preservation=false \
 		output.dir=runs/shapes-dreambooth-noprior
+
+# ControlNet demo: a mask ControlNet for the shipped base, on the main job's shapes dataset.
+demo-controlnet:
+	$(BIN)/ldm-lab train recipes/shapes/controlnet.yaml
 
 # The DreamBooth demo's six instance images (shipped in data/subjects/purple-sparkle).
 subject:

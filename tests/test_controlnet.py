@@ -229,3 +229,21 @@ def test_sd15_recipe_trains_with_tiny_substitutes(tiny_parts, tiny_pipeline, sha
         "plugin.validation_n=1", "logging.tracker=none"]
     run = train(load_recipe(path, over))
     assert (run / "controlnet" / "config.json").exists()
+
+
+def test_continue_from_an_existing_controlnet(tiny_pipeline, shapes32, tmp_path):
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_pipeline, subfolder="unet")
+    torch.manual_seed(3)
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32, 96))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    net.save_pretrained(tmp_path / "prev")
+    t = _plugin(tiny_pipeline, shapes32, tmp_path / "run", tmp_path / "cache", extra=("--controlnet", str(tmp_path / "prev")))
+    a, b = t.controlnet.state_dict(), net.state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    code = cli_main(_flags(tiny_pipeline, shapes32, tmp_path / "bad", tmp_path / "cache",
+                           extra=("--controlnet", str(tmp_path / "missing"))))
+    assert code == 2

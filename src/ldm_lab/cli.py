@@ -24,6 +24,9 @@ examples:
   ldm-lab finetune dreambooth --base data/pretrained/shapes-t2i --instance-data data/subjects/purple-sparkle \\
       --instance-prompt "a large {id} star" --prior-preservation \\
       --class-prompt-file recipes/shapes/star-class-prompts.txt --lora --lr 1e-3 --steps 300 --out runs/db
+  ldm-lab finetune controlnet --base data/pretrained/shapes-t2i --data data/shapes --out runs/cn --lr 3e-4 \\
+      --batch-size 32 --steps 1200
+  ldm-lab sample data/pretrained/shapes-t2i --controlnet runs/cn:1.0 --control-image mask.png --prompt "" --guess-mode
   ldm-lab sample runs/shapes-t2i --prompt "a large red circle at the center on a white background" --n 4
   ldm-lab eval shapes runs/shapes-t2i
 """
