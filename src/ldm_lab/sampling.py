@@ -123,9 +123,22 @@ def with_controlnets(pipe: StableDiffusionPipeline, controlnets: list[tuple[str,
     (pipeline, control image(s) for every prompt, extra call kwargs)."""
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 
-    nets = [ControlNetModel.from_pretrained(d) for d, _, _ in controlnets]
+    from .cli import UserError
+
     size = (pipe.unet.config.sample_size * pipe.vae_scale_factor,) * 2
-    images = [Image.open(img).convert("RGB").resize(size) for _, _, img in controlnets]
+    nets, images = [], []
+    for d, _, img in controlnets:
+        try:
+            nets.append(ControlNetModel.from_pretrained(d))
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot load a ControlNet from '{d}' ({str(e).splitlines()[0][:160]}).") from None
+        if nets[-1].config.cross_attention_dim != pipe.unet.config.cross_attention_dim:
+            raise UserError(f"ControlNet '{d}' was made for another base (cross_attention_dim "
+                            f"{nets[-1].config.cross_attention_dim}, the base has {pipe.unet.config.cross_attention_dim}).")
+        try:
+            images.append(Image.open(img).convert("RGB").resize(size))
+        except OSError:
+            raise UserError(f"--control-image '{img}' is not an image file.") from None
     scales = [s for _, s, _ in controlnets]
     cpipe = StableDiffusionControlNetPipeline.from_pipe(pipe, controlnet=nets if len(nets) > 1 else nets[0])
     cpipe.set_progress_bar_config(disable=True)

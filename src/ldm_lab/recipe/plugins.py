@@ -84,6 +84,14 @@ class DreamBoothOptions(LoRAOptions):
             raise ValueError("class_prompt is an empty list; give one prompt or several")
         if self.eval_subject_prompt is not None and "{id}" not in self.eval_subject_prompt:
             raise ValueError("eval_subject_prompt needs {id}")
+        for name in ("eval_subject_prompt", "eval_class_prompt"):
+            t = getattr(self, name)
+            try:
+                if t is not None:
+                    t.replace("{id}", "x").format(size="large", color="red", position="center", background="white")
+            except (KeyError, IndexError, ValueError) as e:
+                raise ValueError(f"{name} {t!r} has a field other than {{id}} {{size}} {{color}} {{position}} "
+                                 f"{{background}} ({e})") from None
         return self
 
     def class_prompts(self) -> list[str]:

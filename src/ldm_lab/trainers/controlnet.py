@@ -91,6 +91,9 @@ class ControlNetTrainer(TextToImageTrainer):
         from diffusers import ControlNetModel
 
         self.opts = o = ControlNetOptions.model_validate(self.recipe.plugin)
+        if self.recipe.data.caption_dropout > 0:
+            raise RecipeError("the controlnet trainer drops prompts with plugin.prompt_dropout; set "
+                              "data.caption_dropout to 0 (both would apply).")
         self.build_models()
         self.unet.requires_grad_(False)
         self.unet.to(self.accelerator.device)
@@ -103,6 +106,11 @@ class ControlNetTrainer(TextToImageTrainer):
             except (OSError, ValueError) as e:
                 raise RecipeError(f"plugin.controlnet '{o.controlnet}' cannot be loaded ({str(e).splitlines()[0][:160]}); "
                                   "give a ControlNet dir (config.json + weights) or a hub id.") from None
+            mine, base = self.controlnet.config, self.unet.config
+            for key in ("cross_attention_dim", "block_out_channels", "in_channels"):
+                if tuple(np.atleast_1d(mine[key])) != tuple(np.atleast_1d(base[key])):
+                    raise RecipeError(f"plugin.controlnet '{o.controlnet}' was made for another UNet ({key} "
+                                      f"{mine[key]} vs the base's {base[key]}); give a ControlNet of this base.")
         else:
             factor = latent_factor(self.vae)
             chans = o.conditioning_embedding_out_channels or [16, 32, 96, 256, 512][:int(math.log2(factor)) + 1]

@@ -61,7 +61,10 @@ def instance_rows(path: str | Path, caption_column: str = "text") -> list[dict]:
         for n, line in enumerate(meta.read_text().splitlines(), 1):
             if not line.strip():
                 continue
-            r = json.loads(line)
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise RecipeError(f"{meta} line {n} is not valid JSON ({e.msg}); fix or remove that line.") from None
             if "file_name" not in r:
                 raise RecipeError(f"{meta} line {n} has no file_name; each line names an image and its caption.")
             img = root / r["file_name"]
@@ -213,8 +216,14 @@ class DreamBoothTrainer(LoRATrainer):
         self.build_models()
         acc = self.accelerator
         self.unet.to(acc.device)  # class images and the base measurement sample before prepare()
+        d = self.recipe.data
+        if d.source != "imagefolder":
+            raise RecipeError("the dreambooth trainer reads its instance images from a local dir: set data.source "
+                              "imagefolder and data.path (--instance-data).")
+        inst = instance_rows(d.path, d.caption_column)
         tok = self.text_encoder.tokenizer
-        words = {w.lower() for p in [o.instance_prompt, *class_prompts] for w in p.replace("{id}", " ").split()}
+        texts = [o.instance_prompt, *class_prompts, *self.recipe.validation.prompts, *(r["caption"] or "" for r in inst)]
+        words = {w.lower() for p in texts for w in p.replace("{id}", " ").split()}  # the identifier must be none of them
         try:
             self.identifier, warning = choose_identifier(tok, o.identifier, avoid=words)
         except ValueError as e:
@@ -224,11 +233,6 @@ class DreamBoothTrainer(LoRATrainer):
             acc.print(f"warning: {warning}")
         self.base_name = self.recipe.model.pipeline or (self.recipe.model.unet.pretrained or "")
 
-        d = self.recipe.data
-        if d.source != "imagefolder":
-            raise RecipeError("the dreambooth trainer reads its instance images from a local dir: set data.source "
-                              "imagefolder and data.path (--instance-data).")
-        inst = instance_rows(d.path, d.caption_column)
         captions = [(r["caption"] or o.instance_prompt).replace("{id}", self.identifier) for r in inst]
         lacking = sum(self.identifier not in c.split() for c in captions)
         if lacking:

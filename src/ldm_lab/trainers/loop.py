@@ -101,8 +101,12 @@ def _cycle(accelerator: Accelerator, dataloader, start: int, batches_per_epoch: 
     epoch 0's order."""
     epoch, skip = divmod(start, batches_per_epoch)
     while True:
+        # on the prepared loader, which reaches the shared sampler even when it is sharded across
+        # processes (a skipping loader's own set_epoch does not)
+        if hasattr(dataloader, "set_epoch"):
+            dataloader.set_epoch(epoch)
         dl = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
-        if hasattr(dl, "set_epoch"):
+        if dl is not dataloader and hasattr(dl, "set_epoch"):
             dl.set_epoch(epoch)
         skip = 0
         yield from dl
@@ -193,7 +197,8 @@ def train(recipe: Recipe, run_dir: str | Path | None = None) -> Path:
 
     while step < t.max_steps:
         batch = next(batches)
-        with accelerator.accumulate(*wrapped):
+        with accelerator.accumulate(*wrapped), accelerator.autocast():
+            # autocast also covers frozen modules the plugin runs outside ``prepare`` (ControlNet's UNet)
             loss, logs = plugin.loss(batch)
             accelerator.backward(loss)
             if accelerator.sync_gradients and t.max_grad_norm:
