@@ -289,3 +289,31 @@ def test_dora_and_locon_targets_train_and_load_in_stock_diffusers(lora_env, tmp_
     assert pipe.unet.peft_config["default_0"].use_dora
     # DoRA has no kohya layout A1111/ComfyUI read the same way: a clear refusal, exit 2
     assert cli_main(["export", "lora", str(run), "--format", "kohya", "--out", str(tmp_path / "k.safetensors")]) == 2
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_pissa_and_olora_artifacts_are_loras_of_the_original_base(lora_env, tmp_path, init):
+    """PiSSA / OLoRA train on W - s B0 A0; the written file must still reproduce the trained model
+    when stock diffusers loads it onto the untouched base (as a rank-2r LoRA)."""
+    run = tmp_path / "run"
+    assert cli_main(_flags(lora_env["base"], lora_env["data"], run, lora_env["root"] / "cache",
+                           extra=("--init", init))) == 0
+    meta = read_metadata(run / "pytorch_lora_weights.safetensors")["adapters"]["unet"]
+    assert meta["r"] == 8 and meta["lora_alpha"] == 4  # rank 4, alpha 2, doubled
+    code = f"""
+import numpy as np, torch
+from diffusers import StableDiffusionPipeline, DDIMScheduler
+pipe = StableDiffusionPipeline.from_pretrained({str(lora_env['base'])!r}, safety_checker=None)
+pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, steps_offset=1)
+pipe.load_lora_weights({str(run)!r})
+im = pipe({PROMPT!r}, negative_prompt="", num_inference_steps=3, guidance_scale=5.0,
+          generator=[torch.Generator().manual_seed(0)], output_type="np").images[0]
+np.save({str(tmp_path / 'stock.npy')!r}, im)
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+    stock = np.load(tmp_path / "stock.npy") * 255
+    trained = np.asarray(Image.open(run / "samples" / "step-000006" / "00.png"), dtype=np.float64)
+    assert np.abs(stock - trained).max() <= 2.0

@@ -43,6 +43,9 @@ class LoRAOptions(Strict):
     def _targets_nonempty(self):
         if isinstance(self.targets, list) and not self.targets:
             raise ValueError("targets is an empty list; give module names or a preset (attn, attn_ff, attn_ff_conv)")
+        if self.dora and self.init in ("pissa", "olora"):
+            raise ValueError(f"init {self.init} with dora is not supported (the artifact could not be written as a "
+                             "LoRA of the original base); use one of them")
         return self
 
     def unet_targets(self) -> list[str]:

@@ -65,6 +65,11 @@ class LoRATrainer(TextToImageTrainer):
             raise RecipeError(f"plugin.targets {self.unet_targets} do not match modules of this UNet "
                               f"({str(e).splitlines()[0][:160]}); use a preset (attn, attn_ff, attn_ff_conv) "
                               "or module names such as to_q, to_k, to_v, to_out.0.") from None
+        # PiSSA / OLoRA move the adapters' initial product out of the base weights (W_res = W - s B0 A0);
+        # the initial adapters are kept so the artifact can be written for the untouched base
+        self.initial_adapters: dict[str, dict[str, torch.Tensor]] = {}
+        if o.init in ("pissa", "olora"):
+            self.initial_adapters["unet"] = {k: v.clone() for k, v in _adapter_state(self.unet).items()}
         self.te_model = None
         if o.train_text_encoder:
             te = self.text_encoder.model
@@ -72,6 +77,8 @@ class LoRATrainer(TextToImageTrainer):
             rank = o.text_encoder_rank or o.rank
             te.add_adapter(lora_config(rank, o.text_encoder_alpha or rank, o.text_encoder_targets, o.dropout,
                                        o.init, o.dora))
+            if o.init in ("pissa", "olora"):
+                self.initial_adapters["text_encoder"] = {k: v.clone() for k, v in _adapter_state(te).items()}
             self.use_trained_text_encoder(te)
 
     def use_trained_text_encoder(self, te) -> None:
@@ -183,14 +190,36 @@ class LoRATrainer(TextToImageTrainer):
         from diffusers.utils import convert_state_dict_to_diffusers
 
         unet = self.unwrap(self.unet)
-        kw = dict(unet_lora_layers=convert_state_dict_to_diffusers(_adapter_state(unet)),
-                  unet_lora_adapter_metadata=_peft_config_dict(unet))
+        layers, cfg = self.plain_lora(unet, "unet")
+        kw = dict(unet_lora_layers=convert_state_dict_to_diffusers(layers), unet_lora_adapter_metadata=cfg)
         if self.te_model is not None:
-            te = self.unwrap(self.te_model)
-            kw.update(text_encoder_lora_layers=convert_state_dict_to_diffusers(_adapter_state(te)),
-                      text_encoder_lora_adapter_metadata=_peft_config_dict(te))
+            layers, cfg = self.plain_lora(self.unwrap(self.te_model), "text_encoder")
+            kw.update(text_encoder_lora_layers=convert_state_dict_to_diffusers(layers),
+                      text_encoder_lora_adapter_metadata=cfg)
         StableDiffusionPipeline.save_lora_weights(out_dir, safe_serialization=True, **kw)
         add_metadata(out_dir / WEIGHT_NAME, self.lora_metadata())
+
+    def plain_lora(self, module, name: str) -> tuple[dict[str, torch.Tensor], dict]:
+        """Adapter weights and PEFT config of ``module`` as a LoRA for the *original* base.
+
+        For PiSSA / OLoRA the trained base is W - s B0 A0, so the LoRA for W is the rank-2r
+        pair A' = [A; A0], B' = [B, -B0] with alpha doubled (same scale s = alpha / r), which is
+        PEFT's own conversion (``path_initial_model_for_weight_conversion``)."""
+        state, cfg = _adapter_state(module), _peft_config_dict(module)
+        init = self.initial_adapters.get(name)
+        if not init:
+            return state, cfg
+        out = {}
+        for k, v in state.items():
+            if "lora_A" in k:
+                out[k] = torch.cat([v, init[k]], dim=0)
+            elif "lora_B" in k:
+                out[k] = torch.cat([v, -init[k]], dim=1)
+            else:
+                out[k] = v
+        cfg.update(r=2 * cfg["r"], lora_alpha=2 * cfg["lora_alpha"], init_lora_weights=True,
+                   rank_pattern={}, alpha_pattern={})
+        return out, cfg
 
     def lora_metadata(self) -> dict:
         """Our description of the adapters, stored in the file's ``ldm_lab`` metadata entry."""
@@ -214,14 +243,28 @@ class LoRATrainer(TextToImageTrainer):
         from .text_to_image import evaluate_shapes
 
         after = evaluate_shapes(self, self.run_dir / "eval", e)
-        mods = [self.unwrap(self.unet)] + ([self.unwrap(self.te_model)] if self.te_model is not None else [])
-        for m in mods:
-            m.disable_adapters()
-        try:
-            before = evaluate_shapes(self, self.run_dir / "eval-base", e)
-        finally:
-            for m in mods:
-                m.enable_adapters()
+        mods = {"unet": self.unwrap(self.unet)}
+        if self.te_model is not None:
+            mods["text_encoder"] = self.unwrap(self.te_model)
+        if self.initial_adapters:  # PiSSA / OLoRA: the base is W_res + the initial adapters, not W_res
+            from peft.utils import set_peft_model_state_dict
+
+            trained = {n: {k: v.clone() for k, v in _adapter_state(m).items()} for n, m in mods.items()}
+            for n, m in mods.items():
+                set_peft_model_state_dict(m, self.initial_adapters[n])
+            try:
+                before = evaluate_shapes(self, self.run_dir / "eval-base", e)
+            finally:
+                for n, m in mods.items():
+                    set_peft_model_state_dict(m, trained[n])
+        else:
+            for m in mods.values():
+                m.disable_adapters()
+            try:
+                before = evaluate_shapes(self, self.run_dir / "eval-base", e)
+            finally:
+                for m in mods.values():
+                    m.enable_adapters()
         return {"shapes_eval": after["shapes_eval"], "shapes_eval_base": before["shapes_eval"]}
 
 
