@@ -247,7 +247,11 @@ class DreamBoothTrainer(LoRATrainer):
                       f"{self.recipe.train.batch_size} class samples as one batch of {2 * self.recipe.train.batch_size} "
                       f"(loss = instance + {o.prior_loss_weight} x prior)")
         self.n_instance, self.n_class = len(inst), len(cls)
-        self.base_eval = self._subject_eval(self.run_dir / "eval-base") if acc.is_main_process else None
+        done = self.run_dir / "eval-base" / "metrics.json"
+        if self.recipe.train.resume and done.exists():  # measured when the run started
+            self.base_eval = json.loads(done.read_text())
+        else:
+            self.base_eval = self._subject_eval(self.run_dir / "eval-base") if acc.is_main_process else None
 
         self.recipe.validation.prompts = [p.replace("{id}", self.identifier) for p in self.recipe.validation.prompts]
         import datasets

@@ -174,9 +174,8 @@ def train(recipe: Recipe, run_dir: str | Path | None = None) -> Path:
         accelerator.register_for_checkpointing(ema)
 
     step = 0
-    ckpt = resolve_resume(run_dir, t.resume)
+    ckpt = _load_checkpoint(accelerator, run_dir, t.resume)
     if ckpt is not None:
-        accelerator.load_state(str(ckpt))
         if ema is not None:
             ema.to(accelerator.device)  # accelerate reloads custom objects on the CPU
         step = json.loads((ckpt / "loop.json").read_text())["step"]
@@ -195,6 +194,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None) -> Path:
     for m in modules.values():
         m.train()
 
+    stop = _StopRequest()
     while step < t.max_steps:
         batch = next(batches)
         with accelerator.accumulate(*wrapped), accelerator.autocast():
@@ -226,6 +226,14 @@ def train(recipe: Recipe, run_dir: str | Path | None = None) -> Path:
                 accelerator.log(vlogs, step=step)
         if t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.max_steps:
             save_checkpoint(accelerator, run_dir, step, t.checkpoints_total_limit, history)
+        if stop.requested(accelerator) and step < t.max_steps:
+            path = save_checkpoint(accelerator, run_dir, step, t.checkpoints_total_limit, history)
+            accelerator.print(f"stopped by {stop.signal_name} at step {step}; checkpoint saved in {path}. "
+                              "Resume with train.resume=latest.")
+            stop.restore()
+            accelerator.end_training()
+            return run_dir
+    stop.restore()
 
     accelerator.wait_for_everyone()
     with _ema_weights(ema, plugin, accelerator):
@@ -278,6 +286,73 @@ class _ema_weights:
         if self.ema is not None:
             self.ema.restore(self.params)
         return False
+
+
+class _StopRequest:
+    """SIGTERM / SIGINT (preemption, Ctrl-C) set a flag; the loop checks it after each optimiser
+    step, saves a checkpoint and returns. With several processes the flag is max-reduced, so every
+    rank stops at the same step even if only one got the signal."""
+
+    def __init__(self):
+        import signal
+
+        self.signal_name: str | None = None
+        self._old = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread: signals stay with their current handlers
+                pass
+
+    def _handler(self, signum, frame):
+        import signal
+
+        self.signal_name = signal.Signals(signum).name
+
+    def requested(self, accelerator: Accelerator) -> bool:
+        flag = self.signal_name is not None
+        if accelerator.num_processes > 1:
+            t = torch.tensor([int(flag)], device=accelerator.device)
+            flag = bool(accelerator.reduce(t, reduction="max").item())
+            self.signal_name = self.signal_name or "a signal to another process"
+        return flag
+
+    def restore(self) -> None:
+        import signal
+
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
+
+
+def _load_checkpoint(accelerator: Accelerator, run_dir: Path, resume: str | None) -> Path | None:
+    """Load the checkpoint ``resume`` names. For ``latest``, a checkpoint that fails to load is
+    named and the next older one is tried; an explicit checkpoint that fails is a clear error."""
+    if resume == "latest":
+        tried = []
+        for ck in reversed(checkpoints(run_dir)):
+            try:
+                accelerator.load_state(str(ck))
+                json.loads((ck / "loop.json").read_text())["step"]
+            except Exception as e:  # noqa: BLE001 - any failure to read a checkpoint means it is damaged
+                accelerator.print(f"warning: checkpoint {ck} is damaged ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:160] if str(e) else ''}); trying the one before it")
+                tried.append(ck.name)
+                continue
+            return ck
+        if tried:
+            raise RecipeError(f"no checkpoint in {run_dir / 'checkpoints'} can be loaded ({', '.join(tried)} are "
+                              "damaged); remove them or start without train.resume.")
+        return None
+    ck = resolve_resume(run_dir, resume)
+    if ck is None:
+        return None
+    try:
+        accelerator.load_state(str(ck))
+    except Exception as e:  # noqa: BLE001
+        raise RecipeError(f"checkpoint {ck} cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); "
+                          "give another checkpoint or train.resume=latest.") from None
+    return ck
 
 
 def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, limit: int | None, history: list) -> Path:

@@ -1,0 +1,81 @@
+"""Runs that survive: SIGTERM saves a checkpoint and exits cleanly (and the resumed run ends with
+the weights of an uninterrupted one), and a damaged newest checkpoint falls back to the one before."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, tiny_t2i_overrides
+from ldm_lab.cli import main as cli_main
+
+RECIPE = REPO / "recipes/shapes/t2i.yaml"
+
+
+def _overrides(parts, run: Path, data: Path, steps: int) -> list[str]:
+    ov = [o for o in tiny_t2i_overrides(parts, run, data)
+          if not o.startswith(("train.max_steps", "validation.", "train.checkpoint_every", "logging.log_every"))]
+    return ov + [f"train.max_steps={steps}", "logging.log_every=1", "eval.shapes=false", "train.checkpoint_every=1000"]
+
+
+def _unet(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(next((run / "pipeline" / "unet").glob("*.safetensors")))
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(tiny_parts, tmp_path):
+    data = tmp_path / "data"
+    whole = tmp_path / "whole"
+    assert cli_main(["train", str(RECIPE), *_overrides(tiny_parts, whole, data, 30)]) == 0
+
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "ldm_lab.cli", "train", str(RECIPE),
+                             *_overrides(tiny_parts, run, data, 30)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step 4/"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    out = "".join(lines) + proc.stdout.read()
+    assert proc.wait(timeout=300) == 0, out[-2000:]
+    assert "stopped by SIGTERM" in out and "Traceback" not in out
+    ck = sorted((run / "checkpoints").glob("checkpoint-*"))
+    assert len(ck) == 1
+    stopped = json.loads((ck[0] / "loop.json").read_text())["step"]
+    assert 4 <= stopped < 30 and not (run / "pipeline").exists()
+
+    assert cli_main(["train", str(RECIPE), *_overrides(tiny_parts, run, data, 30), "train.resume=latest"]) == 0
+    a, b = _unet(whole), _unet(run)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)  # bit for bit
+    hist = [json.loads(x)["step"] for x in (run / "history.jsonl").read_text().splitlines()]
+    assert hist == list(range(1, 31))
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_one_before(tiny_parts, tmp_path, capsys):
+    data, run = tmp_path / "data", tmp_path / "run"
+    ov = [o for o in _overrides(tiny_parts, run, data, 9) if not o.startswith("train.checkpoint_every")]
+    ov.append("train.checkpoints_total_limit=2")
+    assert cli_main(["train", str(RECIPE), *ov, "train.checkpoint_every=3"]) == 0
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-3", "checkpoint-6"]
+    for f in (run / "checkpoints" / "checkpoint-6").glob("model*.safetensors"):
+        f.write_bytes(f.read_bytes()[:100])  # truncated, as by a full disk
+    capsys.readouterr()
+    assert cli_main(["train", str(RECIPE), *ov, "train.checkpoint_every=3", "train.resume=latest"]) == 0
+    out = capsys.readouterr().out
+    assert "checkpoint-6 is damaged" in out and "resumed from" in out and "checkpoint-3 at step 3" in out
+    for f in (run / "checkpoints" / "checkpoint-3").glob("model*.safetensors"):
+        f.write_bytes(f.read_bytes()[:100])
+    for f in (run / "checkpoints" / "checkpoint-6").glob("model*.safetensors"):
+        f.write_bytes(f.read_bytes()[:100])
+    assert cli_main(["train", str(RECIPE), *ov, "train.checkpoint_every=3", "train.resume=latest"]) == 2
+    err = capsys.readouterr().err
+    assert "no checkpoint" in err and "damaged" in err and "Traceback" not in err
