@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -29,24 +30,35 @@ def _unet(run: Path) -> dict[str, torch.Tensor]:
     return load_file(next((run / "pipeline" / "unet").glob("*.safetensors")))
 
 
-def test_sigterm_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(tiny_parts, tmp_path):
-    data = tmp_path / "data"
-    whole = tmp_path / "whole"
-    assert cli_main(["train", str(RECIPE), *_overrides(tiny_parts, whole, data, 30)]) == 0
+@pytest.fixture(scope="module")
+def whole(tiny_parts, tmp_path_factory):
+    """An uninterrupted 30-step run, and the shared data dir."""
+    root = tmp_path_factory.mktemp("whole")
+    assert cli_main(["train", str(RECIPE), *_overrides(tiny_parts, root / "run", root / "data", 30)]) == 0
+    return root
 
-    run = tmp_path / "run"
+
+def _start_and_signal(parts, run: Path, data: Path, at_step: int, sig, extra=()) -> tuple[int, str]:
+    """Run 30 steps in a child process; send ``sig`` once it logs step ``at_step``."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "ldm_lab.cli", "train", str(RECIPE),
-                             *_overrides(tiny_parts, run, data, 30)], stdout=subprocess.PIPE,
+                             *_overrides(parts, run, data, 30), *extra], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
     lines = []
     for line in proc.stdout:
         lines.append(line)
-        if line.startswith("step 4/"):
-            proc.send_signal(signal.SIGTERM)
+        if line.startswith(f"step {at_step}/"):
+            proc.send_signal(sig)
             break
     out = "".join(lines) + proc.stdout.read()
-    assert proc.wait(timeout=300) == 0, out[-2000:]
+    return proc.wait(timeout=300), out
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(tiny_parts, whole, tmp_path):
+    data = whole / "data"
+    run = tmp_path / "run"
+    code, out = _start_and_signal(tiny_parts, run, data, 4, signal.SIGTERM)
+    assert code == 0, out[-2000:]
     assert "stopped by SIGTERM" in out and "Traceback" not in out
     ck = sorted((run / "checkpoints").glob("checkpoint-*"))
     assert len(ck) == 1
@@ -54,10 +66,23 @@ def test_sigterm_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(tiny
     assert 4 <= stopped < 30 and not (run / "pipeline").exists()
 
     assert cli_main(["train", str(RECIPE), *_overrides(tiny_parts, run, data, 30), "train.resume=latest"]) == 0
-    a, b = _unet(whole), _unet(run)
+    a, b = _unet(whole / "run"), _unet(run)
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)  # bit for bit
     hist = [json.loads(x)["step"] for x in (run / "history.jsonl").read_text().splitlines()]
     assert hist == list(range(1, 31))
+
+
+def test_kill_9_then_resume_latest_matches_an_uninterrupted_run(tiny_parts, whole, tmp_path):
+    data, run = whole / "data", tmp_path / "run"
+    code, out = _start_and_signal(tiny_parts, run, data, 13, signal.SIGKILL,
+                                  extra=("train.checkpoint_every=5", "train.checkpoints_total_limit=2"))
+    assert code == -signal.SIGKILL
+    steps = sorted(int(p.name.split("-")[1]) for p in (run / "checkpoints").iterdir() if not p.name.startswith("."))
+    assert steps == [5, 10] and not (run / "pipeline").exists()
+    assert cli_main(["train", str(RECIPE), *_overrides(tiny_parts, run, data, 30), "train.checkpoint_every=5",
+                     "train.checkpoints_total_limit=2", "train.resume=latest"]) == 0
+    a, b = _unet(whole / "run"), _unet(run)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_damaged_latest_checkpoint_falls_back_to_the_one_before(tiny_parts, tmp_path, capsys):
