@@ -290,7 +290,7 @@ class _ema_weights:
 
 class _StopRequest:
     """SIGTERM / SIGINT (preemption, Ctrl-C) set a flag; the loop checks it after each optimiser
-    step, saves a checkpoint and returns. With several processes the flag is max-reduced, so every
+    step, saves a checkpoint and returns (a second signal stops at once). With several processes the flag is max-reduced, so every
     rank stops at the same step even if only one got the signal."""
 
     def __init__(self):
@@ -307,6 +307,9 @@ class _StopRequest:
     def _handler(self, signum, frame):
         import signal
 
+        if self.signal_name is not None:  # a second signal: stop now, without the checkpoint
+            self.restore()
+            raise KeyboardInterrupt
         self.signal_name = signal.Signals(signum).name
 
     def requested(self, accelerator: Accelerator) -> bool:
