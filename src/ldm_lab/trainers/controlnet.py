@@ -74,12 +74,13 @@ class ControlRows(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         row = self.rows[i]
-        image = row[self.icol].convert("RGB")
-        img, ctl = self.tf(image, self.control_of(row, image))
-        img, ctl = finish(img, ctl)
-        if self.cached is not None:
+        image = row[self.icol].convert("RGB") if self.icol in row else None  # not read when not needed
+        control = self.control_of(row, image)
+        if self.cached is not None:  # centre crop: the geometry the cached latents were encoded with
             c = self.cached
-            return {"mean": c.mean[i], "std": c.std[i], "caption_index": c.caption_index[i], "control": ctl}
+            return {"mean": c.mean[i], "std": c.std[i], "caption_index": c.caption_index[i],
+                    "control": self.tf(control).float() / 255}
+        img, ctl = finish(*self.tf(image, control))
         return {"pixel_values": img, "input_ids": self.tokenize([row[self.ccol] or ""])[0], "control": ctl}
 
 
@@ -153,7 +154,10 @@ class ControlNetTrainer(TextToImageTrainer):
 
     def train_dataloader(self):
         d, t = self.recipe.data, self.recipe.train
-        ds = ControlRows(self.raw_rows, self.control_of, self.tf, self.cached, self.text_encoder.tokenize,
+        rows = self.raw_rows
+        if self.cached is not None and self.opts.preprocessor is None:
+            rows = rows.select_columns([self.cond_col])  # latents are cached: decode only the control image
+        ds = ControlRows(rows, self.control_of, self.tf, self.cached, self.text_encoder.tokenize,
                          d.image_column, d.caption_column)
         return DataLoader(ds, batch_size=t.batch_size, shuffle=True, drop_last=True, collate_fn=default_collate,
                           num_workers=d.num_workers, persistent_workers=d.num_workers > 0)
