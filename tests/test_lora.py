@@ -58,33 +58,35 @@ def test_run_writes_diffusers_lora_with_metadata(lora_env):
     assert any(k.endswith("lora.up.weight") and v.abs().max() > 0 for k, v in w.items())
 
 
-def test_stock_load_lora_weights_reproduces_in_training_samples(lora_env):
-    """Stock diffusers, in a fresh process without ldm_lab: base pipeline + load_lora_weights(run)
-    gives the image validation sampled from the in-memory adapted model at the last step."""
-    run = lora_env["run"]
+def _stock_samples(base: Path, loras: list, out: Path) -> list[np.ndarray]:
+    """Stock diffusers in a fresh process (no ldm_lab import): one DDIM sample of PROMPT (seed 0)
+    from ``base`` with each entry of ``loras`` (a run dir, or None for the bare base), 0-255."""
     code = f"""
 import sys, numpy as np, torch
 from diffusers import StableDiffusionPipeline, DDIMScheduler
-pipe = StableDiffusionPipeline.from_pretrained({str(lora_env['base'])!r}, safety_checker=None)
-pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, steps_offset=1)
-pipe.load_lora_weights({str(run)!r})
-g = torch.Generator().manual_seed(0)
-im = pipe({PROMPT!r}, negative_prompt="", num_inference_steps=3, guidance_scale=5.0, generator=[g],
-          output_type="np").images[0]
-np.save({str(lora_env['root'] / 'stock.npy')!r}, im)
-base = StableDiffusionPipeline.from_pretrained({str(lora_env['base'])!r}, safety_checker=None)
-base.scheduler = pipe.scheduler
-im0 = base({PROMPT!r}, negative_prompt="", num_inference_steps=3, guidance_scale=5.0,
-           generator=[torch.Generator().manual_seed(0)], output_type="np").images[0]
-np.save({str(lora_env['root'] / 'base.npy')!r}, im0)
+for i, lora in enumerate({[str(x) if x else None for x in loras]!r}):
+    pipe = StableDiffusionPipeline.from_pretrained({str(base)!r}, safety_checker=None)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, steps_offset=1)
+    if lora:
+        pipe.load_lora_weights(lora)
+    im = pipe({PROMPT!r}, negative_prompt="", num_inference_steps=3, guidance_scale=5.0,
+              generator=[torch.Generator().manual_seed(0)], output_type="np").images[0]
+    np.save({str(out)!r} + f"/stock-{{i}}.npy", im)
 assert not any(m.startswith("ldm_lab") for m in sys.modules)
 print("ok")
 """
+    out.mkdir(parents=True, exist_ok=True)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
-    stock = np.load(lora_env["root"] / "stock.npy") * 255
-    base = np.load(lora_env["root"] / "base.npy") * 255
+    return [np.load(out / f"stock-{i}.npy") * 255 for i in range(len(loras))]
+
+
+def test_stock_load_lora_weights_reproduces_in_training_samples(lora_env, tmp_path):
+    """Stock diffusers, in a fresh process without ldm_lab: base pipeline + load_lora_weights(run)
+    gives the image validation sampled from the in-memory adapted model at the last step."""
+    run = lora_env["run"]
+    stock, base = _stock_samples(lora_env["base"], [run, None], tmp_path)
     trained = np.asarray(Image.open(run / "samples" / "step-000006" / "00.png"), dtype=np.float64)
     assert np.abs(stock - trained).max() <= 2.0  # PNG rounding
     assert np.abs(base - trained).max() > 10.0  # and the adapter changes the image
@@ -300,20 +302,6 @@ def test_pissa_and_olora_artifacts_are_loras_of_the_original_base(lora_env, tmp_
                            extra=("--init", init))) == 0
     meta = read_metadata(run / "pytorch_lora_weights.safetensors")["adapters"]["unet"]
     assert meta["r"] == 8 and meta["lora_alpha"] == 4  # rank 4, alpha 2, doubled
-    code = f"""
-import numpy as np, torch
-from diffusers import StableDiffusionPipeline, DDIMScheduler
-pipe = StableDiffusionPipeline.from_pretrained({str(lora_env['base'])!r}, safety_checker=None)
-pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, steps_offset=1)
-pipe.load_lora_weights({str(run)!r})
-im = pipe({PROMPT!r}, negative_prompt="", num_inference_steps=3, guidance_scale=5.0,
-          generator=[torch.Generator().manual_seed(0)], output_type="np").images[0]
-np.save({str(tmp_path / 'stock.npy')!r}, im)
-print("ok")
-"""
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                       env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
-    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
-    stock = np.load(tmp_path / "stock.npy") * 255
+    stock, = _stock_samples(lora_env["base"], [run], tmp_path / "stock")
     trained = np.asarray(Image.open(run / "samples" / "step-000006" / "00.png"), dtype=np.float64)
     assert np.abs(stock - trained).max() <= 2.0
