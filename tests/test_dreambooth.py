@@ -133,10 +133,10 @@ def test_prior_loss_weight_enters_as_specified(tiny_pipeline, tmp_path):
     out = {}
     for lam in (0.0, 1.0, 2.5):
         t.opts.prior_loss_weight = lam
-        torch.manual_seed(7)
+        t.rng.generator.manual_seed(7)
         loss, logs = t.loss(batch)
         out[lam] = (loss.item(), logs)
-    torch.manual_seed(7)  # the same draws, per sample
+    t.rng.generator.manual_seed(7)  # the same draws, per sample
     z, cond = t.latents_and_condition(batch)
     noisy, ts, target, w = t.diffusion_terms(z)
     per = diffusion_loss(t.unet(noisy, ts, encoder_hidden_states=cond).sample, target, w, reduction="none")

@@ -73,6 +73,13 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("recipe", help="a recipe .yaml (see recipes/)")
     t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=200")
 
+    c = sub.add_parser("cache", help="encode a recipe's latents and caption embeddings once, to disk (split across "
+                       "processes under torchrun / accelerate launch); training finds and uses the cache")
+    c.add_argument("recipe", help="a recipe .yaml")
+    c.add_argument("--out", help="write the cache to this dir (train with data.latent_cache=DIR); default: the "
+                   "hash-named dir under data.cache_dir that training looks up by itself")
+    c.add_argument("overrides", nargs="*", help="dotted key=value overrides (the same ones the training run will use)")
+
     r = sub.add_parser("recipe", help="check or show a recipe")
     rs = r.add_subparsers(dest="action", required=True, metavar="ACTION")
     rc = rs.add_parser("check", help="validate a recipe without loading any model")
@@ -210,15 +217,57 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from .recipe import RecipeError
+    from .trainers.loop import TrainingDiverged
 
     try:
         return _dispatch(args)
     except (RecipeError, UserError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _cache(recipe, out: str | None) -> int:
+    """``ldm-lab cache``: the trainer's own model and data set-up, stopped after the cache is built."""
+    from accelerate import Accelerator
+
+    from .recipe import RecipeError, pipeline_defaults
+    from .trainers.loop import _multi_process_without_accelerator
+    from .trainers.registry import get_trainer
+    from .trainers.text_to_image import TextToImageTrainer
+
+    recipe = pipeline_defaults(recipe)
+    d = recipe.data
+    if d.streaming:
+        raise RecipeError("a streamed dataset is encoded on the fly; set data.streaming=false to cache it.")
+    cls = get_trainer(recipe.trainer)
+    if not issubclass(cls, TextToImageTrainer):
+        raise RecipeError(f"the {recipe.trainer} trainer does not use cached latents.")
+    if not d.cache_latents:
+        d.cache_latents = True
+    accelerator = Accelerator(cpu=_multi_process_without_accelerator())
+    plugin = cls(recipe, accelerator, Path(recipe.output.dir))
+    plain = recipe.trainer in ("text_to_image", "lora")  # models + data, nothing else to prepare
+    if out is not None and not plain:
+        raise RecipeError(f"--out is not supported for the {recipe.trainer} trainer; leave it out (its run finds the cache).")
+    if plain:
+        plugin.build_models()
+        plugin.build_data(cache_out=Path(out) if out else None)
+    else:
+        plugin.setup()
+    cache = plugin.cached
+    if accelerator.is_main_process:
+        m = cache.manifest
+        hint = f"train with data.latent_cache={cache.root}" if out else "runs of this recipe use it"
+        print(f"cache: {cache.root} ({m['rows']} rows, {len(cache.captions)} caption strings"
+              + (f", {m['skipped']} rows skipped" if m.get("skipped") else "") + f"); {hint}")
+    accelerator.wait_for_everyone()
+    return 0
 
 
 def _dispatch(args) -> int:
@@ -233,6 +282,8 @@ def _dispatch(args) -> int:
 
             print(dump_recipe(pipeline_defaults(recipe)), end="")
         return 0
+    if args.command == "cache":
+        return _cache(load_recipe(args.recipe, args.overrides), args.out)
     if args.command == "train":
         recipe = load_recipe(args.recipe, args.overrides)
         from .trainers.loop import train

@@ -33,10 +33,12 @@ class Conditioner:
             self._null = self.encode([""])
         return self._null
 
-    def drop(self, cond: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Replace each row of ``cond`` by the null condition with probability ``p``."""
+    def drop(self, cond: torch.Tensor, p: float, generator: torch.Generator | None = None, rng=None) -> torch.Tensor:
+        """Replace each row of ``cond`` by the null condition with probability ``p`` (drawn from
+        ``rng``, a training BatchRNG, when given)."""
         if p <= 0:
             return cond
-        keep = torch.rand(cond.shape[0], generator=generator, device="cpu") >= p
+        u = rng.rand(cond.shape[0]).cpu() if rng is not None else torch.rand(cond.shape[0], generator=generator, device="cpu")
+        keep = u >= p
         null = self.null().to(cond.device, cond.dtype)
         return torch.where(keep.to(cond.device)[:, None, None], cond, null)

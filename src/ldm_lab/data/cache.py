@@ -1,24 +1,46 @@
-"""Precomputed latents and text embeddings: encoded once, reused by every later run.
+"""Precomputed latents and text embeddings: encoded once, to disk, split across processes.
 
-The autoencoder's posterior mean and std are stored (not one sample) so training still draws
-a fresh latent every step. Captions are encoded once per distinct caption. The cache file name
-is a hash of everything the contents depend on (autoencoder and text-encoder weights,
-resolution, the dataset's fingerprint and the caption column), so a cache built for other
-models or data is never picked up by mistake.
+Layout of a cache dir (``ldm-lab cache RECIPE`` writes one; training finds or builds it)::
+
+    manifest.json                 what the contents depend on (see ``cache_inputs``) + the parts
+    part-R-of-W/latents.json      per row: source row, latent shape, offset, caption variants
+    part-R-of-W/mean.bin std.bin  float32, the autoencoder posterior's mean and std, row after row
+    part-R-of-W/embeddings.safetensors + captions.json   the part's distinct caption strings, encoded
+
+Process R of W encodes rows [R*N/W, (R+1)*N/W) into its own part; process 0 writes the manifest
+when all parts are there and renames the build dir into place, so a half-built cache is never
+used (a killed build keeps its finished parts and continues). The mean and std (not one sample)
+are stored so training still draws a fresh latent every step; latents are read through memory
+maps, so a cache larger than RAM works. Rows may have different latent shapes (aspect-ratio
+buckets).
+
+The dir name is a hash of the inputs, so a cache for other models or data is never picked up by
+mistake; a cache given explicitly (``data.latent_cache``) whose manifest disagrees with the
+recipe is refused with the fields that differ.
+
+Caption augmentation survives caching: every caption's variants (``captions.caption_variants``:
+the caption as written, tag shuffles, several captions per image) are all encoded, and the
+trainer picks one per row and step.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from torch.utils.data import Dataset
 
-from ..conditioning import Conditioner
-from .transforms import image_transform
+from ..recipe import RecipeError
+from .captions import caption_variants
+from .checks import to_rgb
+
+FORMAT = 2
 
 
 def module_digest(module: torch.nn.Module) -> str:
@@ -33,61 +55,216 @@ def module_digest(module: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-@dataclass
-class LatentCache:
-    mean: torch.Tensor  # (N, C, h, w), unscaled
-    std: torch.Tensor  # (N, C, h, w)
-    caption_index: torch.Tensor  # (N,) into ``embeddings``
-    embeddings: torch.Tensor  # (U, L, D), one per distinct caption
-    captions: list[str]
+def cache_inputs(vae, conditioner, rows, data, image_column: str, caption_column: str,
+                 fingerprint: str | None = None, buckets: list | None = None) -> dict:
+    """Everything the cached contents depend on (the manifest's ``inputs``). ``fingerprint``
+    stands for the rows' contents when the dataset's own fingerprint does not (a dataset built
+    from file paths hashes the paths, not the images)."""
+    te = conditioner.text_encoder
+    b = data.buckets
+    return {
+        "format": FORMAT,
+        "autoencoder": module_digest(vae),
+        "text_encoder": {"weights": module_digest(te), "kind": te.kind, "max_length": te.max_length},
+        "resolution": data.resolution,
+        "geometry": ({"buckets": [list(x) for x in buckets], "max_upscale": b.max_upscale} if buckets
+                     else "center-crop"),
+        "dataset": {"fingerprint": fingerprint or getattr(rows, "_fingerprint", None) or str(len(rows)),
+                    "rows": len(rows), "image_column": image_column, "caption_column": caption_column},
+        "captions": data.captions.model_dump(),
+    }
+
+
+def cache_key(inputs: dict) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20]
+
+
+_WHAT = {"autoencoder": "autoencoder", "text_encoder": "text encoder", "resolution": "resolution",
+         "geometry": "crop/bucket geometry", "dataset": "dataset (rows or columns)", "captions": "caption set",
+         "format": "cache format"}
+
+
+def check_manifest(path: Path, inputs: dict) -> dict:
+    """The manifest of the cache at ``path``; a RecipeError naming what differs from ``inputs``."""
+    mf = path / "manifest.json"
+    if not mf.exists():
+        raise RecipeError(f"data.latent_cache is '{path}', which is not a latent cache (no manifest.json); "
+                          "build one with `ldm-lab cache RECIPE --out DIR` or unset data.latent_cache.")
+    manifest = json.loads(mf.read_text())
+    have = manifest.get("inputs", {})
+    differ = [_WHAT.get(k, k) for k in inputs if have.get(k) != inputs[k]]
+    if differ:
+        raise RecipeError(f"the latent cache {path} was built for another {', '.join(differ)} than this recipe's; "
+                          "rebuild it with `ldm-lab cache RECIPE --out DIR` or unset data.latent_cache to build one "
+                          "automatically.")
+    return manifest
+
+
+class LatentCache(Dataset):
+    """Rows of a cache dir: ``{"mean", "std", "variants", "variant_count"}`` per row, with
+    ``embeddings`` (U, L, D) and ``captions`` (U strings) that ``variants`` index into."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.manifest = json.loads((self.root / "manifest.json").read_text())
+        self.parts = [self.root / p for p in self.manifest["parts"]]
+        embs, self.captions, rows = [], [], []
+        for k, part in enumerate(self.parts):
+            meta = json.loads((part / "latents.json").read_text())
+            base = len(self.captions)
+            self.captions += json.loads((part / "captions.json").read_text())
+            e = load_file(part / "embeddings.safetensors")["embeddings"]
+            embs.append(e)
+            for r in meta["rows"]:
+                rows.append((k, r["offset"], tuple(r["shape"]), r["row"], [base + v for v in r["variants"]]))
+        self.embeddings = torch.cat(embs) if embs else torch.empty(0)
+        self.rows = rows
+        self.vmax = max((len(r[4]) for r in rows), default=1)
+        self._maps: list | None = None
 
     def __len__(self) -> int:
-        return self.mean.shape[0]
+        return len(self.rows)
+
+    @property
+    def shapes(self) -> list[tuple[int, ...]]:
+        """Latent shape (C, h, w) of every row (rows of one aspect-ratio bucket share it)."""
+        return [r[2] for r in self.rows]
+
+    @property
+    def source_rows(self) -> list[int]:
+        """The dataset row each cached row came from."""
+        return [r[3] for r in self.rows]
+
+    def _open(self) -> list:
+        if self._maps is None:  # opened per process (and per DataLoader worker), never pickled
+            self._maps = [(np.memmap(p / "mean.bin", dtype=np.float32, mode="r"),
+                           np.memmap(p / "std.bin", dtype=np.float32, mode="r")) for p in self.parts]
+        return self._maps
+
+    def __getstate__(self):
+        return {**self.__dict__, "_maps": None}
+
+    def __getitem__(self, i: int) -> dict:
+        part, off, shape, _, variants = self.rows[i]
+        mean, std = self._open()[part]
+        n = int(np.prod(shape))
+        v = torch.full((self.vmax,), -1, dtype=torch.long)
+        v[:len(variants)] = torch.tensor(variants)
+        return {"mean": torch.from_numpy(np.array(mean[off:off + n])).view(shape),
+                "std": torch.from_numpy(np.array(std[off:off + n])).view(shape),
+                "caption_index": v[0], "variants": v, "variant_count": torch.tensor(len(variants))}
 
 
-def cache_key(vae, conditioner: Conditioner, rows, resolution: int, image_column: str, caption_column: str,
-              fingerprint: str | None = None) -> str:
-    """``fingerprint`` stands for the rows' contents when the dataset's own fingerprint does not
-    (a dataset built from file paths hashes the paths, not the images)."""
-    te = conditioner.text_encoder
-    parts = [module_digest(vae), module_digest(te), te.kind, str(te.max_length), str(resolution),
-             fingerprint or getattr(rows, "_fingerprint", str(len(rows))), image_column, caption_column,
-             "center-crop", "v1"]
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
+def _encode_part(rows, lo: int, hi: int, vae, conditioner, data, inputs: dict, image_column: str,
+                 caption_column: str, out: Path, batch_size: int, bucket_of: Callable | None) -> dict:
+    """Encode rows [lo, hi) into the part dir ``out`` (written to a temp dir, renamed at the end)."""
+    from .transforms import image_transform
 
-
-@torch.no_grad()
-def build_or_load(rows, vae, conditioner: Conditioner, resolution: int, image_column: str, caption_column: str,
-                  cache_dir: Path, batch_size: int = 64, log=print, fingerprint: str | None = None) -> LatentCache:
-    cache_dir = Path(cache_dir)
-    key = cache_key(vae, conditioner, rows, resolution, image_column, caption_column, fingerprint)
-    path = cache_dir / f"latents-{key}.safetensors"
-    if path.exists():
-        t = load_file(path)
-        captions = json.loads((path.with_suffix(".json")).read_text())["captions"]
-        log(f"using cached latents {path} ({t['mean'].shape[0]} rows)")
-        return LatentCache(t["mean"], t["std"], t["caption_index"], t["embeddings"], captions)
-    log(f"encoding {len(rows)} images and their captions once into {path}")
-    tf = image_transform(resolution, center_crop=True, random_flip=False)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     device = next(vae.parameters()).device
+    center = image_transform(data.resolution, center_crop=True, random_flip=False)
     plain = rows.with_format(None)
-    means, stds = [], []
-    for start in range(0, len(plain), batch_size):
-        batch = plain[start:start + batch_size][image_column]
-        x = torch.stack([tf(im.convert("RGB")) for im in batch]).to(device, vae.dtype)
-        dist = vae.encode(x).latent_dist
-        means.append(dist.mean.float().cpu())
-        stds.append(dist.std.float().cpu())
-    captions_all = [c or "" for c in plain[caption_column]]
-    captions = sorted(set(captions_all))
-    where = {c: i for i, c in enumerate(captions)}
-    embs = torch.cat([conditioner.encode(captions[i:i + 256]).float().cpu() for i in range(0, len(captions), 256)])
-    cache = LatentCache(torch.cat(means).contiguous(), torch.cat(stds).contiguous(), torch.tensor([where[c] for c in captions_all]), embs.contiguous(),
-                        captions)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({"mean": cache.mean, "std": cache.std, "caption_index": cache.caption_index,
-               "embeddings": cache.embeddings}, str(tmp))
-    path.with_suffix(".json").write_text(json.dumps({"captions": captions, "rows": len(rows)}))
-    tmp.rename(path)
+    strings: dict[str, int] = {}
+    meta, skipped = [], []
+    offset = 0
+    with open(tmp / "mean.bin", "wb") as fm, open(tmp / "std.bin", "wb") as fs:
+        for start in range(lo, hi, batch_size):
+            chunk = plain[start:min(start + batch_size, hi)]
+            groups: dict[tuple, list] = {}
+            for j, (im, cap) in enumerate(zip(chunk[image_column], chunk[caption_column])):
+                row = start + j
+                try:
+                    im = to_rgb(im)
+                    if bucket_of is None:
+                        groups.setdefault((), []).append((row, center(im), cap))
+                        continue
+                    b = bucket_of(im.size[::-1])
+                    if b is None:
+                        skipped.append({"row": row, "reason": "too small for its bucket", "size": list(im.size)})
+                        continue
+                    from .buckets import bucket_transform
+
+                    groups.setdefault(tuple(b), []).append((row, bucket_transform(b)(im), cap))
+                except Exception as e:  # noqa: BLE001 - a bad image is skipped and counted, never fatal
+                    skipped.append({"row": row, "reason": f"{type(e).__name__}: {str(e)[:120]}"})
+            encoded = []
+            for items in groups.values():
+                x = torch.stack([t for _, t, _ in items]).to(device, vae.dtype)
+                with torch.no_grad():
+                    dist = vae.encode(x).latent_dist
+                encoded += list(zip(items, dist.mean.float().cpu(), dist.std.float().cpu()))
+            for (row, _, cap), mean, std in sorted(encoded, key=lambda e: e[0][0]):
+                if not torch.isfinite(mean).all() or not torch.isfinite(std).all():
+                    skipped.append({"row": row, "reason": "the autoencoder gave NaN/inf"})
+                    continue
+                fm.write(mean.contiguous().numpy().tobytes())
+                fs.write(std.contiguous().numpy().tobytes())
+                variants = [strings.setdefault(s, len(strings)) for s in caption_variants(cap, data.captions)]
+                meta.append({"row": row, "shape": list(mean.shape), "offset": offset, "variants": variants})
+                offset += mean.numel()
+    captions = list(strings)
+    embs = [conditioner.encode(captions[i:i + 256]).float().cpu() for i in range(0, len(captions), 256)]
+    emb = torch.cat(embs) if embs else torch.empty(0)
+    save_file({"embeddings": emb.contiguous()}, str(tmp / "embeddings.safetensors"))
+    (tmp / "captions.json").write_text(json.dumps(captions))
+    (tmp / "latents.json").write_text(json.dumps({"inputs": inputs, "range": [lo, hi], "rows": meta,
+                                                  "skipped": skipped}))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return {"rows": len(meta), "skipped": skipped}
+
+
+def build_or_load(rows, vae, conditioner, data, image_column: str, caption_column: str, accelerator=None,
+                  fingerprint: str | None = None, buckets: list | None = None, bucket_of: Callable | None = None,
+                  log=print, batch_size: int = 64, out: Path | None = None) -> LatentCache:
+    """The cache for these rows and models: loaded when present (``data.latent_cache``, ``out``
+    or the hash-named dir under the cache root), else built with every process encoding its share."""
+    inputs = cache_inputs(vae, conditioner, rows, data, image_column, caption_column, fingerprint, buckets)
+    if data.latent_cache and out is None:
+        path = Path(data.latent_cache)
+        check_manifest(path, inputs)
+        log(f"using the latent cache {path}")
+        return LatentCache(path)
+    root = Path(data.cache_dir) if data.cache_dir else Path("data/cache")
+    path = Path(out) if out is not None else root / f"latents-{cache_key(inputs)}"
+    if (path / "manifest.json").exists():
+        if out is not None:
+            check_manifest(path, inputs)
+        log(f"using cached latents {path}")
+        return LatentCache(path)
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    build = path.with_name(path.name + ".build")
+    n = len(rows)
+    lo, hi = rank * n // world, (rank + 1) * n // world
+    part = build / f"part-{rank:05d}-of-{world:05d}"
+    log(f"encoding {n} images and their captions once into {path}"
+        + (f" ({world} processes, {hi - lo} rows each)" if world > 1 else ""))
+    done = part / "latents.json"
+    if not (done.exists() and json.loads(done.read_text())["inputs"] == inputs):  # a killed build keeps its parts
+        _encode_part(rows, lo, hi, vae, conditioner, data, inputs, image_column, caption_column, part,
+                     batch_size, bucket_of)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    if rank == 0:
+        parts = sorted(p.name for p in build.glob(f"part-*-of-{world:05d}") if (p / "latents.json").exists())
+        skipped = [s for p in parts for s in json.loads((build / p / "latents.json").read_text())["skipped"]]
+        kept = sum(len(json.loads((build / p / "latents.json").read_text())["rows"]) for p in parts)
+        (build / "manifest.json").write_text(json.dumps({"inputs": inputs, "parts": parts, "rows": kept,
+                                                         "skipped": len(skipped), "skipped_examples": skipped[:20]},
+                                                        indent=1))
+        for stale in build.glob("part-*"):
+            if stale.name not in parts:
+                shutil.rmtree(stale, ignore_errors=True)
+        shutil.rmtree(path, ignore_errors=True)
+        build.rename(path)
+        if skipped:
+            log(f"warning: {len(skipped)} rows could not be encoded and were skipped (first: "
+                f"{', '.join(str(s['row']) + ' ' + s['reason'] for s in skipped[:3])}); see {path / 'manifest.json'}")
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    cache = LatentCache(path)
+    if len(cache) == 0:
+        raise RecipeError(f"no row of the dataset could be encoded into {path} (see its manifest.json); check the data.")
     return cache

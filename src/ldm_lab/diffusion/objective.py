@@ -75,6 +75,7 @@ def sample_noise(
     generator: torch.Generator | None = None,
     noise_offset: float = 0.0,
     input_perturbation: float = 0.0,
+    rng=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw the training noise; returns ``(noise_for_target, noise_for_input)``.
 
@@ -84,9 +85,12 @@ def sample_noise(
     Pass ``noise_for_input`` to ``scheduler.add_noise`` and ``noise_for_target`` to
     :func:`target_for`; they are the same tensor when ``input_perturbation == 0``.
     Draw order from ``generator``: eps, then the offset (if any), then the perturbation (if any).
+    ``rng`` (a :class:`ldm_lab.trainers.randomness.BatchRNG`) replaces ``generator`` in training.
     """
 
     def randn(shape: tuple[int, ...]) -> torch.Tensor:
+        if rng is not None:
+            return rng.randn(shape, latents.dtype).to(latents.device)
         return randn_tensor(shape, generator=generator, device=latents.device, dtype=latents.dtype)
 
     noise = randn(tuple(latents.shape))
@@ -101,8 +105,11 @@ def sample_timesteps(
     num_train_timesteps: int,
     device: torch.device | str | None = None,
     generator: torch.Generator | None = None,
+    rng=None,
 ) -> torch.Tensor:
     """Uniform integer timesteps in [0, num_train_timesteps), int64, shape (batch_size,)."""
+    if rng is not None:
+        return rng.randint(num_train_timesteps, batch_size).to(device)
     draw_device = generator.device if generator is not None else device
     t = torch.randint(0, num_train_timesteps, (batch_size,), generator=generator, device=draw_device)
     return t.to(device) if device is not None else t

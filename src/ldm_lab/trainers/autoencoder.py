@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, default_collate
 
 from ..components import load_autoencoder
+from ..data.checks import to_rgb
 from ..data.sources import load_rows
 from ..data.transforms import image_transform, to_pil
 from ..recipe import RecipeError
@@ -77,7 +78,7 @@ class AutoencoderTrainer(TrainerPlugin):
             self.rows = load_rows(d)
         tf = image_transform(d.resolution, d.center_crop, d.random_flip, crop=self.opts["crop"])
         col = d.image_column
-        self.rows.set_transform(lambda b: {"pixel_values": [tf(im.convert("RGB")) for im in b[col]]})
+        self.rows.set_transform(lambda b: {"pixel_values": [tf(to_rgb(im)) for im in b[col]]})
         self.full_tf = image_transform(d.resolution, True, False)
 
     def trainable_modules(self):
@@ -104,7 +105,7 @@ class AutoencoderTrainer(TrainerPlugin):
         col = self.recipe.data.image_column
         rows = self.rows.with_format(None)
         idx = range(min(n, len(rows)))
-        return torch.stack([self.full_tf(rows[i][col].convert("RGB")) for i in idx]).to(self.accelerator.device)
+        return torch.stack([self.full_tf(to_rgb(rows[i][col])) for i in idx]).to(self.accelerator.device)
 
     @torch.no_grad()
     def validate(self, step: int) -> dict[str, float]:

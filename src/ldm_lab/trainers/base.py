@@ -60,6 +60,12 @@ class TrainerPlugin:
         checkpoints less than its modules' full state (LoRA: adapters only)."""
         return None
 
+    def checkpoint_objects(self) -> list:
+        """Objects with state_dict/load_state_dict saved in every checkpoint (the plugin's
+        BatchRNG by default)."""
+        rng = getattr(self, "rng", None)
+        return [rng] if rng is not None else []
+
     def validate(self, step: int) -> dict[str, float]:
         return {}
 

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, default_collate
 
 from ..components import write_clip_bpe_vocab
+from ..data.checks import to_rgb
 from ..data.sources import load_rows
 from ..data.transforms import image_transform
 from .autoencoder import check_options
@@ -64,7 +65,7 @@ class ClipTrainer(TrainerPlugin):
         def transform(b):
             ids = tok(b[ccol], padding="max_length", max_length=self.opts["max_length"], truncation=True,
                       return_tensors="pt").input_ids
-            return {"pixel_values": [tf(im.convert("RGB")) for im in b[icol]], "input_ids": list(ids)}
+            return {"pixel_values": [tf(to_rgb(im)) for im in b[icol]], "input_ids": list(ids)}
 
         self.rows.set_transform(transform)
 

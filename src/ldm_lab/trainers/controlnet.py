@@ -28,8 +28,8 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision.transforms import v2
 
 from ..components.autoencoder import latent_factor
+from ..data.checks import to_rgb
 from ..data.shapes import edges as shapes_edges
-from ..data.sources import load_rows
 from ..diffusion import diffusion_loss
 from ..recipe import RecipeError
 from ..recipe.plugins import ControlNetOptions
@@ -70,16 +70,14 @@ class ControlRows(Dataset):
         self.tokenize, self.icol, self.ccol = tokenize, image_column, caption_column
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.cached) if self.cached is not None else len(self.rows)
 
     def __getitem__(self, i: int) -> dict:
-        row = self.rows[i]
-        image = row[self.icol].convert("RGB") if self.icol in row else None  # not read when not needed
+        row = self.rows[self.cached.source_rows[i] if self.cached is not None else i]
+        image = to_rgb(row[self.icol]) if self.icol in row else None  # not read when not needed
         control = self.control_of(row, image)
         if self.cached is not None:  # centre crop: the geometry the cached latents were encoded with
-            c = self.cached
-            return {"mean": c.mean[i], "std": c.std[i], "caption_index": c.caption_index[i],
-                    "control": self.tf(control).float() / 255}
+            return {**self.cached[i], "control": self.tf(control).float() / 255}
         img, ctl = finish(*self.tf(image, control))
         return {"pixel_values": img, "input_ids": self.tokenize([row[self.ccol] or ""])[0], "control": ctl}
 
@@ -92,6 +90,9 @@ class ControlNetTrainer(TextToImageTrainer):
         from diffusers import ControlNetModel
 
         self.opts = o = ControlNetOptions.model_validate(self.recipe.plugin)
+        if self.recipe.data.streaming or self.recipe.data.buckets.enabled:
+            raise RecipeError("the controlnet trainer reads a map-style dataset with centre crops; set "
+                              "data.streaming=false and data.buckets.enabled=false.")
         if self.recipe.data.caption_dropout > 0:
             raise RecipeError("the controlnet trainer drops prompts with plugin.prompt_dropout; set "
                               "data.caption_dropout to 0 (both would apply).")
@@ -123,8 +124,7 @@ class ControlNetTrainer(TextToImageTrainer):
         self.controlnet.train()
 
         d = self.recipe.data
-        with self.accelerator.main_process_first():
-            rows = load_rows(d)
+        rows = self.load_checked_rows()
         self.cond_col = o.conditioning_column
         if o.preprocessor is None and self.cond_col not in rows.column_names:
             if f"{self.cond_col}_file_name" in rows.column_names:  # an imagefolder's metadata.jsonl path column
@@ -168,7 +168,7 @@ class ControlNetTrainer(TextToImageTrainer):
 
     def loss(self, batch):
         z, cond = self.latents_and_condition(batch)
-        cond = self.conditioner.drop(cond, self.opts.prompt_dropout, self.generator)
+        cond = self.conditioner.drop(cond, self.opts.prompt_dropout, rng=self.rng)
         noisy, t, target, weights = self.diffusion_terms(z)
         control = batch["control"].to(noisy.device, noisy.dtype)
         down, mid = self.residuals(noisy, t, cond, control)

@@ -42,7 +42,7 @@ from ..recipe import RecipeError
 from ..recipe.plugins import DreamBoothOptions
 from .lora import LoRATrainer
 from .registry import register
-from .text_to_image import CachedRows, TextToImageTrainer
+from .text_to_image import TextToImageTrainer
 
 MANIFEST = "manifest.json"
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -264,7 +264,14 @@ class DreamBoothTrainer(LoRATrainer):
         for p, t in zip(paths, texts):
             h.update(Path(p).read_bytes())
             h.update(t.encode())
+        if d.buckets.enabled:
+            raise RecipeError("the dreambooth trainer batches instance and class images together, which aspect-ratio "
+                              "buckets cannot; set data.buckets.enabled=false.")
         self.prepare_rows(rows, "image", "text", fingerprint=h.hexdigest()[:20])
+        if self.cached is not None and len(self.cached) != len(rows):
+            bad = sorted(set(range(len(rows))) - set(self.cached.source_rows))
+            raise RecipeError(f"{len(bad)} instance/class images could not be read (first: {paths[bad[0]]}); "
+                              "remove or replace them.")
 
         if self.full:
             self.unet.requires_grad_(True)
@@ -285,7 +292,7 @@ class DreamBoothTrainer(LoRATrainer):
             }, indent=2))
 
     def train_dataloader(self):
-        base = CachedRows(self.cached) if self.cached is not None else self.rows
+        base = self.cached if self.cached is not None else self.rows
         t, d = self.recipe.train, self.recipe.data
         ds = PairedRows(base, self.n_instance, self.n_class, t.batch_size * self.accelerator.num_processes)
         return DataLoader(ds, batch_size=t.batch_size, shuffle=True, drop_last=True, collate_fn=collate_paired,

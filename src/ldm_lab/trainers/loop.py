@@ -8,6 +8,7 @@ validation cadence, checkpoints with a total limit, resume, logging and the prog
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
 import time
@@ -113,6 +114,28 @@ def _cycle(accelerator: Accelerator, dataloader, start: int, batches_per_epoch: 
         epoch += 1
 
 
+def _cycle_stream(accelerator: Accelerator, dataloader, start: int):
+    """Batches of a stream forever, on this process's device, from batch ``start`` on. Each epoch
+    reshuffles (datasets' ``set_epoch``); a resumed run replays the stream up to where it stopped
+    (read, not trained on), so it sees the batches the uninterrupted run would have."""
+    from accelerate.utils import send_to_device
+
+    epoch, seen = 0, 0
+    while True:
+        if hasattr(dataloader.dataset, "set_epoch"):
+            dataloader.dataset.set_epoch(epoch)
+        n = 0
+        for batch in dataloader:
+            n += 1
+            seen += 1
+            if seen > start:
+                yield send_to_device(batch, accelerator.device)
+        if n == 0:
+            raise RecipeError(f"process {accelerator.process_index} got no full batch from the stream; lower "
+                              "train.batch_size, add data, or use fewer processes than the stream has shards.")
+        epoch += 1
+
+
 def train(recipe: Recipe, run_dir: str | Path | None = None) -> Path:
     """Run the recipe's trainer plugin to ``train.max_steps``; returns the run dir."""
     recipe = pipeline_defaults(recipe)
@@ -158,8 +181,15 @@ def train(recipe: Recipe, run_dir: str | Path | None = None) -> Path:
         # RNG that noise and dropout use (a resumed run starts a new iterator mid-epoch)
         dataloader.generator = torch.Generator().manual_seed(recipe.seed)
     names = list(modules)
-    prepared = accelerator.prepare(*modules.values(), optimizer, dataloader, lr_scheduler)
-    wrapped, (optimizer, dataloader, lr_scheduler) = prepared[: len(names)], prepared[len(names):]
+    # a stream (IterableDataset) is already split across processes (datasets' split_dataset_by_node);
+    # accelerate would dispatch or shard it again, so it stays unprepared and batches move here
+    stream = isinstance(dataloader.dataset, torch.utils.data.IterableDataset)
+    if stream:
+        prepared = accelerator.prepare(*modules.values(), optimizer, lr_scheduler)
+        wrapped, (optimizer, lr_scheduler) = prepared[: len(names)], prepared[len(names):]
+    else:
+        prepared = accelerator.prepare(*modules.values(), optimizer, dataloader, lr_scheduler)
+        wrapped, (optimizer, dataloader, lr_scheduler) = prepared[: len(names)], prepared[len(names):]
     for name, w in zip(names, wrapped):
         setattr(plugin, name, w)
     hooks = plugin.checkpoint_hooks()
@@ -167,6 +197,8 @@ def train(recipe: Recipe, run_dir: str | Path | None = None) -> Path:
         accelerator.register_save_state_pre_hook(hooks[0])
         accelerator.register_load_state_pre_hook(hooks[1])
 
+    for obj in plugin.checkpoint_objects():
+        accelerator.register_for_checkpointing(obj)
     ema = None
     if t.ema.enabled:
         ema = EMAModel(_ema_params(plugin, accelerator), decay=t.ema.decay, use_ema_warmup=t.ema.warmup)
@@ -183,35 +215,62 @@ def train(recipe: Recipe, run_dir: str | Path | None = None) -> Path:
     if tracker and accelerator.is_main_process:
         accelerator.init_trackers(recipe.logging.project, config=_flat(recipe.model_dump(mode="json")))
 
-    batches_per_epoch = len(dataloader)
-    if batches_per_epoch == 0:
-        raise RecipeError(f"the dataset has fewer rows than one batch (train.batch_size={t.batch_size} x "
-                          f"{accelerator.num_processes} processes); lower train.batch_size or add data.")
     seen_batches = step * t.gradient_accumulation_steps
-    batches = _cycle(accelerator, dataloader, seen_batches, batches_per_epoch)
+    if stream:
+        batches = _cycle_stream(accelerator, dataloader, seen_batches)
+    else:
+        batches_per_epoch = len(dataloader)
+        if batches_per_epoch == 0:
+            raise RecipeError(f"the dataset has fewer rows than one batch (train.batch_size={t.batch_size} x "
+                              f"{accelerator.num_processes} processes); lower train.batch_size or add data.")
+        batches = _cycle(accelerator, dataloader, seen_batches, batches_per_epoch)
     progress = Progress(t.max_steps, step, recipe.logging.log_every, accelerator.is_main_process)
     history: list[dict] = [h for h in _read_history(ckpt) if h["step"] <= step] if ckpt is not None else []
     for m in modules.values():
         m.train()
 
     stop = _StopRequest()
+    nonfinite = _NonFinite(json.loads((ckpt / "loop.json").read_text()) if ckpt is not None else {})
+    window_bad = False  # a non-finite loss in this accumulation window (any micro-batch)
     while step < t.max_steps:
         batch = next(batches)
         with accelerator.accumulate(*wrapped), accelerator.autocast():
             # autocast also covers frozen modules the plugin runs outside ``prepare`` (ControlNet's UNet)
             loss, logs = plugin.loss(batch)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and t.max_grad_norm:
-                logs["grad_norm"] = clip_gradients(accelerator, optimizer, t.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            window_bad |= not bool(torch.isfinite(loss.detach()).all())
+            accelerator.backward(loss)  # on every rank, even a bad one: DDP's all-reduce needs all
+            skip = False
+            if accelerator.sync_gradients:
+                if t.max_grad_norm:
+                    logs["grad_norm"] = clip_gradients(accelerator, optimizer, t.max_grad_norm)
+                    window_bad |= not math.isfinite(logs["grad_norm"])
+                skip = _any_process(accelerator, window_bad)
+                window_bad = False
+            if skip:  # no update, no schedule step (as accelerate does for an fp16 overflow)
+                optimizer.zero_grad(set_to_none=True)
+            else:
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
         if not accelerator.sync_gradients:
             continue
         step += 1
+        if nonfinite.update(skip, step, accelerator) >= t.max_nonfinite_steps:
+            path = save_checkpoint(accelerator, run_dir, step, t.checkpoints_total_limit, history, nonfinite.total)
+            stop.restore()
+            accelerator.end_training()
+            raise TrainingDiverged(
+                f"the loss was NaN/inf for {t.max_nonfinite_steps} steps in a row (steps {step - t.max_nonfinite_steps + 1}"
+                f"-{step}; {nonfinite.total} non-finite steps in all); checkpoint {path} holds the weights before them. "
+                "Lower train.learning_rate, check the data (data_report.json) or use train.mixed_precision=no, then "
+                "resume with train.resume=latest.")
+        if skip:
+            continue
         if ema is not None and step % t.ema.every == 0:
             ema.step(_ema_params(plugin, accelerator))
         logs = {"loss": accelerator.gather(loss.detach()).mean().item(), **logs, "lr": lr_scheduler.get_last_lr()[0]}
+        if nonfinite.total:
+            logs["nonfinite_steps"] = nonfinite.total
         bs = _batch_size(batch) * accelerator.num_processes * t.gradient_accumulation_steps
         logs.update(progress.update(step, bs, {k: logs[k] for k in ("loss", "lr")}))
         if step % recipe.logging.log_every == 0 or step == t.max_steps:
@@ -225,9 +284,9 @@ def train(recipe: Recipe, run_dir: str | Path | None = None) -> Path:
             if vlogs and tracker:
                 accelerator.log(vlogs, step=step)
         if t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.max_steps:
-            save_checkpoint(accelerator, run_dir, step, t.checkpoints_total_limit, history)
+            save_checkpoint(accelerator, run_dir, step, t.checkpoints_total_limit, history, nonfinite.total)
         if stop.requested(accelerator) and step < t.max_steps:
-            path = save_checkpoint(accelerator, run_dir, step, t.checkpoints_total_limit, history)
+            path = save_checkpoint(accelerator, run_dir, step, t.checkpoints_total_limit, history, nonfinite.total)
             accelerator.print(f"stopped by {stop.signal_name} at step {step}; checkpoint saved in {path}. "
                               "Resume with train.resume=latest.")
             stop.restore()
@@ -243,10 +302,44 @@ def train(recipe: Recipe, run_dir: str | Path | None = None) -> Path:
             _plot_loss(run_dir, history)
         accelerator.wait_for_everyone()
         metrics = plugin.evaluate()
+    if nonfinite.total:
+        metrics = {**(metrics or {}), "nonfinite_steps_skipped": nonfinite.total}
     if accelerator.is_main_process and metrics:
         _merge_metrics(run_dir, metrics)
     accelerator.end_training()
     return run_dir
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss stayed NaN/inf for ``train.max_nonfinite_steps`` steps; a checkpoint was saved."""
+
+
+class _NonFinite:
+    """Counts steps skipped for a NaN/inf loss or gradient norm (in all, and in a row); resumes
+    its total from the run's history."""
+
+    def __init__(self, loop_state: dict):
+        self.total = loop_state.get("nonfinite_steps", 0)
+        self.in_a_row = 0
+
+    def update(self, skipped: bool, step: int, accelerator: Accelerator) -> int:
+        if not skipped:
+            self.in_a_row = 0
+            return 0
+        self.total += 1
+        self.in_a_row += 1
+        if self.total <= 10 or self.in_a_row > 1:
+            accelerator.print(f"warning: step {step}: the loss or gradient is NaN/inf; the step was skipped "
+                              f"({self.in_a_row} in a row, {self.total} in all)")
+        return self.in_a_row
+
+
+def _any_process(accelerator: Accelerator, flag: bool) -> bool:
+    """``flag`` OR-ed over processes (every rank must skip the same steps)."""
+    if accelerator.num_processes == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=accelerator.device)
+    return bool(accelerator.reduce(t, reduction="max").item())
 
 
 def _multi_process_without_accelerator() -> bool:
@@ -313,10 +406,8 @@ class _StopRequest:
         self.signal_name = signal.Signals(signum).name
 
     def requested(self, accelerator: Accelerator) -> bool:
-        flag = self.signal_name is not None
-        if accelerator.num_processes > 1:
-            t = torch.tensor([int(flag)], device=accelerator.device)
-            flag = bool(accelerator.reduce(t, reduction="max").item())
+        flag = _any_process(accelerator, self.signal_name is not None)
+        if flag:
             self.signal_name = self.signal_name or "a signal to another process"
         return flag
 
@@ -358,7 +449,8 @@ def _load_checkpoint(accelerator: Accelerator, run_dir: Path, resume: str | None
     return ck
 
 
-def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, limit: int | None, history: list) -> Path:
+def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, limit: int | None, history: list,
+                    nonfinite_steps: int = 0) -> Path:
     """accelerate ``save_state`` into a temp dir renamed into place, so a kill mid-save never
     leaves a checkpoint that looks complete; then prune to ``limit``."""
     root = run_dir / "checkpoints"
@@ -371,7 +463,7 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, limit: i
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / "loop.json").write_text(json.dumps({"step": step}))
+        (tmp / "loop.json").write_text(json.dumps({"step": step, "nonfinite_steps": nonfinite_steps}))
         _write_history(tmp, history)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)

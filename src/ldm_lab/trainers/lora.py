@@ -111,21 +111,15 @@ class LoRATrainer(TextToImageTrainer):
     def latents_and_condition(self, batch):
         if self.te_model is None:
             return super().latents_and_condition(batch)
-        if "mean" in batch:
-            z = batch["mean"] + batch["std"] * torch.randn_like(batch["mean"])
-            ids = self.caption_ids[batch["caption_index"].cpu()]
-        else:
-            with torch.no_grad():
-                z = self.vae.encode(batch["pixel_values"].to(self.vae.dtype)).latent_dist.sample()
-            ids = batch["input_ids"]
+        z = self.posterior_sample(batch)
+        ids = self.caption_ids[self.caption_choice(batch)] if "mean" in batch else self.token_choice(batch)
         ids = ids.to(self.accelerator.device)
         p = self.recipe.data.caption_dropout
         if p > 0:  # dropped captions become the empty prompt, encoded by the adapted encoder
-            drop = torch.rand(ids.shape[0]) < p
+            drop = self.rng.rand(ids.shape[0]) < p
             ids = torch.where(drop[:, None].to(ids.device), self.null_ids.to(ids.device), ids)
         self.text_encoder.model = self.te_model  # the prepared (possibly wrapped) module
         cond = self.text_encoder.encode_ids(ids).hidden_states
-        z = (z.float() - self.shift_factor) * self.scaling_factor
         return z, cond
 
     def sample(self, prompts, seeds, sampler, steps, guidance):

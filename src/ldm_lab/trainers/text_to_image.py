@@ -30,24 +30,15 @@ from ..diffusion import (
 from ..recipe import RecipeError
 from ..recipe.schema import TextEncoderSpec, UNetSpec
 from .base import TrainerPlugin
+from .randomness import BatchRNG
 from .registry import register
-
-
-class CachedRows(Dataset):
-    def __init__(self, cache: latent_cache.LatentCache):
-        self.cache = cache
-
-    def __len__(self) -> int:
-        return len(self.cache)
-
-    def __getitem__(self, i: int) -> dict:
-        c = self.cache
-        return {"mean": c.mean[i], "std": c.std[i], "caption_index": c.caption_index[i]}
 
 
 @register
 class TextToImageTrainer(TrainerPlugin):
     name = "text_to_image"
+    stream = None  # this process's share of a streamed dataset (data.streaming)
+    buckets = None  # aspect-ratio buckets (data.buckets.enabled)
 
     # -- models ------------------------------------------------------------------------
     def build_models(self) -> None:
@@ -73,39 +64,173 @@ class TextToImageTrainer(TrainerPlugin):
                                                     n.prediction_type, n.zero_terminal_snr)
         self.scaling_factor = float(self.vae.config.scaling_factor)
         self.shift_factor = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
-        # Noise, timesteps and caption dropout draw from the global RNG, which the loop seeds per
-        # process and accelerate's save_state/load_state restores per process.
-        self.generator = None
+        # Noise, timesteps, posterior samples and caption dropout: one stream for the global batch,
+        # the same for any number of processes (see randomness.py); checkpointed by the loop.
+        acc = self.accelerator
+        self.rng = BatchRNG(self.recipe.seed + 7919, acc.device, acc.process_index, acc.num_processes)
 
     # -- data --------------------------------------------------------------------------
-    def build_data(self) -> None:
+    def build_data(self, cache_out: Path | None = None) -> None:
         d = self.recipe.data
-        with self.accelerator.main_process_first():
-            rows = load_rows(d)
-        self.prepare_rows(rows, d.image_column, d.caption_column)
+        rows = self.load_checked_rows()
+        if self.stream is not None:
+            return
+        self.prepare_rows(rows, d.image_column, d.caption_column, cache_out=cache_out)
 
-    def prepare_rows(self, rows, image_column: str, caption_column: str, fingerprint: str | None = None) -> None:
-        """``rows`` -> ``self.cached`` (latents and caption embeddings, encoded once) when
-        ``data.cache_latents``, else ``self.rows`` with a transform that decodes and tokenizes."""
+    def load_checked_rows(self):
+        """The recipe's rows (this process's share when streaming), with unusable rows (corrupt or
+        too small images, empty captions, duplicates) skipped and reported in RUN/data_report.json.
+        A stream is checked lazily (``self.stream_skips`` counts) and its loader set up here."""
+        from ..data.checks import check_rows, safe_rows, summary
+
+        d, acc = self.recipe.data, self.accelerator
+        with acc.main_process_first():
+            rows = load_rows(d, acc.process_index, acc.num_processes, seed=self.recipe.seed)
+        self.stream = None
+        if d.streaming:
+            if d.buckets.enabled:
+                raise RecipeError("aspect-ratio buckets need the image sizes up front, which a stream does not give; "
+                                  "set data.buckets.enabled=false or data.streaming=false.")
+            if d.check_rows:
+                rows, self.stream_skips = safe_rows(rows, d.image_column, d.caption_column, d.min_image_size,
+                                                    d.skip_empty_captions)
+            self.stream = rows
+            return rows
+        if d.check_rows and d.source != "shapes":
+            with acc.main_process_first():
+                rows, report = check_rows(rows, d.image_column, d.caption_column, d.min_image_size,
+                                          d.skip_empty_captions, d.drop_duplicates)
+            if acc.is_main_process:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                (self.run_dir / "data_report.json").write_text(json.dumps(report, indent=1))
+                acc.print(summary(report))
+        return rows
+
+    def prepare_rows(self, rows, image_column: str, caption_column: str, fingerprint: str | None = None,
+                     cache_out: Path | None = None) -> None:
+        """``rows`` -> ``self.cached`` (latents and caption embeddings, encoded once, split across
+        processes) when ``data.cache_latents``, else ``self.rows`` with a transform that decodes and
+        tokenizes. With ``data.buckets.enabled`` each row is cropped to its aspect-ratio bucket."""
         d = self.recipe.data
-        self.rows = rows
-        self.cached = None
+        self.rows, self.cached, self.bucket_of_row = rows, None, None
+        self.buckets = self.bucket_list() if d.buckets.enabled else None
+        dropped: dict[str, list] = {}
         if d.cache_latents:
-            cache_dir = Path(d.cache_dir) if d.cache_dir else Path("data/cache")
-            with self.accelerator.main_process_first():
-                self.cached = latent_cache.build_or_load(
-                    rows, self.vae, self.conditioner, d.resolution, image_column, caption_column, cache_dir,
-                    log=self.accelerator.print, fingerprint=fingerprint)
+            from ..data.buckets import assign
+
+            bucket_of = (lambda hw: (lambda i: None if i is None else self.buckets[i])(
+                assign(hw, self.buckets, d.buckets.max_upscale))) if self.buckets else None
+            self.cached = latent_cache.build_or_load(
+                rows, self.vae, self.conditioner, d, image_column, caption_column, self.accelerator,
+                fingerprint=fingerprint, buckets=self.buckets, bucket_of=bucket_of, log=self.accelerator.print,
+                out=cache_out)
             self.embeddings = self.cached.embeddings.to(self.accelerator.device)
+            if self.buckets:
+                index = {tuple(b): i for i, b in enumerate(self.buckets)}
+                f = self.vae_factor
+                self.bucket_of_row = [index[(s[1] * f, s[2] * f)] for s in self.cached.shapes]
+                skipped = self.cached.manifest.get("skipped_examples", [])
+                dropped = {"too small for its bucket": [f"row {x['row']} ({x['size'][0]}x{x['size'][1]})" for x in skipped
+                                                         if x["reason"] == "too small for its bucket"]}
         else:
+            self.rows = self.raw_rows(rows, image_column, caption_column)
+        if self.buckets:
+            self.write_bucket_report(dropped)
+
+    @property
+    def vae_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def bucket_list(self) -> list[tuple[int, int]]:
+        """The recipe's aspect-ratio buckets (pixels): sides a multiple of one latent cell of the
+        UNet's deepest level unless ``data.buckets.step`` says otherwise."""
+        from ..data.buckets import make_buckets
+
+        b, d = self.recipe.data.buckets, self.recipe.data
+        step = b.step or self.vae_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        if step % self.vae_factor:
+            raise RecipeError(f"data.buckets.step is {step}, which is not a multiple of the autoencoder's downsampling "
+                              f"factor {self.vae_factor}; choose a multiple of it.")
+        budget = b.pixel_budget or d.resolution ** 2
+        if budget < step * step:
+            raise RecipeError(f"data.buckets.pixel_budget {budget} is smaller than one {step}x{step} bucket; raise it.")
+        return make_buckets(budget, step, b.max_aspect)
+
+    def raw_rows(self, rows, image_column: str, caption_column: str):
+        """On-the-fly rows: decoded, cropped (centre/random, or to the row's bucket), flipped, and
+        every caption variant tokenized (one is picked per step, as in the cached path)."""
+        from ..data.captions import caption_variants
+        from ..data.checks import to_rgb
+
+        d = self.recipe.data
+        te = self.text_encoder
+        caps = d.captions
+        vmax = max((len(caption_variants(c, caps)) for c in rows.with_format(None)[caption_column]), default=1) \
+            if (caps.shuffle_tags and caps.variants > 1) or _has_lists(rows, caption_column) else 1
+
+        def tokens(captions) -> dict:
+            if vmax == 1:
+                return {"input_ids": list(te.tokenize([caption_variants(c, caps)[0] for c in captions]))}
+            out, counts = [], []
+            for c in captions:
+                v = caption_variants(c, caps)
+                ids = te.tokenize(v + [v[0]] * (vmax - len(v)))
+                out.append(ids)
+                counts.append(torch.tensor(len(v)))
+            return {"variant_ids": out, "variant_count": counts}
+
+        if not self.buckets:
             tf = image_transform(d.resolution, d.center_crop, d.random_flip)
-            te = self.text_encoder
 
             def transform(b):
-                ids = te.tokenize([c or "" for c in b[caption_column]])
-                return {"pixel_values": [tf(im.convert("RGB")) for im in b[image_column]], "input_ids": list(ids)}
+                return {"pixel_values": [tf(to_rgb(im)) for im in b[image_column]], **tokens(b[caption_column])}
 
-            self.rows.set_transform(transform)
+            rows.set_transform(transform)
+            return rows
+        from ..data.buckets import assign, bucket_transform
+        from ..data.checks import image_size
+
+        sizes = [image_size(v) for v in rows.cast_column(image_column, _no_decode()).with_format(None)[image_column]]
+        self.bucket_of_row = [assign(hw, self.buckets, d.buckets.max_upscale) if hw else None for hw in sizes]
+        tfs = [bucket_transform(b, d.random_flip, d.center_crop) for b in self.buckets]
+        self._dropped_raw = [i for i, b in enumerate(self.bucket_of_row) if b is None]
+        return _BucketRows(rows, self.bucket_of_row, tfs, image_column, caption_column, tokens)
+
+    def stream_collate(self):
+        """Collate streamed rows (decoded PIL images + captions) into an on-the-fly batch."""
+        from ..data.captions import caption_variants
+        from ..data.checks import to_rgb
+
+        d = self.recipe.data
+        tf = image_transform(d.resolution, d.center_crop, d.random_flip)
+        te = self.text_encoder
+
+        def collate(rows: list[dict]) -> dict:
+            caps = [caption_variants(r[d.caption_column], d.captions) for r in rows]
+            vmax = max(len(v) for v in caps)
+            out = {"pixel_values": torch.stack([tf(to_rgb(r[d.image_column])) for r in rows])}
+            if vmax == 1:
+                out["input_ids"] = te.tokenize([v[0] for v in caps])
+            else:
+                out["variant_ids"] = torch.stack([te.tokenize(v + [v[0]] * (vmax - len(v))) for v in caps])
+                out["variant_count"] = torch.tensor([len(v) for v in caps])
+            return out
+
+        return collate
+
+    def write_bucket_report(self, dropped: dict) -> None:
+        from ..data.buckets import bucket_report, format_report
+
+        if not self.accelerator.is_main_process:
+            return
+        if self.cached is None:
+            dropped = {"too small for its bucket": [f"row {i}" for i in getattr(self, "_dropped_raw", [])]}
+        report = bucket_report([b if b is not None else -1 for b in self.bucket_of_row], self.buckets,
+                               self.recipe.train.batch_size * self.accelerator.num_processes,
+                               dropped={k: v for k, v in dropped.items() if v})
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "buckets.json").write_text(json.dumps(report, indent=1))
+        self.accelerator.print(format_report(report))
 
     def setup(self) -> None:
         self.build_models()
@@ -115,32 +240,64 @@ class TextToImageTrainer(TrainerPlugin):
         return {"unet": self.unet}
 
     def train_dataloader(self):
-        ds = CachedRows(self.cached) if self.cached is not None else self.rows
-
         d = self.recipe.data
-        return DataLoader(ds, batch_size=self.recipe.train.batch_size, shuffle=True, drop_last=True,
-                          collate_fn=default_collate, num_workers=d.num_workers, persistent_workers=d.num_workers > 0)
+        workers = dict(collate_fn=default_collate, num_workers=d.num_workers, persistent_workers=d.num_workers > 0)
+        if self.stream is not None:  # already this process's share: the loop does not shard it again
+            return DataLoader(self.stream, batch_size=self.recipe.train.batch_size, drop_last=True,
+                              collate_fn=self.stream_collate(), num_workers=d.num_workers)
+        ds = self.cached if self.cached is not None else self.rows
+        if self.buckets:
+            from ..data.buckets import BucketBatchSampler
+
+            sampler = BucketBatchSampler(self.bucket_of_row, self.recipe.train.batch_size, seed=self.recipe.seed)
+            return DataLoader(ds, batch_sampler=sampler, **workers)
+        return DataLoader(ds, batch_size=self.recipe.train.batch_size, shuffle=True, drop_last=True, **workers)
 
     # -- loss --------------------------------------------------------------------------
     def latents_and_condition(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Scaled latents (B, C, h, w) and token states (B, L, D) of a cached or raw batch."""
+        z = self.posterior_sample(batch)
         if "mean" in batch:
-            eps = torch.randn_like(batch["mean"])
-            z = batch["mean"] + batch["std"] * eps
-            cond = self.embeddings[batch["caption_index"]]
+            cond = self.embeddings[self.caption_choice(batch).to(self.embeddings.device)]
         else:
             with torch.no_grad():
-                z = self.vae.encode(batch["pixel_values"].to(self.vae.dtype)).latent_dist.sample(self.generator)
-                cond = self.conditioner.encode_ids(batch["input_ids"])
-        z = (z.float() - self.shift_factor) * self.scaling_factor
-        cond = self.conditioner.drop(cond, self.recipe.data.caption_dropout, self.generator)
+                cond = self.conditioner.encode_ids(self.token_choice(batch))
+        cond = self.conditioner.drop(cond, self.recipe.data.caption_dropout, rng=self.rng)
         return z, cond
+
+    def caption_choice(self, batch) -> torch.Tensor:
+        """Index (into the cache's captions) of the caption variant each cached row uses this step."""
+        v = batch["variants"]
+        if v.shape[1] == 1:
+            return v[:, 0]
+        k = (self.rng.rand(v.shape[0]).cpu() * batch["variant_count"].cpu()).long()
+        return v.cpu()[torch.arange(v.shape[0]), k]
+
+    def token_choice(self, batch) -> torch.Tensor:
+        """Token ids (B, L) of the caption variant each on-the-fly row uses this step."""
+        if "variant_ids" not in batch:
+            return batch["input_ids"]
+        v = batch["variant_ids"]
+        k = (self.rng.rand(v.shape[0]).cpu() * batch["variant_count"].cpu()).long()
+        return v[torch.arange(v.shape[0]), k.to(v.device)]
+
+    def posterior_sample(self, batch) -> torch.Tensor:
+        """Scaled latents (B, C, h, w): a draw from the autoencoder's posterior, cached (mean, std)
+        or encoded now."""
+        if "mean" in batch:
+            mean, std = batch["mean"], batch["std"]
+        else:
+            with torch.no_grad():
+                dist = self.vae.encode(batch["pixel_values"].to(self.vae.dtype)).latent_dist
+            mean, std = dist.mean, dist.std
+        z = mean.float() + std.float() * self.rng.randn(tuple(mean.shape)).to(mean.device)
+        return (z - self.shift_factor) * self.scaling_factor
 
     def diffusion_terms(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Noisy latents, timesteps, target and per-sample weights for one batch of latents."""
         n = self.recipe.noise
-        noise, noise_in = sample_noise(z, self.generator, n.noise_offset, n.input_perturbation)
-        t = sample_timesteps(z.shape[0], self.noise_scheduler.config.num_train_timesteps, z.device, self.generator)
+        noise, noise_in = sample_noise(z, None, n.noise_offset, n.input_perturbation, rng=self.rng)
+        t = sample_timesteps(z.shape[0], self.noise_scheduler.config.num_train_timesteps, z.device, rng=self.rng)
         noisy = self.noise_scheduler.add_noise(z, noise_in, t)
         target = target_for(self.noise_scheduler, z, noise, t)
         weights = min_snr_weights(self.noise_scheduler, t, n.min_snr_gamma) if n.min_snr_gamma else None
@@ -202,6 +359,37 @@ class TextToImageTrainer(TrainerPlugin):
         if not e.shapes or not self.accelerator.is_main_process:
             return {}
         return evaluate_shapes(self, self.run_dir / "eval", e)
+
+
+class _BucketRows(Dataset):
+    """On-the-fly rows cropped to their aspect-ratio bucket (rows without one are never sampled)."""
+
+    def __init__(self, rows, bucket_of_row, transforms, image_column, caption_column, tokens):
+        self.rows, self.bucket_of_row, self.tfs = rows, bucket_of_row, transforms
+        self.icol, self.ccol, self.tokens = image_column, caption_column, tokens
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        from ..data.checks import to_rgb
+
+        row = self.rows[i]
+        tok = {k: v[0] for k, v in self.tokens([row[self.ccol]]).items()}
+        return {"pixel_values": self.tfs[self.bucket_of_row[i]](to_rgb(row[self.icol])), **tok}
+
+
+def _has_lists(rows, column: str) -> bool:
+    import datasets
+
+    f = rows.features.get(column)
+    return isinstance(f, (datasets.Sequence, list)) or type(f).__name__ == "List"
+
+
+def _no_decode():
+    import datasets
+
+    return datasets.Image(decode=False)
 
 
 def evaluate_shapes(trainer, out: Path, e) -> dict:

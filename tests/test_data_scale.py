@@ -1,0 +1,168 @@
+"""Data at scale, end to end through the trainer: the on-disk latent cache (``ldm-lab cache``,
+reuse, refusal, split across processes, caption variants), aspect-ratio buckets, broken images,
+streaming webdataset shards with exact resume, and NaN/inf loss handling."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import REPO, tiny_t2i_overrides
+from ldm_lab.cli import main as cli_main
+
+RECIPE = REPO / "recipes/shapes/t2i.yaml"
+COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
+
+
+def _ov(parts, run: Path, data: Path, steps: int = 2, extra=()) -> list[str]:
+    keep = [o for o in tiny_t2i_overrides(parts, run, data)
+            if not o.startswith(("train.max_steps", "validation.", "train.checkpoint_every", "train.batch_size"))]
+    return keep + [f"train.max_steps={steps}", "train.batch_size=4", "eval.shapes=false", "train.checkpoint_every=1000",
+                   *extra]
+
+
+def _folder(root: Path, sizes: list[tuple[int, int]], captions: list[str] | None = None) -> Path:
+    """An imagefolder of solid-colour images of the given (width, height)."""
+    root.mkdir(parents=True, exist_ok=True)
+    names = list(COLORS)
+    rows = []
+    for i, (w, h) in enumerate(sizes):
+        c = names[i % len(names)]
+        im = Image.new("RGB", (w, h), COLORS[c])
+        im.putpixel((i % w, 0), (i, 255 - i, 0))  # no two files alike (duplicates are dropped)
+        im.save(root / f"{i:03d}.png")
+        rows.append({"file_name": f"{i:03d}.png", "text": captions[i] if captions else f"a {c} square, item {i}"})
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def _folder_ov(path: Path) -> list[str]:
+    return ["data.source=imagefolder", f"data.path={path}"]
+
+
+def _unet(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(next((run / "pipeline" / "unet").glob("*.safetensors")))
+
+
+# -- the latent cache ---------------------------------------------------------------------
+def test_cache_cli_builds_then_training_uses_it_and_other_inputs_are_refused(tiny_parts, tmp_path, capsys):
+    data = _folder(tmp_path / "imgs", [(32, 32)] * 12)
+    ov = _ov(tiny_parts, tmp_path / "run", tmp_path / "cache", extra=_folder_ov(data))
+    out = tmp_path / "latents"
+    assert cli_main(["cache", "--out", str(out), str(RECIPE), *ov]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["rows"] == 12 and m["inputs"]["resolution"] == 32
+    assert cli_main(["train", str(RECIPE), *ov, f"data.latent_cache={out}"]) == 0
+    assert "using the latent cache" in capsys.readouterr().out
+    # another resolution, another caption set: refused with what differs, nothing trained
+    for bad, word in (("data.resolution=16", "resolution"), ("data.captions.shuffle_tags=true", "caption set")):
+        capsys.readouterr()
+        assert cli_main(["train", str(RECIPE), *ov, f"data.latent_cache={out}", bad,
+                         f"output.dir={tmp_path / 'refused'}"]) == 2
+        err = capsys.readouterr().err
+        assert word in err and "ldm-lab cache" in err and "Traceback" not in err
+        assert not (tmp_path / "refused" / "pipeline").exists()
+
+
+def test_cache_split_across_two_processes_equals_one(tiny_parts, tmp_path):
+    data = _folder(tmp_path / "imgs", [(32, 32)] * 10)
+    ov = _ov(tiny_parts, tmp_path / "run", tmp_path / "cache", extra=_folder_ov(data))
+    assert cli_main(["cache", "--out", str(tmp_path / "one"), str(RECIPE), *ov]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "ldm_lab.cli",
+                        "cache", "--out", str(tmp_path / "two"), str(RECIPE), *ov], capture_output=True, text=True,
+                       timeout=600, env=env, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    from ldm_lab.data.cache import LatentCache
+
+    one, two = LatentCache(tmp_path / "one"), LatentCache(tmp_path / "two")
+    assert len(two.manifest["parts"]) == 2 and len(one) == len(two) == 10
+    assert one.source_rows == two.source_rows == list(range(10))
+    for i in range(10):
+        a, b = one[i], two[i]
+        assert torch.allclose(a["mean"], b["mean"], atol=1e-5) and torch.allclose(a["std"], b["std"], atol=1e-5)
+        assert one.captions[int(a["caption_index"])] == two.captions[int(b["caption_index"])] == f"a {list(COLORS)[i % 4]} square, item {i}"
+        assert torch.allclose(one.embeddings[a["caption_index"]], two.embeddings[b["caption_index"]], atol=1e-5)
+
+
+def test_caption_variants_are_cached_and_picked_like_on_the_fly(tiny_parts, tmp_path):
+    from accelerate import Accelerator
+
+    from ldm_lab.recipe import load_recipe
+    from ldm_lab.trainers.text_to_image import TextToImageTrainer
+
+    caps = ["photo, red, square, small, outdoors", "photo, blue, square"]
+    data = _folder(tmp_path / "imgs", [(32, 32)] * 2, caps)
+    ov = _ov(tiny_parts, tmp_path / "run", tmp_path / "cache", extra=[
+        *_folder_ov(data), "data.captions.shuffle_tags=true", "data.captions.keep_tags=1", "data.captions.variants=4"])
+    tr = TextToImageTrainer(load_recipe(RECIPE, ov), Accelerator(cpu=True), tmp_path / "run")
+    tr.build_models()
+    tr.build_data()
+    row = tr.cached[0]
+    strings = [tr.cached.captions[int(v)] for v in row["variants"][:int(row["variant_count"])]]
+    assert strings[0] == caps[0] and len(strings) == 4 and len(set(strings)) == 4
+    for s in strings:
+        tags = [t.strip() for t in s.split(",")]
+        assert tags[0] == "photo" and sorted(tags) == sorted(t.strip() for t in caps[0].split(","))
+    # the cached embedding of each variant is the text encoder's encoding of that string
+    enc = tr.conditioner.encode(strings)
+    idx = row["variants"][:4]
+    assert torch.allclose(tr.cached.embeddings[idx], enc, atol=1e-5)
+    # a step picks among the variants of each row, all of them over many steps
+    from torch.utils.data import default_collate
+
+    batch = default_collate([tr.cached[0], tr.cached[1]])
+    picks = [tr.caption_choice(batch) for _ in range(200)]
+    assert {int(p[0]) for p in picks} == set(idx.tolist())
+    assert {tr.cached.captions[int(p[1])] for p in picks} == {caps[1], "photo, square, blue"}
+    # the on-the-fly path tokenizes the same variants
+    tr2 = TextToImageTrainer(load_recipe(RECIPE, [*ov, "data.cache_latents=false"]), Accelerator(cpu=True), tmp_path / "r2")
+    tr2.build_models()
+    tr2.build_data()
+    item = tr2.rows[0]
+    ids = tr2.text_encoder.tokenize(strings)
+    assert torch.equal(torch.as_tensor(item["variant_ids"])[:4], ids) and int(item["variant_count"]) == 4
+
+
+# -- aspect-ratio buckets -----------------------------------------------------------------
+@pytest.mark.parametrize("cached", [True, False])
+def test_bucketed_training_batches_one_bucket_and_reports(tiny_parts, tmp_path, cached):
+    from accelerate import Accelerator
+
+    from ldm_lab.recipe import load_recipe
+    from ldm_lab.trainers.text_to_image import TextToImageTrainer
+
+    # landscape 2:1, portrait 1:2, square, and two images too small for any bucket
+    sizes = [(64, 32)] * 8 + [(32, 64)] * 8 + [(40, 40)] * 5 + [(12, 12)] * 2
+    data = _folder(tmp_path / "imgs", sizes)
+    ov = _ov(tiny_parts, tmp_path / "run", tmp_path / "cache", steps=3, extra=[
+        *_folder_ov(data), "data.buckets.enabled=true", "data.buckets.pixel_budget=1024", "data.buckets.step=8",
+        f"data.cache_latents={cached}"])
+    assert cli_main(["train", str(RECIPE), *ov]) == 0
+    rep = json.loads((tmp_path / "run" / "buckets.json").read_text())
+    counts = {k: v["rows"] for k, v in rep["buckets"].items() if v["rows"]}
+    # budget 32x32, sides multiples of 8, aspect <= 2: the maximal buckets are 24x40, 32x32, 40x24
+    # (16x32 lies inside 24x40), so 2:1 images go to 24x40 (1.67:1, the nearest aspect)
+    assert counts == {"24x40": 8, "40x24": 8, "32x32": 5}
+    assert rep["dropped_total"] == 2
+    tr = TextToImageTrainer(load_recipe(RECIPE, ov), Accelerator(cpu=True), tmp_path / "run2")
+    tr.build_models()
+    tr.build_data()
+    shapes = set()
+    for batch in tr.train_dataloader():
+        x = batch["mean"] if cached else batch["pixel_values"]
+        shapes.add(tuple(x.shape[-2:]))
+        assert x.shape[0] == 4
+    f = 1 if not cached else tr.vae_factor
+    assert shapes == {(24 // f, 40 // f), (40 // f, 24 // f), (32 // f, 32 // f)}
