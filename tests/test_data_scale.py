@@ -166,3 +166,107 @@ def test_bucketed_training_batches_one_bucket_and_reports(tiny_parts, tmp_path, 
         assert x.shape[0] == 4
     f = 1 if not cached else tr.vae_factor
     assert shapes == {(24 // f, 40 // f), (40 // f, 24 // f), (32 // f, 32 // f)}
+
+
+# -- bad input ------------------------------------------------------------------------------
+def test_broken_images_are_skipped_counted_and_reported(tiny_parts, tmp_path, capsys):
+    data = _folder(tmp_path / "imgs", [(32, 32)] * 8)
+    rows = [json.loads(x) for x in (data / "metadata.jsonl").read_text().splitlines()]
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (9, 9, 9)).save(buf, "JPEG")
+    (data / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    (data / "empty.png").write_bytes(b"")
+    (data / "notes.jpg").write_text("not an image")
+    Image.new("RGBA", (32, 32), (0, 0, 0, 0)).save(data / "clear.png")  # usable: composited on white
+    rows += [{"file_name": n, "text": f"broken {n}"} for n in ("truncated.jpg", "empty.png", "notes.jpg", "clear.png")]
+    rows.append({"file_name": "copy.png", "text": "a duplicate"})
+    (data / "copy.png").write_bytes((data / "000.png").read_bytes())
+    (data / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = tmp_path / "run"
+    assert cli_main(["train", str(RECIPE), *_ov(tiny_parts, run, tmp_path / "cache", extra=_folder_ov(data))]) == 0
+    rep = json.loads((run / "data_report.json").read_text())
+    assert rep["rows"] == 13 and rep["kept"] == 9
+    assert rep["skipped"]["unreadable"] == 3 and rep["skipped"]["duplicate"] == 1
+    named = {Path(e["path"]).name for e in rep["examples"]["unreadable"]}
+    assert named == {"truncated.jpg", "empty.png", "notes.jpg"}
+    assert "skipped 3 unreadable" in capsys.readouterr().out
+
+
+def test_a_dataset_with_no_usable_rows_stops_before_training(tiny_parts, tmp_path, capsys):
+    data = tmp_path / "imgs"
+    data.mkdir()
+    (data / "a.png").write_bytes(b"")
+    (data / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "x"}) + "\n")
+    run = tmp_path / "run"
+    assert cli_main(["train", str(RECIPE), *_ov(tiny_parts, run, tmp_path / "cache", extra=_folder_ov(data))]) == 2
+    assert "unreadable" in capsys.readouterr().err
+    assert not (run / "checkpoints").exists()
+
+
+def _poison(cache_dir: Path, rows: list[int]) -> None:
+    """Write NaN into the cached latent means of ``rows`` (a broken fp16 encode looks like this)."""
+    from ldm_lab.data.cache import LatentCache
+
+    c = LatentCache(cache_dir)
+    for i in rows:
+        part, off, shape, _, _ = c.rows[i]
+        mm = np.memmap(c.parts[part] / "mean.bin", dtype=np.float32, mode="r+")
+        mm[off:off + int(np.prod(shape))] = np.nan
+        mm.flush()
+
+
+def test_nonfinite_loss_steps_are_skipped_and_counted(tiny_parts, tmp_path):
+    data = _folder(tmp_path / "imgs", [(32, 32)] * 12)
+    ov = _ov(tiny_parts, tmp_path / "run", tmp_path / "cache", steps=6, extra=_folder_ov(data))
+    assert cli_main(["cache", "--out", str(tmp_path / "lat"), str(RECIPE), *ov]) == 0
+    _poison(tmp_path / "lat", [5])  # in one of the 3 batches of every epoch
+    assert cli_main(["train", str(RECIPE), *ov, f"data.latent_cache={tmp_path / 'lat'}"]) == 0
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["nonfinite_steps_skipped"] == 2
+    assert all(torch.isfinite(v).all() for v in _unet(tmp_path / "run").values())
+
+
+def test_nonfinite_loss_in_a_row_stops_with_a_checkpoint(tiny_parts, tmp_path, capsys):
+    data = _folder(tmp_path / "imgs", [(32, 32)] * 8)
+    ov = _ov(tiny_parts, tmp_path / "run", tmp_path / "cache", steps=10, extra=_folder_ov(data))
+    assert cli_main(["cache", "--out", str(tmp_path / "lat"), str(RECIPE), *ov]) == 0
+    _poison(tmp_path / "lat", list(range(8)))
+    code = cli_main(["train", str(RECIPE), *ov, f"data.latent_cache={tmp_path / 'lat'}", "train.max_nonfinite_steps=3"])
+    err = capsys.readouterr().err
+    assert code == 3 and "NaN/inf for 3 steps in a row" in err and "Traceback" not in err
+    ck = tmp_path / "run" / "checkpoints" / "checkpoint-3"
+    assert json.loads((ck / "loop.json").read_text()) == {"step": 3, "nonfinite_steps": 3}
+    assert not (tmp_path / "run" / "pipeline").exists()
+
+
+# -- streaming webdataset shards --------------------------------------------------------------
+def _shards(root: Path, n: int, per_shard: int) -> str:
+    root.mkdir(parents=True)
+    names = list(COLORS)
+    for s in range(0, n, per_shard):
+        with tarfile.open(root / f"shard-{s // per_shard:03d}.tar", "w") as tar:
+            for i in range(s, min(s + per_shard, n)):
+                buf = io.BytesIO()
+                Image.new("RGB", (32, 32), COLORS[names[i % 4]]).save(buf, "JPEG", quality=95)
+                for ext, payload in (("jpg", buf.getvalue()), ("txt", f"a {names[i % 4]} square {i}".encode())):
+                    info = tarfile.TarInfo(f"{i:05d}.{ext}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    return str(root / f"shard-{{000..{(n - 1) // per_shard:03d}}}.tar")
+
+
+def test_streamed_webdataset_trains_and_resumes_exactly(tiny_parts, tmp_path):
+    import shutil
+
+    shards = _shards(tmp_path / "wds", 16, 8)
+    extra = ["data.source=webdataset", f"data.path={shards}", "data.streaming=true", "data.cache_latents=false",
+             "data.shuffle_buffer=8", "train.checkpoint_every=3"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert cli_main(["train", str(RECIPE), *_ov(tiny_parts, a, tmp_path / "cache", steps=6, extra=extra),
+                     "train.checkpoint_every=3"]) == 0
+    (b / "checkpoints").mkdir(parents=True)
+    shutil.copytree(a / "checkpoints" / "checkpoint-3", b / "checkpoints" / "checkpoint-3")
+    assert cli_main(["train", str(RECIPE), *_ov(tiny_parts, b, tmp_path / "cache", steps=6, extra=extra),
+                     "train.checkpoint_every=3", "train.resume=latest"]) == 0
+    ua, ub = _unet(a), _unet(b)
+    assert all(torch.equal(ua[k], ub[k]) for k in ua)
