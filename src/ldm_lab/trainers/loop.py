@@ -39,11 +39,13 @@ def make_optimizer(recipe: Recipe, param_groups: list[dict]) -> torch.optim.Opti
     return torch.optim.AdamW(param_groups, **kw)
 
 
-def clip_gradients(accelerator: Accelerator, optimizer: torch.optim.Optimizer, max_norm: float) -> float:
+def clip_gradients(accelerator: Accelerator, optimizer: torch.optim.Optimizer, max_norm: float) -> float | None:
     """Clip the gradients of exactly the parameters the optimiser trains (every param group:
-    adapters of a LoRA run, both the UNet's and the text encoder's); returns the norm before."""
+    adapters of a LoRA run, both the UNet's and the text encoder's); returns the norm before
+    (None under DeepSpeed before its engine has one: it clips with its own gradient_clipping)."""
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    return float(accelerator.clip_grad_norm_(params, max_norm))
+    norm = accelerator.clip_grad_norm_(params, max_norm)
+    return None if norm is None else float(norm)
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
@@ -154,6 +156,9 @@ def train(recipe: Recipe, run_dir: str | Path | None = None) -> Path:
         # batches the uninterrupted one would have seen
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=recipe.seed),
     )
+    accelerator.print(f"accelerate: {accelerator.distributed_type.value}, {accelerator.num_processes} process(es) on "
+                      f"{accelerator.device.type}, mixed precision {accelerator.mixed_precision}")
+    _check_distributed(accelerator, recipe)
     if accelerator.is_main_process:
         _check_writable(run_dir)
         (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
@@ -241,9 +246,10 @@ def train(recipe: Recipe, run_dir: str | Path | None = None) -> Path:
             accelerator.backward(loss)  # on every rank, even a bad one: DDP's all-reduce needs all
             skip = False
             if accelerator.sync_gradients:
-                if t.max_grad_norm:
-                    logs["grad_norm"] = clip_gradients(accelerator, optimizer, t.max_grad_norm)
-                    window_bad |= not math.isfinite(logs["grad_norm"])
+                norm = clip_gradients(accelerator, optimizer, t.max_grad_norm) if t.max_grad_norm else None
+                if norm is not None:  # DeepSpeed clips inside its engine and may not report a norm
+                    logs["grad_norm"] = norm
+                    window_bad |= not math.isfinite(norm)
                 skip = _any_process(accelerator, window_bad)
                 window_bad = False
             if skip:  # no update, no schedule step (as accelerate does for an fp16 overflow)
@@ -340,6 +346,19 @@ def _any_process(accelerator: Accelerator, flag: bool) -> bool:
         return flag
     t = torch.tensor([int(flag)], device=accelerator.device)
     return bool(accelerator.reduce(t, reduction="max").item())
+
+
+def _check_distributed(accelerator: Accelerator, recipe: Recipe) -> None:
+    """Recipe settings the engine accelerate was configured with cannot run, found before any
+    model loads: EMA keeps a full copy of parameters that FSDP / ZeRO-3 shard."""
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    zero3 = kind == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3
+    if recipe.train.ema.enabled and (kind == DistributedType.FSDP or zero3):
+        engine = "FSDP" if kind == DistributedType.FSDP else "DeepSpeed ZeRO-3"
+        raise RecipeError(f"train.ema cannot average parameters that {engine} shards across processes; set "
+                          "train.ema.enabled=false, or use DDP / DeepSpeed ZeRO-2 (docs/scaling.md).")
 
 
 def _multi_process_without_accelerator() -> bool:
