@@ -270,3 +270,15 @@ def test_streamed_webdataset_trains_and_resumes_exactly(tiny_parts, tmp_path):
                      "train.checkpoint_every=3", "train.resume=latest"]) == 0
     ua, ub = _unet(a), _unet(b)
     assert all(torch.equal(ua[k], ub[k]) for k in ua)
+
+
+def test_an_explicit_bucket_list_is_used_and_checked(tiny_parts, tmp_path, capsys):
+    data = _folder(tmp_path / "imgs", [(64, 32)] * 4 + [(32, 32)] * 4)
+    ov = _ov(tiny_parts, tmp_path / "run", tmp_path / "cache", extra=[
+        *_folder_ov(data), "data.buckets.enabled=true", "data.buckets.step=8", "data.buckets.sizes=[16x32, 32x32]"])
+    assert cli_main(["train", str(RECIPE), *ov]) == 0
+    rep = json.loads((tmp_path / "run" / "buckets.json").read_text())
+    assert {k: v["rows"] for k, v in rep["buckets"].items()} == {"16x32": 4, "32x32": 4}
+    capsys.readouterr()
+    assert cli_main(["train", str(RECIPE), *ov[:-1], "data.buckets.sizes=[20x32]", f"output.dir={tmp_path / 'r2'}"]) == 2
+    assert "data.buckets.sizes" in capsys.readouterr().err

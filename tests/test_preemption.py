@@ -104,3 +104,37 @@ def test_damaged_latest_checkpoint_falls_back_to_the_one_before(tiny_parts, tmp_
     assert cli_main(["train", str(RECIPE), *ov, "train.checkpoint_every=3", "train.resume=latest"]) == 2
     err = capsys.readouterr().err
     assert "no checkpoint" in err and "damaged" in err and "Traceback" not in err
+
+
+class _KilledWhileSaving(BaseException):
+    """Stands for the process dying in the middle of accelerate's save_state."""
+
+
+def test_a_kill_while_saving_never_leaves_a_checkpoint_that_looks_complete(tiny_parts, whole, tmp_path, monkeypatch):
+    """Fault injection: the save at step 10 writes part of its files, then the process "dies".
+    The half-written checkpoint stays a hidden temp dir, ``latest`` is checkpoint-5, and the
+    resumed run ends with the weights of the uninterrupted one."""
+    from accelerate import Accelerator
+
+    data, run = whole / "data", tmp_path / "run"
+    real = Accelerator.save_state
+    calls = []
+
+    def dying_save_state(self, output_dir=None, **kw):
+        calls.append(output_dir)
+        if len(calls) == 2:
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            (Path(output_dir) / "model.safetensors").write_bytes(b"partial")
+            raise _KilledWhileSaving
+        return real(self, output_dir, **kw)
+
+    monkeypatch.setattr(Accelerator, "save_state", dying_save_state)
+    ov = [*_overrides(tiny_parts, run, data, 30), "train.checkpoint_every=5"]
+    with pytest.raises(_KilledWhileSaving):
+        cli_main(["train", str(RECIPE), *ov])
+    monkeypatch.setattr(Accelerator, "save_state", real)
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == [".tmp-checkpoint-10", "checkpoint-5"]
+    assert cli_main(["train", str(RECIPE), *ov, "train.resume=latest"]) == 0
+    a, b = _unet(whole / "run"), _unet(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -122,6 +122,7 @@ class BucketSpec(Strict):
     step: int | None = Field(None, ge=1)  # side multiple in pixels; default: one latent cell of the UNet's deepest level
     max_aspect: float = Field(2.0, ge=1)
     max_upscale: float = Field(1.0, ge=1)  # images that would need more upscaling are dropped (counted)
+    sizes: list[str] | None = None  # an explicit bucket list ("HxW" each) instead of the generated one
 
 
 class CaptionSpec(Strict):

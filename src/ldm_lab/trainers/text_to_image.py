@@ -144,13 +144,18 @@ class TextToImageTrainer(TrainerPlugin):
     def bucket_list(self) -> list[tuple[int, int]]:
         """The recipe's aspect-ratio buckets (pixels): sides a multiple of one latent cell of the
         UNet's deepest level unless ``data.buckets.step`` says otherwise."""
-        from ..data.buckets import make_buckets
+        from ..data.buckets import make_buckets, parse_buckets
 
         b, d = self.recipe.data.buckets, self.recipe.data
         step = b.step or self.vae_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
         if step % self.vae_factor:
             raise RecipeError(f"data.buckets.step is {step}, which is not a multiple of the autoencoder's downsampling "
                               f"factor {self.vae_factor}; choose a multiple of it.")
+        if b.sizes:
+            try:
+                return parse_buckets(b.sizes, step)
+            except ValueError as e:
+                raise RecipeError(f"data.buckets.sizes: {e}") from None
         budget = b.pixel_budget or d.resolution ** 2
         if budget < step * step:
             raise RecipeError(f"data.buckets.pixel_budget {budget} is smaller than one {step}x{step} bucket; raise it.")
