@@ -82,6 +82,22 @@ def _parser() -> argparse.ArgumentParser:
                    "hash-named dir under data.cache_dir that training looks up by itself")
     c.add_argument("overrides", nargs="*", help="dotted key=value overrides (the same ones the training run will use)")
 
+    b = sub.add_parser("bench", help="training throughput of a recipe (vs the naive per-step pipeline), or sampling "
+                       "latency and adherence per sampler (--sampling)")
+    b.add_argument("recipe", nargs="?", help="a recipe .yaml (training benchmark)")
+    b.add_argument("--steps", type=int, default=20, help="timed steps per pipeline (default 20)")
+    b.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    b.add_argument("--compare", choices=["naive"], help="also run the naive pipeline (images decoded, autoencoder and "
+                   "text encoder every step, no workers, no cache) in this process and print the ratio")
+    b.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE ...",
+                   help="also run the recipe with these overrides (repeatable), e.g. 'no-cl:train.channels_last=false'")
+    b.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s for MFU (GPUs: data-sheet table)")
+    b.add_argument("--sampling", metavar="PIPELINE", help="benchmark the samplers on this pipeline / run dir instead")
+    b.add_argument("--n", type=int, default=48, help="--sampling: prompts per sampler (default 48)")
+    b.add_argument("--out", default="runs/bench", help="where runs and results.json go (default runs/bench)")
+    b.add_argument("--json", help="results file (default OUT/training.json or OUT/sampling.json)")
+    b.add_argument("overrides", nargs="*", help="dotted key=value recipe overrides")
+
     r = sub.add_parser("recipe", help="check or show a recipe")
     rs = r.add_subparsers(dest="action", required=True, metavar="ACTION")
     rc = rs.add_parser("check", help="validate a recipe without loading any model")
@@ -234,6 +250,40 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _bench(args) -> int:
+    from . import bench
+
+    out = Path(args.out)
+    if args.sampling:
+        if not Path(args.sampling).exists() and "/" not in args.sampling:
+            raise UserError(f"--sampling '{args.sampling}' is not a pipeline dir or run dir.")
+        report = bench.run_sampling(args.sampling, n=args.n, out=out / "sampling")
+        print(bench.format_sampling(report))
+        bench.write_json(report, Path(args.json) if args.json else out / "sampling.json")
+        return 0
+    if not args.recipe:
+        raise UserError("give a recipe to benchmark training, or --sampling PIPELINE.")
+    if args.steps < 1 or args.warmup < 1:
+        raise UserError("--steps and --warmup must be at least 1.")
+    variants = {}
+    for v in args.variant:
+        name, _, ov = v.partition(":")
+        if not name or not ov.strip():
+            raise UserError(f"--variant '{v}' is not NAME:KEY=VALUE [KEY=VALUE ...].")
+        variants[name] = ov.split()
+    from .recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    for ov in variants.values():  # a bad override is found before anything runs
+        bench.apply_overrides(recipe, ov)
+    report = bench.run(recipe, args.steps, args.warmup, args.compare, args.peak_tflops, out, variants)
+    report["command"] = "ldm-lab bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else None
+    table = bench.format_training(report)
+    print(table)
+    bench.write_json({**report, "table": table}, Path(args.json) if args.json else out / "training.json")
+    return 0
+
+
 def _cache(recipe, out: str | None) -> int:
     """``ldm-lab cache``: the trainer's own model and data set-up, stopped after the cache is built."""
     from accelerate import Accelerator
@@ -284,6 +334,8 @@ def _dispatch(args) -> int:
 
             print(dump_recipe(pipeline_defaults(recipe)), end="")
         return 0
+    if args.command == "bench":
+        return _bench(args)
     if args.command == "cache":
         return _cache(load_recipe(args.recipe, args.overrides), args.out)
     if args.command == "train":

@@ -156,6 +156,7 @@ class DataSpec(Strict):
     cache_dir: str | None = None  # root of generated data and latent caches (default data/cache)
     latent_cache: str | None = None  # a cache dir from `ldm-lab cache --out DIR`; refused if built for other inputs
     num_workers: int = Field(0, ge=0)
+    pin_memory: bool | None = None  # default: on when training on a GPU
     max_samples: int | None = Field(None, ge=1)
     # bad input: rows that cannot be used are skipped, counted and listed in RUN/data_report.json
     check_rows: bool = True  # decode every image once before training (sources other than shapes)
@@ -180,7 +181,9 @@ class EMASpec(Strict):
     enabled: bool = False
     decay: float = Field(0.999, gt=0, lt=1)
     warmup: bool = True  # diffusers EMAModel's use_ema_warmup
-    every: int = Field(1, ge=1)
+    every: int = Field(1, ge=1)  # update every K optimiser steps
+    foreach: bool = True  # diffusers EMAModel's multi-tensor update
+    offload: bool = False  # keep the EMA weights in (pinned) CPU memory between updates (GPU runs)
 
 
 class TrainSpec(Strict):
@@ -201,6 +204,12 @@ class TrainSpec(Strict):
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
     channels_last: bool = False
+    # speed stack (docs/performance.md has each one's measured effect)
+    attention: Literal["sdpa", "classic"] = "sdpa"  # torch scaled_dot_product_attention, or diffusers' AttnProcessor
+    compile: bool = False  # torch.compile (inductor) the trained modules; falls back to eager if it fails
+    allow_tf32: bool = True  # TF32 matmuls and convolutions on Ampere+ GPUs
+    optimizer_impl: Literal["auto", "fused", "foreach", "for_loop", "torch"] = "auto"  # AdamW kernel (torch: its default)
+    peak_tflops: float | None = Field(None, gt=0)  # device peak for the logged utilisation (GPU default: data sheet)
     ema: EMASpec = Field(default_factory=EMASpec)
     checkpoint_every: int | None = Field(None, ge=1)
     # a step whose loss (or gradient norm) is NaN/inf makes no update and is counted; this many in a

@@ -9,6 +9,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+from ..perf import OFF
 from ..recipe.schema import Recipe
 
 
@@ -22,6 +23,7 @@ class TrainerPlugin:
     """
 
     name: str = ""
+    prof = OFF  # the loop's step-phase timer (on under ``ldm-lab bench``)
 
     def __init__(self, recipe: Recipe, accelerator: Accelerator, run_dir: Path):
         self.recipe, self.accelerator, self.run_dir = recipe, accelerator, Path(run_dir)
@@ -65,6 +67,10 @@ class TrainerPlugin:
         BatchRNG by default)."""
         rng = getattr(self, "rng", None)
         return [rng] if rng is not None else []
+
+    def train_flops_per_sample(self) -> float | None:
+        """FLOPs of the trained model's forward + backward per sample (for utilisation logs)."""
+        return None
 
     def validate(self, step: int) -> dict[str, float]:
         return {}

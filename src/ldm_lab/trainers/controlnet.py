@@ -179,6 +179,9 @@ class ControlNetTrainer(TextToImageTrainer):
     def ema_module(self):
         return self.controlnet
 
+    def train_flops_per_sample(self) -> float | None:
+        return None  # the ControlNet and the frozen UNet it feeds: not counted yet
+
     # -- sampling, artifact, evaluation --------------------------------------------------
     def control_pipeline(self, sampler: str):
         from ..sampling import build_controlnet_pipeline

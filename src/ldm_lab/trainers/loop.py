@@ -20,6 +20,7 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
+from ..perf import OFF, Phases
 from ..recipe import Recipe, RecipeError, dump_recipe, pipeline_defaults
 from .registry import get_trainer
 
@@ -29,6 +30,11 @@ CKPT_PREFIX = "checkpoint-"
 def make_optimizer(recipe: Recipe, param_groups: list[dict]) -> torch.optim.Optimizer:
     t = recipe.train
     kw = dict(lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon, weight_decay=t.weight_decay)
+    impl = t.optimizer_impl
+    if impl == "auto":  # fused where every parameter is on a device with the fused kernel
+        devices = {p.device.type for g in param_groups for p in g["params"]}
+        impl = "fused" if devices <= {"cpu", "cuda"} else "foreach"
+    impl_kw = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}, "torch": {}}[impl]
     if t.optimizer == "adamw8bit":
         try:
             import bitsandbytes as bnb
@@ -36,7 +42,7 @@ def make_optimizer(recipe: Recipe, param_groups: list[dict]) -> torch.optim.Opti
             raise RecipeError("train.optimizer is adamw8bit but bitsandbytes is not installed; "
                               "pip install 'ldm-lab[bnb]' or use train.optimizer=adamw.") from None
         return bnb.optim.AdamW8bit(param_groups, **kw)
-    return torch.optim.AdamW(param_groups, **kw)
+    return torch.optim.AdamW(param_groups, **kw, **impl_kw)
 
 
 def clip_gradients(accelerator: Accelerator, optimizer: torch.optim.Optimizer, max_norm: float) -> float | None:
@@ -138,16 +144,25 @@ def _cycle_stream(accelerator: Accelerator, dataloader, start: int):
         epoch += 1
 
 
-def train(recipe: Recipe, run_dir: str | Path | None = None) -> Path:
-    """Run the recipe's trainer plugin to ``train.max_steps``; returns the run dir."""
+def train(recipe: Recipe, run_dir: str | Path | None = None, profile: Phases | None = None, finish: bool = True,
+          state: dict | None = None) -> Path:
+    """Run the recipe's trainer plugin to ``train.max_steps``; returns the run dir.
+
+    ``profile`` (``ldm-lab bench``) times the phases of every step; ``finish=False`` skips the
+    artifact, evaluation and history; ``state`` receives the plugin and accelerator."""
+    profile = profile or OFF
     recipe = pipeline_defaults(recipe)
     run_dir = Path(run_dir or recipe.output.dir)
     t = recipe.train
     tracker = None if recipe.logging.tracker == "none" else recipe.logging.tracker
     if tracker == "wandb":
         _wandb_offline_unless_configured()
+    if t.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     accelerator = Accelerator(
         cpu=_multi_process_without_accelerator(),
+        dynamo_backend="inductor" if t.compile else "no",
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         mixed_precision=t.mixed_precision,
         log_with=tracker,
@@ -165,8 +180,17 @@ def train(recipe: Recipe, run_dir: str | Path | None = None) -> Path:
     set_seed(recipe.seed, device_specific=True)
 
     plugin = get_trainer(recipe.trainer)(recipe, accelerator, run_dir)
+    plugin.prof = profile
     plugin.setup()
     modules = plugin.trainable_modules()
+    if t.attention == "classic":
+        from diffusers.models.attention_processor import AttnProcessor
+
+        for m in {*modules.values(), getattr(plugin, "unet", None)} - {None}:
+            if hasattr(m, "set_attn_processor"):
+                m.set_attn_processor(AttnProcessor())
+    if t.compile:
+        _compile_fallback(accelerator)
     if t.channels_last:
         for m in modules.values():
             m.to(memory_format=torch.channels_last)
@@ -181,6 +205,8 @@ def train(recipe: Recipe, run_dir: str | Path | None = None) -> Path:
     lr_scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps * n,
                                  num_training_steps=t.max_steps * n)
     dataloader = plugin.train_dataloader()
+    pin = recipe.data.pin_memory if recipe.data.pin_memory is not None else accelerator.device.type == "cuda"
+    dataloader.pin_memory = pin
     if dataloader.generator is None:
         # a new DataLoader iterator draws its base seed from this generator, not from the global
         # RNG that noise and dropout use (a resumed run starts a new iterator mid-epoch)
@@ -206,15 +232,18 @@ def train(recipe: Recipe, run_dir: str | Path | None = None) -> Path:
         accelerator.register_for_checkpointing(obj)
     ema = None
     if t.ema.enabled:
-        ema = EMAModel(_ema_params(plugin, accelerator), decay=t.ema.decay, use_ema_warmup=t.ema.warmup)
-        ema.to(accelerator.device)
+        ema = EMAModel(_ema_params(plugin, accelerator), decay=t.ema.decay, use_ema_warmup=t.ema.warmup,
+                       foreach=t.ema.foreach)
+        _ema_home(ema, t, accelerator)
         accelerator.register_for_checkpointing(ema)
+    if state is not None:
+        state.update(plugin=plugin, accelerator=accelerator)
 
     step = 0
     ckpt = _load_checkpoint(accelerator, run_dir, t.resume)
     if ckpt is not None:
         if ema is not None:
-            ema.to(accelerator.device)  # accelerate reloads custom objects on the CPU
+            _ema_home(ema, t, accelerator)  # accelerate reloads custom objects on the CPU
         step = json.loads((ckpt / "loop.json").read_text())["step"]
         accelerator.print(f"resumed from {ckpt} at step {step}")
     if tracker and accelerator.is_main_process:
@@ -237,14 +266,20 @@ def train(recipe: Recipe, run_dir: str | Path | None = None) -> Path:
     stop = _StopRequest()
     nonfinite = _NonFinite(json.loads((ckpt / "loop.json").read_text()) if ckpt is not None else {})
     window_bad = False  # a non-finite loss in this accumulation window (any micro-batch)
+    throughput = _Throughput(plugin, recipe, accelerator)
     while step < t.max_steps:
-        batch = next(batches)
+        with profile.phase("data"):
+            batch = next(batches)
         with accelerator.accumulate(*wrapped), accelerator.autocast():
             # autocast also covers frozen modules the plugin runs outside ``prepare`` (ControlNet's UNet)
-            loss, logs = plugin.loss(batch)
-            window_bad |= not bool(torch.isfinite(loss.detach()).all())
-            accelerator.backward(loss)  # on every rank, even a bad one: DDP's all-reduce needs all
+            with profile.phase("forward"):
+                loss, logs = plugin.loss(batch)
+                window_bad |= not bool(torch.isfinite(loss.detach()).all())
+            with profile.phase("backward"):
+                accelerator.backward(loss)  # on every rank, even a bad one: DDP's all-reduce needs all
             skip = False
+            optimizer_phase = profile.phase("optimizer")
+            optimizer_phase.__enter__()
             if accelerator.sync_gradients:
                 norm = clip_gradients(accelerator, optimizer, t.max_grad_norm) if t.max_grad_norm else None
                 if norm is not None:  # DeepSpeed clips inside its engine and may not report a norm
@@ -258,6 +293,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None) -> Path:
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+            optimizer_phase.__exit__(None, None, None)
         if not accelerator.sync_gradients:
             continue
         step += 1
@@ -273,12 +309,16 @@ def train(recipe: Recipe, run_dir: str | Path | None = None) -> Path:
         if skip:
             continue
         if ema is not None and step % t.ema.every == 0:
-            ema.step(_ema_params(plugin, accelerator))
+            with profile.phase("ema"):
+                _ema_step(ema, t, plugin, accelerator)
         logs = {"loss": accelerator.gather(loss.detach()).mean().item(), **logs, "lr": lr_scheduler.get_last_lr()[0]}
         if nonfinite.total:
             logs["nonfinite_steps"] = nonfinite.total
         bs = _batch_size(batch) * accelerator.num_processes * t.gradient_accumulation_steps
+        profile.end_step(bs)
         logs.update(progress.update(step, bs, {k: logs[k] for k in ("loss", "lr")}))
+        if step % recipe.logging.log_every == 0 or step == t.max_steps:
+            logs.update(throughput.logs(logs["samples_per_s"]))
         if step % recipe.logging.log_every == 0 or step == t.max_steps:
             history.append({"step": step, **logs})
             if tracker:
@@ -299,6 +339,11 @@ def train(recipe: Recipe, run_dir: str | Path | None = None) -> Path:
             accelerator.end_training()
             return run_dir
     stop.restore()
+    if t.compile:
+        _compile_report(accelerator)
+    if not finish:
+        accelerator.end_training()
+        return run_dir
 
     accelerator.wait_for_everyone()
     with _ema_weights(ema, plugin, accelerator):
@@ -314,6 +359,70 @@ def train(recipe: Recipe, run_dir: str | Path | None = None) -> Path:
         _merge_metrics(run_dir, metrics)
     accelerator.end_training()
     return run_dir
+
+
+def _ema_home(ema: EMAModel, t, accelerator: Accelerator) -> None:
+    """EMA weights on the training device, or in pinned CPU memory with ``train.ema.offload``."""
+    if t.ema.offload and accelerator.device.type == "cuda":
+        ema.to("cpu")
+        ema.pin_memory()
+    else:
+        ema.to(accelerator.device)
+
+
+def _ema_step(ema: EMAModel, t, plugin, accelerator: Accelerator) -> None:
+    offload = t.ema.offload and accelerator.device.type == "cuda"
+    if offload:
+        ema.to(accelerator.device, non_blocking=True)
+    ema.step(_ema_params(plugin, accelerator))
+    if offload:
+        ema.to("cpu", non_blocking=True)
+
+
+def _compile_fallback(accelerator: Accelerator) -> None:
+    """A module that fails to compile runs eagerly instead of ending the run."""
+    import torch._dynamo
+
+    torch._dynamo.config.suppress_errors = True
+    accelerator.print("train.compile: compiling the trained modules with inductor (the first steps are slow; "
+                      "a module that fails to compile runs eagerly)")
+
+
+def _compile_report(accelerator: Accelerator) -> None:
+    from torch._dynamo.utils import counters
+
+    if not counters["stats"].get("unique_graphs"):
+        accelerator.print("warning: train.compile was on but nothing was compiled (see the dynamo errors above); "
+                          "the run went eagerly. Set train.compile=false to silence this.")
+
+
+class _Throughput:
+    """Samples/s, achieved TFLOP/s per device and model-FLOPs utilisation for the logs: the
+    trained model's FLOPs per sample are counted once (``plugin.train_flops_per_sample``)."""
+
+    def __init__(self, plugin, recipe: Recipe, accelerator: Accelerator):
+        from ..perf import peak_tflops, precision_of
+
+        self.plugin, self.accelerator = plugin, accelerator
+        self.flops: float | None = None
+        self.counted = False
+        precision = precision_of(accelerator.mixed_precision, recipe.train.allow_tf32)
+        self.peak, _ = peak_tflops(accelerator.device, precision, recipe.train.peak_tflops)
+
+    def logs(self, samples_per_s: float) -> dict[str, float]:
+        if not self.counted:
+            self.counted = True
+            try:
+                self.flops = self.plugin.train_flops_per_sample()
+            except Exception as e:  # noqa: BLE001 - a counting failure must not stop training
+                self.accelerator.print(f"warning: could not count model FLOPs ({type(e).__name__}: {e}); no MFU logged")
+        if not self.flops:
+            return {}
+        per_device = samples_per_s / self.accelerator.num_processes * self.flops / 1e12
+        out = {"tflops_per_device": per_device}
+        if self.peak:
+            out["mfu"] = per_device / self.peak
+        return out
 
 
 class TrainingDiverged(RuntimeError):

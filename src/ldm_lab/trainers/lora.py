@@ -119,7 +119,8 @@ class LoRATrainer(TextToImageTrainer):
             drop = self.rng.rand(ids.shape[0]) < p
             ids = torch.where(drop[:, None].to(ids.device), self.null_ids.to(ids.device), ids)
         self.text_encoder.model = self.te_model  # the prepared (possibly wrapped) module
-        cond = self.text_encoder.encode_ids(ids).hidden_states
+        with self.prof.phase("text_encoder"):
+            cond = self.text_encoder.encode_ids(ids).hidden_states
         return z, cond
 
     def sample(self, prompts, seeds, sampler, steps, guidance):

@@ -265,7 +265,7 @@ class TextToImageTrainer(TrainerPlugin):
         if "mean" in batch:
             cond = self.embeddings[self.caption_choice(batch).to(self.embeddings.device)]
         else:
-            with torch.no_grad():
+            with torch.no_grad(), self.prof.phase("text_encoder"):
                 cond = self.conditioner.encode_ids(self.token_choice(batch))
         cond = self.conditioner.drop(cond, self.recipe.data.caption_dropout, rng=self.rng)
         return z, cond
@@ -292,7 +292,7 @@ class TextToImageTrainer(TrainerPlugin):
         if "mean" in batch:
             mean, std = batch["mean"], batch["std"]
         else:
-            with torch.no_grad():
+            with torch.no_grad(), self.prof.phase("autoencoder"):
                 dist = self.vae.encode(batch["pixel_values"].to(self.vae.dtype)).latent_dist
             mean, std = dist.mean, dist.std
         z = mean.float() + std.float() * self.rng.randn(tuple(mean.shape)).to(mean.device)
@@ -301,6 +301,7 @@ class TextToImageTrainer(TrainerPlugin):
     def diffusion_terms(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Noisy latents, timesteps, target and per-sample weights for one batch of latents."""
         n = self.recipe.noise
+        self.latent_shape = tuple(z.shape)
         noise, noise_in = sample_noise(z, None, n.noise_offset, n.input_perturbation, rng=self.rng)
         t = sample_timesteps(z.shape[0], self.noise_scheduler.config.num_train_timesteps, z.device, rng=self.rng)
         noisy = self.noise_scheduler.add_noise(z, noise_in, t)
@@ -313,6 +314,18 @@ class TextToImageTrainer(TrainerPlugin):
         noisy, t, target, weights = self.diffusion_terms(z)
         pred = self.unet(noisy, t, encoder_hidden_states=cond).sample
         return diffusion_loss(pred, target, weights), {}
+
+    def train_flops_per_sample(self) -> float | None:
+        from ..perf import unet_train_flops
+
+        shape = getattr(self, "latent_shape", None)
+        if shape is None:
+            return None
+        te = self.text_encoder
+        unet = self.unwrap(self.unet)
+        flops = unet_train_flops(unet, shape, (shape[0], te.max_length, te.hidden_size), self.accelerator.device,
+                                 next(unet.parameters()).dtype)
+        return flops / shape[0]
 
     # -- sampling, artifact, evaluation ------------------------------------------------
     def pipeline(self, sampler: str):

@@ -1,0 +1,176 @@
+"""Measuring training speed: a step-phase timer the loop and plugins report into, model FLOPs
+(``torch.utils.flop_counter``), peak memory, and model-FLOPs utilisation against a device peak.
+
+The timer is off in normal training (a shared no-op object, no synchronisation); ``ldm-lab
+bench`` turns it on. Phases nest: time spent in a child phase (the autoencoder inside the
+forward pass) is subtracted from its parent, so the parts add up to the step.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import defaultdict
+from contextlib import contextmanager, nullcontext
+
+import torch
+
+# Dense bf16/fp16 tensor-core peak (TFLOP/s) by device-name substring; fp32 peaks where the
+# device has no faster path. Sources: vendor data sheets (SXM parts).
+DEVICE_PEAK_TFLOPS = {
+    "H200": {"bf16": 989.0, "fp16": 989.0, "tf32": 494.0, "fp32": 67.0},
+    "H100": {"bf16": 989.0, "fp16": 989.0, "tf32": 494.0, "fp32": 67.0},
+    "A100": {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5},
+    "L40S": {"bf16": 362.0, "fp16": 362.0, "tf32": 183.0, "fp32": 91.6},
+    "A10G": {"bf16": 70.0, "fp16": 70.0, "tf32": 35.0, "fp32": 31.2},
+    "V100": {"fp16": 125.0, "fp32": 15.7},
+    "T4": {"fp16": 65.0, "fp32": 8.1},
+}
+
+
+class Phases:
+    """Wall time per named phase, per step. ``enabled=False`` makes every call a no-op."""
+
+    def __init__(self, enabled: bool = True, device: torch.device | str = "cpu"):
+        self.enabled = enabled
+        self.cuda = torch.device(device).type == "cuda"
+        self.steps: list[dict[str, float]] = []
+        self._current: dict[str, float] = defaultdict(float)
+        self._stack: list[list[float]] = []  # [start, child time]
+
+    def _sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def phase(self, name: str):
+        return self._phase(name) if self.enabled else nullcontext()
+
+    @contextmanager
+    def _phase(self, name: str):
+        self._sync()
+        frame = [time.perf_counter(), 0.0]
+        self._stack.append(frame)
+        try:
+            yield
+        finally:
+            self._sync()
+            self._stack.pop()
+            total = time.perf_counter() - frame[0]
+            self._current[name] += total - frame[1]
+            if self._stack:
+                self._stack[-1][1] += total
+
+    def end_step(self, samples: int) -> None:
+        if self.enabled:
+            self.steps.append({**self._current, "samples": samples})
+            self._current = defaultdict(float)
+
+    def summary(self, skip: int = 0) -> dict:
+        """Mean seconds per step of every phase over the steps after the first ``skip``."""
+        steps = self.steps[skip:]
+        if not steps:
+            return {}
+        keys = sorted({k for s in steps for k in s if k != "samples"})
+        return {k: sum(s.get(k, 0.0) for s in steps) / len(steps) for k in keys}
+
+
+OFF = Phases(enabled=False)
+
+
+def model_flops(fn, *args, **kwargs) -> int:
+    """FLOPs of ``fn(*args, **kwargs)`` (forward and whatever backward it runs), counted by
+    ``torch.utils.flop_counter.FlopCounterMode`` (matmuls and convolutions)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn(*args, **kwargs)
+    return int(counter.get_total_flops())
+
+
+def unet_train_flops(unet, latent_shape: tuple[int, ...], cond_shape: tuple[int, ...], device, dtype=torch.float32,
+                     **unet_kwargs) -> int:
+    """FLOPs of one UNet forward + backward on a batch of ``latent_shape`` (B, C, h, w) with token
+    states ``cond_shape`` (B, L, D): the model FLOPs of a training step (weights untouched)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(latent_shape, generator=g).to(device, dtype)
+    c = torch.randn(cond_shape, generator=g).to(device, dtype)
+    t = torch.randint(0, 1000, (latent_shape[0],), generator=g).to(device)
+
+    def step():
+        out = unet(x, t, encoder_hidden_states=c, **unet_kwargs).sample
+        out.float().pow(2).mean().backward()
+
+    # the global RNG (LoRA dropout draws from it) is left as it was, so a resumed run stays exact
+    devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        flops = model_flops(step)
+    unet.zero_grad(set_to_none=True)
+    return flops
+
+
+def peak_tflops(device: torch.device | str, precision: str, given: float | None = None) -> tuple[float | None, str]:
+    """The device's peak for ``precision`` (bf16/fp16/tf32/fp32) and where it came from."""
+    if given:
+        return given, "given"
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peaks in DEVICE_PEAK_TFLOPS.items():
+            if key in name:
+                p = peaks.get(precision) or peaks.get("fp32")
+                return p, f"{key} {precision} data sheet"
+        return None, f"unknown device {name}: pass --peak-tflops"
+    return None, "CPU: pass --peak-tflops for a utilisation figure"
+
+
+def precision_of(mixed_precision: str, tf32: bool) -> str:
+    if mixed_precision in ("bf16", "fp16"):
+        return mixed_precision
+    return "tf32" if tf32 and torch.cuda.is_available() else "fp32"
+
+
+def _rss_bytes() -> int:
+    with open(f"/proc/{os.getpid()}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakMemory:
+    """Peak memory during a ``with`` block: CUDA max allocated on a GPU, else resident set size
+    sampled every 5 ms (and its rise over the start)."""
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.cuda = torch.device(device).type == "cuda"
+        self.peak = self.start = 0
+        self._stop = threading.Event()
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+            return self
+        self.start = self.peak = _rss_bytes()
+
+        def sample():
+            while not self._stop.wait(0.005):
+                self.peak = max(self.peak, _rss_bytes())
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, _rss_bytes())
+        return False
+
+    @property
+    def kind(self) -> str:
+        return "GPU max allocated" if self.cuda else "RSS"

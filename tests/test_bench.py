@@ -1,0 +1,120 @@
+"""The benchmark harness: it runs and writes its JSON, the naive pipeline it compares against
+computes the same loss as ldm-lab's for the same batch and weights (so the ratio is fair), the
+FLOP counter matches a hand count, and the step-phase timer adds up."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from conftest import REPO, tiny_t2i_overrides
+from ldm_lab.cli import main as cli_main
+
+RECIPE = REPO / "recipes/shapes/t2i.yaml"
+
+
+def test_bench_runs_both_pipelines_and_writes_json(tiny_parts, tmp_path, capsys):
+    ov = tiny_t2i_overrides(tiny_parts, tmp_path / "run", tmp_path / "data")
+    out = tmp_path / "bench"
+    assert cli_main(["bench", "--steps", "2", "--warmup", "1", "--compare", "naive", "--variant",
+                     "no-ema:train.ema.enabled=false", "--out", str(out), str(RECIPE), *ov]) == 0
+    table = capsys.readouterr().out
+    assert "| naive |" in table and "| ldm-lab |" in table and "ldm-lab vs naive:" in table
+    rep = json.loads((out / "training.json").read_text())
+    by = {r["pipeline"]: r for r in rep["results"]}
+    assert set(by) == {"naive", "ldm-lab", "no-ema"}
+    naive, ours = by["naive"], by["ldm-lab"]
+    # the naive pipeline encodes images and captions every step; ldm-lab reads them from the cache
+    assert naive["phases_s"]["autoencoder"] > 0 and naive["phases_s"]["text_encoder"] > 0
+    assert "autoencoder" not in ours["phases_s"] and "text_encoder" not in ours["phases_s"]
+    assert naive["recipe"]["cache_latents"] is False and ours["recipe"]["cache_latents"] is True
+    assert by["no-ema"]["phases_s"].get("ema", 0.0) == 0.0 < ours["phases_s"]["ema"]
+    assert rep["speedup_vs_naive"] == pytest.approx(ours["samples_per_s"] / naive["samples_per_s"])
+    assert ours["model_flops_per_sample"] == naive["model_flops_per_sample"] > 0
+    assert ours["peak_memory_bytes"] > 0 and ours["samples_per_s"] > 0
+
+
+def test_naive_and_default_compute_the_same_loss(tiny_parts, tmp_path):
+    from accelerate import Accelerator
+    from torch.utils.data import default_collate
+
+    from ldm_lab import bench
+    from ldm_lab.recipe import load_recipe
+    from ldm_lab.trainers.text_to_image import TextToImageTrainer
+
+    recipe = load_recipe(RECIPE, tiny_t2i_overrides(tiny_parts, tmp_path / "run", tmp_path / "data"))
+    losses = []
+    for r in (recipe, bench.apply_overrides(recipe, bench.NAIVE)):
+        torch.manual_seed(0)  # the same UNet weights
+        tr = TextToImageTrainer(r, Accelerator(cpu=True), tmp_path / "run")
+        tr.setup()
+        ds = tr.cached if tr.cached is not None else tr.rows
+        batch = default_collate([ds[i] for i in range(4)])
+        with torch.no_grad():
+            losses.append(tr.loss(batch)[0].item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_flop_count_matches_a_hand_count():
+    from ldm_lab.perf import model_flops
+
+    B = 4
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(8 * 8 * 8, 16))
+    x = torch.randn(B, 3, 8, 8)
+
+    def step():
+        net(x).pow(2).sum().backward()
+
+    conv = 2 * B * 8 * 8 * 8 * 3 * 9  # output elements x (in_channels x kernel) multiply-adds
+    linear = 2 * B * 512 * 16
+    # backward: the linear layer's input and weight gradients; the conv's weight gradient only
+    # (its input needs no gradient)
+    want = (conv + linear) + (2 * linear + conv)
+    assert model_flops(step) == want
+
+
+def test_unet_flops_scale_with_the_batch(tiny_parts):
+    from conftest import TINY_UNET
+    from ldm_lab.components import load_unet
+    from ldm_lab.perf import unet_train_flops
+    from ldm_lab.recipe.schema import UNetSpec
+
+    unet = load_unet(UNetSpec(**TINY_UNET))
+    f2 = unet_train_flops(unet, (2, 4, 8, 8), (2, 20, 32), "cpu")
+    f4 = unet_train_flops(unet, (4, 4, 8, 8), (4, 20, 32), "cpu")
+    assert f2 > 0 and f4 == 2 * f2
+    assert all(p.grad is None for p in unet.parameters())
+
+
+def test_phases_nest_and_add_up():
+    from ldm_lab.perf import Phases
+
+    p = Phases()
+    for _ in range(2):
+        with p.phase("forward"):
+            time.sleep(0.02)
+            with p.phase("autoencoder"):
+                time.sleep(0.05)
+        p.end_step(8)
+    s = p.summary()
+    assert s["autoencoder"] == pytest.approx(0.05, abs=0.02)
+    assert s["forward"] == pytest.approx(0.02, abs=0.015)  # its child's time is not counted twice
+    off = Phases(enabled=False)
+    with off.phase("x"):
+        pass
+    off.end_step(1)
+    assert off.steps == []
+
+
+def test_sampling_benchmark_reports_latency_and_adherence(tiny_pipeline, tmp_path):
+    from ldm_lab import bench
+
+    rep = bench.run_sampling(str(tiny_pipeline), n=2, batch=1, samplers=[("ddim", 2), ("dpm++", 2)],
+                             out=tmp_path / "s")
+    assert [r["sampler"] for r in rep["samplers"]] == ["ddim", "dpm++"]
+    for r in rep["samplers"]:
+        assert r["s_per_image"] > 0 and 0 <= r["adherence"]["all"] <= 1
+    assert "| ddim | 2 |" in bench.format_sampling(rep)
