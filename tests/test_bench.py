@@ -118,3 +118,17 @@ def test_sampling_benchmark_reports_latency_and_adherence(tiny_pipeline, tmp_pat
     for r in rep["samplers"]:
         assert r["s_per_image"] > 0 and 0 <= r["adherence"]["all"] <= 1
     assert "| ddim | 2 |" in bench.format_sampling(rep)
+
+
+def test_training_logs_throughput_and_utilisation(tiny_parts, tmp_path):
+    run = tmp_path / "run"
+    ov = [o for o in tiny_t2i_overrides(tiny_parts, run, tmp_path / "data") if not o.startswith("logging.log_every")]
+    assert cli_main(["train", str(RECIPE), *ov, "logging.log_every=3", "train.max_steps=6", "eval.shapes=false",
+                     "validation.every=null", "train.checkpoint_every=null", "train.peak_tflops=0.5"]) == 0
+    hist = [json.loads(x) for x in (run / "history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in hist] == [3, 6]
+    for h in hist:
+        assert h["tflops_per_device"] > 0
+        assert h["mfu"] == pytest.approx(h["tflops_per_device"] / 0.5)
+        assert h["tflops_per_device"] == pytest.approx(h["samples_per_s"] * hist[0]["tflops_per_device"]
+                                                       / hist[0]["samples_per_s"], rel=1e-6)
