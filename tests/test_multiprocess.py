@@ -81,8 +81,8 @@ def test_a_different_layout_is_not_equivalent(runs, tiny_parts, tmp_path):
 
 def test_only_rank_zero_writes_and_checkpoints_validation_complete(runs):
     one, two = _files(runs / "one"), _files(runs / "two")
-    per_rank = {f for f in two if f.endswith("random_states_1.pkl")}  # each rank's RNG state, by design
-    assert per_rank == {"checkpoints/checkpoint-2/random_states_1.pkl"}
+    per_rank = {f for f in two if f.endswith(("random_states_1.pkl", "rank1.pt"))}  # each rank's RNG states
+    assert per_rank == {"checkpoints/checkpoint-2/random_states_1.pkl", "checkpoints/checkpoint-2/plugin_state_0_rank1.pt"}
     assert one == two - per_rank
     assert (runs / "two" / "checkpoints" / "checkpoint-2" / "loop.json").exists()
     assert (runs / "two" / "samples" / "step-000004.png").exists()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import gc
 import json
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -30,11 +31,14 @@ LABELS = {"data": "data wait", "autoencoder": "autoencoder", "text_encoder": "te
 
 
 class _WindowPhases(Phases):
-    """Phases that also time each whole step and measure peak memory over the timed steps only."""
+    """Phases that also time each whole step and measure peak memory over the timed steps only.
+    ``breakdown=False`` times whole steps only (no synchronisation inside a step: on a GPU the
+    throughput pass keeps the overlap of host and device work)."""
 
-    def __init__(self, device, warmup: int):
+    def __init__(self, device, warmup: int, total: int, breakdown: bool = True):
         super().__init__(True, device)
-        self.warmup = warmup
+        self.breakdown = breakdown
+        self.warmup, self.total = warmup, total
         self.memory = PeakMemory(device)
         self._last: float | None = None
         self.step_times: list[float] = []
@@ -42,7 +46,7 @@ class _WindowPhases(Phases):
     def phase(self, name: str):
         if self._last is None:
             self._last = time.perf_counter()
-        return super().phase(name)
+        return super().phase(name) if self.breakdown else nullcontext()
 
     def end_step(self, samples: int) -> None:
         super().end_step(samples)
@@ -52,9 +56,7 @@ class _WindowPhases(Phases):
         self._last = now
         if len(self.steps) == self.warmup:
             self.memory.__enter__()
-
-    def finish(self) -> None:
-        if len(self.steps) >= self.warmup and hasattr(self.memory, "start") and self.memory.start:
+        if len(self.steps) == self.total:  # closed before anything the loop does after its last step
             self.memory.__exit__(None, None, None)
 
 
@@ -73,17 +75,25 @@ def bench_recipe(recipe: Recipe, steps: int, warmup: int, out: Path) -> Recipe:
 
 
 def run_training(recipe: Recipe, name: str, steps: int, warmup: int, out: Path, peak: float | None, log=print) -> dict:
+    from accelerate.state import AcceleratorState
+
     from .trainers.loop import train
 
     recipe = bench_recipe(recipe, steps, warmup, out / name)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    prof = _WindowPhases(device, warmup)
-    state: dict = {}
-    log(f"[{name}] {warmup} warm-up + {steps} timed steps, batch {recipe.train.batch_size}")
-    train(recipe, out / name, profile=prof, finish=False, state=state)
-    prof.finish()
-    timed = prof.step_times[warmup:]
-    samples = sum(s["samples"] for s in prof.steps[warmup:])
+    passes = [False, True] if device == "cuda" else [True]  # GPU: throughput unsynchronised, then the breakdown
+    for breakdown in passes:
+        AcceleratorState._reset_state(True)  # each run sets up accelerate afresh (compile, precision)
+        prof = _WindowPhases(device, warmup, warmup + steps, breakdown)
+        state: dict = {}
+        log(f"[{name}] {warmup} warm-up + {steps} timed steps, batch {recipe.train.batch_size}"
+            + ("" if breakdown else " (throughput pass)"))
+        train(recipe, out / name, profile=prof, finish=False, state=state)
+        if not breakdown:
+            throughput = prof
+    throughput = throughput if len(passes) > 1 else prof
+    timed = throughput.step_times[warmup:]
+    samples = sum(s["samples"] for s in throughput.steps[warmup:])
     phases = prof.summary(skip=warmup)
     step_s = sum(timed) / len(timed)
     phases["other"] = max(step_s - sum(phases.get(k, 0.0) for k in PHASES), 0.0)
@@ -96,7 +106,7 @@ def run_training(recipe: Recipe, name: str, steps: int, warmup: int, out: Path, 
     result = {
         "pipeline": name, "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "batch_size": recipe.train.batch_size, "steps": steps, "samples_per_s": sps, "step_s": step_s,
-        "phases_s": phases, "peak_memory_bytes": prof.memory.peak, "peak_memory_kind": prof.memory.kind,
+        "phases_s": phases, "peak_memory_bytes": throughput.memory.peak, "peak_memory_kind": throughput.memory.kind,
         "model_flops_per_sample": flops, "achieved_tflops": achieved, "peak_tflops": peak_tf, "peak_source": peak_src,
         "mfu": achieved / peak_tf if achieved and peak_tf else None, "precision": precision,
         "recipe": {"cache_latents": recipe.data.cache_latents, "num_workers": recipe.data.num_workers,
@@ -177,7 +187,7 @@ def run_sampling(source: str, n: int = 48, heldout_n: int = 0, guidance: float =
             for i in range(0, len(prompts), batch):
                 t0 = time.perf_counter()
                 images += generate(pipe, prompts[i:i + batch], seeds[i:i + batch], steps_, guidance_)
-                if i:  # the first call warms up (allocations, kernels)
+                if i or len(prompts) <= batch:  # the first call warms up (allocations, kernels) when there are more
                     timing["s"] += time.perf_counter() - t0
                     timing["images"] += len(prompts[i:i + batch])
             return images

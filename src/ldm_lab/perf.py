@@ -18,9 +18,11 @@ import torch
 
 # Dense bf16/fp16 tensor-core peak (TFLOP/s) by device-name substring; fp32 peaks where the
 # device has no faster path. Sources: vendor data sheets (SXM parts).
-DEVICE_PEAK_TFLOPS = {
+DEVICE_PEAK_TFLOPS = {  # the first matching key wins: PCIe parts before their SXM name
+    "H100 PCIe": {"bf16": 756.0, "fp16": 756.0, "tf32": 378.0, "fp32": 51.0},
     "H200": {"bf16": 989.0, "fp16": 989.0, "tf32": 494.0, "fp32": 67.0},
     "H100": {"bf16": 989.0, "fp16": 989.0, "tf32": 494.0, "fp32": 67.0},
+    "A100-PCIE": {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5},
     "A100": {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5},
     "L40S": {"bf16": 362.0, "fp16": 362.0, "tf32": 183.0, "fp32": 91.6},
     "A10G": {"bf16": 70.0, "fp16": 70.0, "tf32": 35.0, "fp32": 31.2},
@@ -92,11 +94,18 @@ def model_flops(fn, *args, **kwargs) -> int:
 def unet_train_flops(unet, latent_shape: tuple[int, ...], cond_shape: tuple[int, ...], device, dtype=torch.float32,
                      **unet_kwargs) -> int:
     """FLOPs of one UNet forward + backward on a batch of ``latent_shape`` (B, C, h, w) with token
-    states ``cond_shape`` (B, L, D): the model FLOPs of a training step (weights untouched)."""
+    states ``cond_shape`` (B, L, D): the model FLOPs of a training step (weights untouched).
+    Counted on one sample and scaled (FLOPs are linear in the batch; one sample keeps the extra
+    pass's memory small), without gradient checkpointing's recomputed forward."""
+    batch = latent_shape[0]
+    latent_shape, cond_shape = (1, *latent_shape[1:]), (1, *cond_shape[1:])
     g = torch.Generator().manual_seed(0)
     x = torch.randn(latent_shape, generator=g).to(device, dtype)
     c = torch.randn(cond_shape, generator=g).to(device, dtype)
-    t = torch.randint(0, 1000, (latent_shape[0],), generator=g).to(device)
+    t = torch.randint(0, 1000, (1,), generator=g).to(device)
+    checkpointing = getattr(unet, "is_gradient_checkpointing", False)
+    if checkpointing:
+        unet.disable_gradient_checkpointing()
 
     def step():
         out = unet(x, t, encoder_hidden_states=c, **unet_kwargs).sample
@@ -104,10 +113,14 @@ def unet_train_flops(unet, latent_shape: tuple[int, ...], cond_shape: tuple[int,
 
     # the global RNG (LoRA dropout draws from it) is left as it was, so a resumed run stays exact
     devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        flops = model_flops(step)
-    unet.zero_grad(set_to_none=True)
-    return flops
+    try:
+        with torch.random.fork_rng(devices=devices):
+            flops = model_flops(step)
+    finally:
+        unet.zero_grad(set_to_none=True)
+        if checkpointing:
+            unet.enable_gradient_checkpointing()
+    return flops * batch
 
 
 def peak_tflops(device: torch.device | str, precision: str, given: float | None = None) -> tuple[float | None, str]:

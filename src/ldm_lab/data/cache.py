@@ -119,6 +119,7 @@ class LatentCache(Dataset):
                 rows.append((k, r["offset"], tuple(r["shape"]), r["row"], [base + v for v in r["variants"]]))
         self.embeddings = torch.cat(embs) if embs else torch.empty(0)
         self.rows = rows
+        self._source_rows = [r[3] for r in rows]
         self.vmax = max((len(r[4]) for r in rows), default=1)
         self._maps: list | None = None
 
@@ -133,12 +134,14 @@ class LatentCache(Dataset):
     @property
     def source_rows(self) -> list[int]:
         """The dataset row each cached row came from."""
-        return [r[3] for r in self.rows]
+        return self._source_rows
 
     def _open(self) -> list:
         if self._maps is None:  # opened per process (and per DataLoader worker), never pickled
             self._maps = [(np.memmap(p / "mean.bin", dtype=np.float32, mode="r"),
-                           np.memmap(p / "std.bin", dtype=np.float32, mode="r")) for p in self.parts]
+                           np.memmap(p / "std.bin", dtype=np.float32, mode="r"))
+                          if (p / "mean.bin").stat().st_size else None  # a part with no rows (more processes than rows)
+                          for p in self.parts]
         return self._maps
 
     def __getstate__(self):
@@ -165,7 +168,10 @@ def _encode_part(rows, lo: int, hi: int, vae, conditioner, data, inputs: dict, i
     tmp.mkdir(parents=True)
     device = next(vae.parameters()).device
     center = image_transform(data.resolution, center_crop=True, random_flip=False)
-    plain = rows.with_format(None)
+    import datasets
+
+    # images decoded one by one inside the try below, so one unreadable file is skipped, not fatal
+    plain = rows.cast_column(image_column, datasets.Image(decode=False)).with_format(None)
     strings: dict[str, int] = {}
     meta, skipped = [], []
     offset = 0
@@ -176,7 +182,7 @@ def _encode_part(rows, lo: int, hi: int, vae, conditioner, data, inputs: dict, i
             for j, (im, cap) in enumerate(zip(chunk[image_column], chunk[caption_column])):
                 row = start + j
                 try:
-                    im = to_rgb(im)
+                    im = to_rgb(_open_image(im))
                     if bucket_of is None:
                         groups.setdefault((), []).append((row, center(im), cap))
                         continue
@@ -216,6 +222,19 @@ def _encode_part(rows, lo: int, hi: int, vae, conditioner, data, inputs: dict, i
     return {"rows": len(meta), "skipped": skipped}
 
 
+def _open_image(value):
+    import io
+
+    from PIL import Image
+
+    if isinstance(value, dict):
+        im = Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else Image.open(value["path"])
+    else:
+        im = Image.open(value)
+    im.load()
+    return im
+
+
 def build_or_load(rows, vae, conditioner, data, image_column: str, caption_column: str, accelerator=None,
                   fingerprint: str | None = None, buckets: list | None = None, bucket_of: Callable | None = None,
                   log=print, batch_size: int = 64, out: Path | None = None) -> LatentCache:
@@ -230,8 +249,8 @@ def build_or_load(rows, vae, conditioner, data, image_column: str, caption_colum
     root = Path(data.cache_dir) if data.cache_dir else Path("data/cache")
     path = Path(out) if out is not None else root / f"latents-{cache_key(inputs)}"
     if (path / "manifest.json").exists():
-        if out is not None:
-            check_manifest(path, inputs)
+        if out is not None and json.loads((path / "manifest.json").read_text()).get("inputs") != inputs:
+            raise RecipeError(f"{path} holds a latent cache built for other inputs; remove it or choose another --out.")
         log(f"using cached latents {path}")
         return LatentCache(path)
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
@@ -250,9 +269,17 @@ def build_or_load(rows, vae, conditioner, data, image_column: str, caption_colum
     if rank == 0:
         parts = sorted(p.name for p in build.glob(f"part-*-of-{world:05d}") if (p / "latents.json").exists())
         skipped = [s for p in parts for s in json.loads((build / p / "latents.json").read_text())["skipped"]]
+        reasons: dict[str, int] = {}
+        for x in skipped:
+            key = "too small for its bucket" if x["reason"] == "too small for its bucket" else \
+                "autoencoder NaN/inf" if "NaN" in x["reason"] else "unreadable"
+            reasons[key] = reasons.get(key, 0) + 1
         kept = sum(len(json.loads((build / p / "latents.json").read_text())["rows"]) for p in parts)
         (build / "manifest.json").write_text(json.dumps({"inputs": inputs, "parts": parts, "rows": kept,
-                                                         "skipped": len(skipped), "skipped_examples": skipped[:20]},
+                                                         "skipped": len(skipped), "skipped_reasons": reasons,
+                                                         "skipped_examples": skipped[:20],
+                                                         "too_small_rows": [x for x in skipped if x["reason"] ==
+                                                                            "too small for its bucket"][:1000]},
                                                         indent=1))
         for stale in build.glob("part-*"):
             if stale.name not in parts:

@@ -72,6 +72,9 @@ class TrainerPlugin:
         """FLOPs of the trained model's forward + backward per sample (for utilisation logs)."""
         return None
 
+    def end_of_training(self) -> None:
+        """Called on every process after the last step, before the artifact is saved."""
+
     def validate(self, step: int) -> dict[str, float]:
         return {}
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
@@ -27,13 +27,12 @@ from .registry import get_trainer
 CKPT_PREFIX = "checkpoint-"
 
 
-def make_optimizer(recipe: Recipe, param_groups: list[dict]) -> torch.optim.Optimizer:
+def make_optimizer(recipe: Recipe, param_groups: list[dict], device: torch.device | None = None) -> torch.optim.Optimizer:
     t = recipe.train
     kw = dict(lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon, weight_decay=t.weight_decay)
     impl = t.optimizer_impl
-    if impl == "auto":  # fused where every parameter is on a device with the fused kernel
-        devices = {p.device.type for g in param_groups for p in g["params"]}
-        impl = "fused" if devices <= {"cpu", "cuda"} else "foreach"
+    if impl == "auto":  # fused where the training device has the fused kernel
+        impl = "fused" if (device.type if device is not None else "cpu") in ("cpu", "cuda") else "foreach"
     impl_kw = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}, "torch": {}}[impl]
     if t.optimizer == "adamw8bit":
         try:
@@ -103,13 +102,17 @@ def _hms(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def _cycle(accelerator: Accelerator, dataloader, start: int, batches_per_epoch: int):
+def _cycle(accelerator: Accelerator, dataloader, start: int, batches_per_epoch: int, seed: int = 0):
     """Batches forever from batch ``start`` on: a resumed run starts in the epoch it stopped in,
     with that epoch's shuffle order, and skips the batches of it already seen. The epoch is set
     explicitly because a new (or skipping) dataloader counts its epochs from 0 and would replay
     epoch 0's order."""
     epoch, skip = divmod(start, batches_per_epoch)
     while True:
+        if getattr(dataloader, "generator", None) is not None:
+            # the workers' seeds of this epoch, the same whether the run resumed or not (the shuffle
+            # order has its own seed, set by the seedable sampler)
+            dataloader.generator.manual_seed(seed + epoch)
         # on the prepared loader, which reaches the shared sampler even when it is sharded across
         # processes (a skipping loader's own set_epoch does not)
         if hasattr(dataloader, "set_epoch"):
@@ -133,7 +136,15 @@ def _cycle_stream(accelerator: Accelerator, dataloader, start: int):
         if hasattr(dataloader.dataset, "set_epoch"):
             dataloader.dataset.set_epoch(epoch)
         n = 0
-        for batch in dataloader:
+        it = iter(dataloader)
+        while True:
+            if seen < start:  # replayed: read, not trained on, and augmentations must not draw from the RNG
+                with torch.random.fork_rng(devices=[]):
+                    batch = next(it, None)
+            else:
+                batch = next(it, None)
+            if batch is None:
+                break
             n += 1
             seen += 1
             if seen > start:
@@ -157,13 +168,16 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, profile: Phases | N
     tracker = None if recipe.logging.tracker == "none" else recipe.logging.tracker
     if tracker == "wandb":
         _wandb_offline_unless_configured()
-    if t.allow_tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = t.allow_tf32
+        torch.backends.cudnn.allow_tf32 = t.allow_tf32
     accelerator = Accelerator(
         cpu=_multi_process_without_accelerator(),
         dynamo_backend="inductor" if t.compile else "no",
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        # every optimiser step is exactly gradient_accumulation_steps batches, also across epoch ends, so a
+        # resumed run's data position (step x accumulation) is exact
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=t.gradient_accumulation_steps,
+                                                                sync_with_dataloader=False),
         mixed_precision=t.mixed_precision,
         log_with=tracker,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
@@ -198,7 +212,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, profile: Phases | N
         for m in modules.values():
             if hasattr(m, "enable_gradient_checkpointing"):
                 m.enable_gradient_checkpointing()
-    optimizer = make_optimizer(recipe, plugin.param_groups())
+    optimizer = make_optimizer(recipe, plugin.param_groups(), accelerator.device)
     # Each process steps the scheduler once per optimiser step, and accelerate's prepared
     # scheduler advances num_processes steps per call: scale so the schedule spans max_steps.
     n = accelerator.num_processes
@@ -228,8 +242,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, profile: Phases | N
         accelerator.register_save_state_pre_hook(hooks[0])
         accelerator.register_load_state_pre_hook(hooks[1])
 
-    for obj in plugin.checkpoint_objects():
-        accelerator.register_for_checkpointing(obj)
+    rank_states = plugin.checkpoint_objects()  # saved per process by save_checkpoint
     ema = None
     if t.ema.enabled:
         ema = EMAModel(_ema_params(plugin, accelerator), decay=t.ema.decay, use_ema_warmup=t.ema.warmup,
@@ -242,6 +255,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, profile: Phases | N
     step = 0
     ckpt = _load_checkpoint(accelerator, run_dir, t.resume)
     if ckpt is not None:
+        _load_rank_states(accelerator, ckpt, rank_states)
         if ema is not None:
             _ema_home(ema, t, accelerator)  # accelerate reloads custom objects on the CPU
         step = json.loads((ckpt / "loop.json").read_text())["step"]
@@ -257,7 +271,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, profile: Phases | N
         if batches_per_epoch == 0:
             raise RecipeError(f"the dataset has fewer rows than one batch (train.batch_size={t.batch_size} x "
                               f"{accelerator.num_processes} processes); lower train.batch_size or add data.")
-        batches = _cycle(accelerator, dataloader, seen_batches, batches_per_epoch)
+        batches = _cycle(accelerator, dataloader, seen_batches, batches_per_epoch, recipe.seed)
     progress = Progress(t.max_steps, step, recipe.logging.log_every, accelerator.is_main_process)
     history: list[dict] = [h for h in _read_history(ckpt) if h["step"] <= step] if ckpt is not None else []
     for m in modules.values():
@@ -265,7 +279,11 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, profile: Phases | N
 
     stop = _StopRequest()
     nonfinite = _NonFinite(json.loads((ckpt / "loop.json").read_text()) if ckpt is not None else {})
-    window_bad = False  # a non-finite loss in this accumulation window (any micro-batch)
+    window_bad = torch.zeros((), dtype=torch.bool, device=accelerator.device)  # a non-finite loss in this window
+    scaled = accelerator.scaler is not None  # fp16 with a loss scaler
+    from accelerate.utils import DistributedType
+
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED  # steps inside backward: cannot skip
     throughput = _Throughput(plugin, recipe, accelerator)
     while step < t.max_steps:
         with profile.phase("data"):
@@ -274,22 +292,24 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, profile: Phases | N
             # autocast also covers frozen modules the plugin runs outside ``prepare`` (ControlNet's UNet)
             with profile.phase("forward"):
                 loss, logs = plugin.loss(batch)
-                window_bad |= not bool(torch.isfinite(loss.detach()).all())
+                window_bad = window_bad | ~torch.isfinite(loss.detach()).all()
             with profile.phase("backward"):
                 accelerator.backward(loss)  # on every rank, even a bad one: DDP's all-reduce needs all
-            skip = False
+            skip = stop_now = False
             optimizer_phase = profile.phase("optimizer")
             optimizer_phase.__enter__()
             if accelerator.sync_gradients:
                 norm = clip_gradients(accelerator, optimizer, t.max_grad_norm) if t.max_grad_norm else None
                 if norm is not None:  # DeepSpeed clips inside its engine and may not report a norm
                     logs["grad_norm"] = norm
-                    window_bad |= not math.isfinite(norm)
-                skip = _any_process(accelerator, window_bad)
-                window_bad = False
-            if skip:  # no update, no schedule step (as accelerate does for an fp16 overflow)
+                    if not scaled:  # fp16: an inf gradient is the loss scaler's business (it skips itself)
+                        window_bad = window_bad | (not math.isfinite(norm))
+                # one reduction per step for both flags: a bad step anywhere, a stop signal anywhere
+                skip, stop_now = _any_process(accelerator, window_bad, stop.signal_name is not None)
+                window_bad = torch.zeros((), dtype=torch.bool, device=accelerator.device)
+            if skip and not scaled and not deepspeed:  # no update, no schedule step
                 optimizer.zero_grad(set_to_none=True)
-            else:
+            else:  # (the fp16 scaler skips an inf step itself and accelerate's scheduler then does not step)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -298,20 +318,20 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, profile: Phases | N
             continue
         step += 1
         if nonfinite.update(skip, step, accelerator) >= t.max_nonfinite_steps:
-            path = save_checkpoint(accelerator, run_dir, step, t.checkpoints_total_limit, history, nonfinite.total)
+            path = save_checkpoint(accelerator, run_dir, step, t.checkpoints_total_limit, history, nonfinite.total, rank_states)
             stop.restore()
             accelerator.end_training()
             raise TrainingDiverged(
                 f"the loss was NaN/inf for {t.max_nonfinite_steps} steps in a row (steps {step - t.max_nonfinite_steps + 1}"
-                f"-{step}; {nonfinite.total} non-finite steps in all); checkpoint {path} holds the weights before them. "
+                f"-{step}; {nonfinite.total} non-finite steps in all); checkpoint {path} holds the weights "
+                f"{'(DeepSpeed applied those steps)' if deepspeed else 'before them'}. "
                 "Lower train.learning_rate, check the data (data_report.json) or use train.mixed_precision=no, then "
                 "resume with train.resume=latest.")
-        if skip:
-            continue
-        if ema is not None and step % t.ema.every == 0:
+        if ema is not None and not skip and step % t.ema.every == 0:
             with profile.phase("ema"):
                 _ema_step(ema, t, plugin, accelerator)
-        logs = {"loss": accelerator.gather(loss.detach()).mean().item(), **logs, "lr": lr_scheduler.get_last_lr()[0]}
+        logs = {"loss": accelerator.gather(loss.detach()).mean().item() if not skip else float("nan"), **logs,
+                "lr": lr_scheduler.get_last_lr()[0]}
         if nonfinite.total:
             logs["nonfinite_steps"] = nonfinite.total
         bs = _batch_size(batch) * accelerator.num_processes * t.gradient_accumulation_steps
@@ -330,15 +350,17 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, profile: Phases | N
             if vlogs and tracker:
                 accelerator.log(vlogs, step=step)
         if t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.max_steps:
-            save_checkpoint(accelerator, run_dir, step, t.checkpoints_total_limit, history, nonfinite.total)
-        if stop.requested(accelerator) and step < t.max_steps:
-            path = save_checkpoint(accelerator, run_dir, step, t.checkpoints_total_limit, history, nonfinite.total)
-            accelerator.print(f"stopped by {stop.signal_name} at step {step}; checkpoint saved in {path}. "
+            save_checkpoint(accelerator, run_dir, step, t.checkpoints_total_limit, history, nonfinite.total, rank_states)
+        if stop_now and step < t.max_steps:
+            path = save_checkpoint(accelerator, run_dir, step, t.checkpoints_total_limit, history, nonfinite.total, rank_states)
+            accelerator.print(f"stopped by {stop.signal_name or 'a signal to another process'} at step {step}; "
+                              f"checkpoint saved in {path}. "
                               "Resume with train.resume=latest.")
             stop.restore()
             accelerator.end_training()
             return run_dir
     stop.restore()
+    plugin.end_of_training()
     if t.compile:
         _compile_report(accelerator)
     if not finish:
@@ -449,12 +471,14 @@ class _NonFinite:
         return self.in_a_row
 
 
-def _any_process(accelerator: Accelerator, flag: bool) -> bool:
-    """``flag`` OR-ed over processes (every rank must skip the same steps)."""
-    if accelerator.num_processes == 1:
-        return flag
-    t = torch.tensor([int(flag)], device=accelerator.device)
-    return bool(accelerator.reduce(t, reduction="max").item())
+def _any_process(accelerator: Accelerator, *flags) -> tuple[bool, ...] | bool:
+    """Each flag (bool or 0-dim tensor) OR-ed over processes, in one reduction and one host sync
+    (every rank must take the same path)."""
+    t = torch.stack([torch.as_tensor(f, device=accelerator.device).to(torch.int32).reshape(()) for f in flags])
+    if accelerator.num_processes > 1:
+        t = accelerator.reduce(t, reduction="max")
+    out = tuple(bool(v) for v in t.tolist())
+    return out if len(out) > 1 else out[0]
 
 
 def _check_distributed(accelerator: Accelerator, recipe: Recipe) -> None:
@@ -533,12 +557,6 @@ class _StopRequest:
             raise KeyboardInterrupt
         self.signal_name = signal.Signals(signum).name
 
-    def requested(self, accelerator: Accelerator) -> bool:
-        flag = _any_process(accelerator, self.signal_name is not None)
-        if flag:
-            self.signal_name = self.signal_name or "a signal to another process"
-        return flag
-
     def restore(self) -> None:
         import signal
 
@@ -578,7 +596,7 @@ def _load_checkpoint(accelerator: Accelerator, run_dir: Path, resume: str | None
 
 
 def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, limit: int | None, history: list,
-                    nonfinite_steps: int = 0) -> Path:
+                    nonfinite_steps: int = 0, rank_states: list | None = None) -> Path:
     """accelerate ``save_state`` into a temp dir renamed into place, so a kill mid-save never
     leaves a checkpoint that looks complete; then prune to ``limit``."""
     root = run_dir / "checkpoints"
@@ -589,6 +607,8 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, limit: i
         root.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    for k, obj in enumerate(rank_states or []):  # the plugin's own per-process state (its BatchRNG)
+        torch.save(obj.state_dict(), tmp / f"plugin_state_{k}_rank{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / "loop.json").write_text(json.dumps({"step": step, "nonfinite_steps": nonfinite_steps}))
@@ -600,6 +620,14 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, limit: i
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _load_rank_states(accelerator: Accelerator, ckpt: Path, rank_states: list) -> None:
+    for k, obj in enumerate(rank_states):
+        own = ckpt / f"plugin_state_{k}_rank{accelerator.process_index}.pt"
+        path = own if own.exists() else ckpt / f"plugin_state_{k}_rank0.pt"  # resumed on more processes
+        if path.exists():
+            obj.load_state_dict(torch.load(path, weights_only=False))
 
 
 def _wandb_offline_unless_configured() -> None:

@@ -98,8 +98,12 @@ class TextToImageTrainer(TrainerPlugin):
             return rows
         if d.check_rows and d.source != "shapes":
             with acc.main_process_first():
+                import os
+
+                big = len(rows) > 20000  # datasets' map in several processes (cached on disk for the other ranks)
                 rows, report = check_rows(rows, d.image_column, d.caption_column, d.min_image_size,
-                                          d.skip_empty_captions, d.drop_duplicates)
+                                          d.skip_empty_captions, d.drop_duplicates,
+                                          num_proc=min(8, os.cpu_count() or 1) if big else None)
             if acc.is_main_process:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 (self.run_dir / "data_report.json").write_text(json.dumps(report, indent=1))
@@ -129,9 +133,10 @@ class TextToImageTrainer(TrainerPlugin):
                 index = {tuple(b): i for i, b in enumerate(self.buckets)}
                 f = self.vae_factor
                 self.bucket_of_row = [index[(s[1] * f, s[2] * f)] for s in self.cached.shapes]
-                skipped = self.cached.manifest.get("skipped_examples", [])
-                dropped = {"too small for its bucket": [f"row {x['row']} ({x['size'][0]}x{x['size'][1]})" for x in skipped
-                                                         if x["reason"] == "too small for its bucket"]}
+                small = self.cached.manifest.get("too_small_rows", [])
+                n_small = self.cached.manifest.get("skipped_reasons", {}).get("too small for its bucket", len(small))
+                dropped = {"too small for its bucket": [f"row {x['row']} ({x['size'][0]}x{x['size'][1]})" for x in small]}
+                dropped["too small for its bucket"] += [""] * (n_small - len(small))  # counted beyond the listed ones
         else:
             self.rows = self.raw_rows(rows, image_column, caption_column)
         if self.buckets:
@@ -201,6 +206,19 @@ class TextToImageTrainer(TrainerPlugin):
         self._dropped_raw = [i for i, b in enumerate(self.bucket_of_row) if b is None]
         return _BucketRows(rows, self.bucket_of_row, tfs, image_column, caption_column, tokens)
 
+    def end_of_training(self) -> None:
+        """Called on every process after the last step: a stream's skipped rows, per process."""
+        counter = getattr(self, "stream_skips", None)
+        if counter is None:
+            return
+        from ..data.checks import summary
+
+        report = counter.report()
+        rank = self.accelerator.process_index
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / f"data_report-rank{rank}.json").write_text(json.dumps(report, indent=1))
+        print(f"[process {rank}] {summary(report)}", flush=True)
+
     def stream_collate(self):
         """Collate streamed rows (decoded PIL images + captions) into an on-the-fly batch."""
         from ..data.captions import caption_variants
@@ -230,9 +248,10 @@ class TextToImageTrainer(TrainerPlugin):
             return
         if self.cached is None:
             dropped = {"too small for its bucket": [f"row {i}" for i in getattr(self, "_dropped_raw", [])]}
+        # batches are cut per process (accelerate deals them out: batch k to process k mod W)
         report = bucket_report([b if b is not None else -1 for b in self.bucket_of_row], self.buckets,
-                               self.recipe.train.batch_size * self.accelerator.num_processes,
-                               dropped={k: v for k, v in dropped.items() if v})
+                               self.recipe.train.batch_size, dropped={k: v for k, v in dropped.items() if v})
+        report["processes"] = self.accelerator.num_processes
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "buckets.json").write_text(json.dumps(report, indent=1))
         self.accelerator.print(format_report(report))
@@ -322,7 +341,7 @@ class TextToImageTrainer(TrainerPlugin):
         if shape is None:
             return None
         te = self.text_encoder
-        unet = self.unwrap(self.unet)
+        unet = self.accelerator.unwrap_model(self.unet, keep_torch_compile=False)
         flops = unet_train_flops(unet, shape, (shape[0], te.max_length, te.hidden_size), self.accelerator.device,
                                  next(unet.parameters()).dtype)
         return flops / shape[0]
