@@ -19,6 +19,8 @@ examples:
   ldm-lab recipe check recipes/shapes/t2i.yaml
   ldm-lab recipe show recipes/shapes/t2i.yaml data.resolution=64
   ldm-lab cache recipes/shapes/t2i.yaml                     # latents + caption embeddings, once, to disk
+  ldm-lab bench --compare naive recipes/shapes/t2i.yaml     # samples/s, step breakdown, FLOPs, MFU vs naive
+  ldm-lab bench --sampling data/pretrained/shapes-t2i       # latency and adherence per sampler
   torchrun --nproc_per_node 2 -m ldm_lab.cli train recipes/shapes/t2i.yaml   # 2 processes (see docs/scaling.md)
   ldm-lab data shapes --out data/shapes --n 2000 --seed 0
   ldm-lab data shapes --out data/hearts --n 500 --shapes circle,square,triangle,star,heart
