@@ -133,3 +133,16 @@ def test_training_logs_throughput_and_utilisation(tiny_parts, tmp_path):
         assert h["mfu"] == pytest.approx(h["tflops_per_device"] / 0.5)
         assert h["tflops_per_device"] == pytest.approx(h["samples_per_s"] * hist[0]["tflops_per_device"]
                                                        / hist[0]["samples_per_s"], rel=1e-6)
+
+
+def test_ddpm_at_the_full_step_count_samples(tiny_pipeline):
+    """Stable Diffusion's steps_offset=1 would put the last of 1000 DDPM steps at t=1000, past the
+    schedule; generate drops the offset for such step counts (and keeps it for others)."""
+    from ldm_lab.sampling import generate, load_pipeline, make_sampler
+
+    pipe = load_pipeline(str(tiny_pipeline))
+    pipe.scheduler = make_sampler("ddpm", pipe.scheduler.config)
+    T = pipe.scheduler.config.num_train_timesteps
+    assert pipe.scheduler.config.steps_offset == 1
+    images = generate(pipe, ["a red circle"], [0], T, 2.0)
+    assert len(images) == 1 and pipe.scheduler.config.steps_offset == 1

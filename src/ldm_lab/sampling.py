@@ -72,18 +72,47 @@ def generate(pipe: StableDiffusionPipeline, prompts: list[str], seeds: list[int]
     """
     images: list[Image.Image] = []
     device = pipe.unet.device
-    for s in range(0, len(prompts), batch_size):
-        gens = [torch.Generator(device="cpu").manual_seed(int(x)) for x in seeds[s:s + batch_size]]
-        kw = dict(num_inference_steps=steps, guidance_scale=guidance, generator=gens, output_type="pil", **pipe_kwargs)
-        if prompt_embeds is not None:
-            pe = prompt_embeds[s:s + batch_size].to(device)
-            kw.update(prompt_embeds=pe, negative_prompt_embeds=negative_embeds.to(device).expand(len(pe), -1, -1))
-        else:
-            kw.update(prompt=prompts[s:s + batch_size], negative_prompt=[""] * len(prompts[s:s + batch_size]))
-        if control is not None:
-            kw["image"] = control[s:s + batch_size]  # multi-ControlNet: per prompt, a list with one per net
-        images += pipe(**kw).images
+    with _offset_fits(pipe, steps):
+        for s in range(0, len(prompts), batch_size):
+            images += _generate_batch(pipe, prompts, seeds, steps, guidance, s, batch_size, device, prompt_embeds,
+                                      negative_embeds, control, pipe_kwargs)
     return images
+
+
+class _offset_fits:
+    """Stable Diffusion's ``steps_offset=1`` with leading spacing puts the last timestep of a
+    full-length schedule (e.g. DDPM with 1000 steps of 1000) at index T, past the end of the
+    noise schedule; for such step counts the offset is dropped while sampling."""
+
+    def __init__(self, pipe, steps: int):
+        self.pipe, self.old = pipe, None
+        cfg = pipe.scheduler.config
+        offset, T = cfg.get("steps_offset", 0), cfg.get("num_train_timesteps", 1000)
+        if cfg.get("timestep_spacing", "leading") == "leading" and offset and (steps - 1) * (T // steps) + offset >= T:
+            self.old = pipe.scheduler
+            pipe.scheduler = type(pipe.scheduler).from_config(cfg, steps_offset=0)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.old is not None:
+            self.pipe.scheduler = self.old
+        return False
+
+
+def _generate_batch(pipe, prompts, seeds, steps, guidance, s, batch_size, device, prompt_embeds, negative_embeds,
+                    control, pipe_kwargs) -> list[Image.Image]:
+    gens = [torch.Generator(device="cpu").manual_seed(int(x)) for x in seeds[s:s + batch_size]]
+    kw = dict(num_inference_steps=steps, guidance_scale=guidance, generator=gens, output_type="pil", **pipe_kwargs)
+    if prompt_embeds is not None:
+        pe = prompt_embeds[s:s + batch_size].to(device)
+        kw.update(prompt_embeds=pe, negative_prompt_embeds=negative_embeds.to(device).expand(len(pe), -1, -1))
+    else:
+        kw.update(prompt=prompts[s:s + batch_size], negative_prompt=[""] * len(prompts[s:s + batch_size]))
+    if control is not None:
+        kw["image"] = control[s:s + batch_size]  # multi-ControlNet: per prompt, a list with one per net
+    return pipe(**kw).images
 
 
 def build_controlnet_pipeline(vae, text_encoder, tokenizer, unet, controlnet, noise_scheduler, sampler: str = "dpm++"):
