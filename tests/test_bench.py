@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import REPO, tiny_t2i_overrides
+from ldm_lab import perf
 from ldm_lab.cli import main as cli_main
 
 RECIPE = REPO / "recipes/shapes/t2i.yaml"
@@ -146,3 +147,53 @@ def test_ddpm_at_the_full_step_count_samples(tiny_pipeline):
     assert pipe.scheduler.config.steps_offset == 1
     images = generate(pipe, ["a red circle"], [0], T, 2.0)
     assert len(images) == 1 and pipe.scheduler.config.steps_offset == 1
+
+
+_FAULTS = """
+import resource, sys, torch
+from ldm_lab.perf import host_allocator
+print(host_allocator(sys.argv[1]))
+def faults():
+    r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(10):
+        x = torch.empty(48 << 20, dtype=torch.uint8)  # above glibc's largest dynamic mmap threshold
+        x.fill_(1)
+        del x
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0
+faults()
+print(faults())
+"""
+
+
+@pytest.mark.skipif(perf._glibc() is None, reason="the host allocator policy is glibc's")
+def test_reused_host_memory_is_not_faulted_in_again():
+    """A step that frees and re-allocates large buffers page-faults them in every time under
+    glibc's defaults; with ``train.host_allocator=reuse`` the second round faults nothing."""
+    import subprocess
+    import sys
+
+    def run(mode):
+        out = subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, check=True)
+        line, n = out.stdout.strip().splitlines()[-2:]
+        return line, int(n)
+
+    line, system = run("system")
+    assert line == "host allocator: glibc defaults"
+    line, reuse = run("reuse")
+    assert line.startswith("host allocator: glibc keeps freed memory")
+    assert system > 10 * (48 << 20) // 4096 * 0.9  # every page of every round faulted
+    assert reuse < system / 100
+
+
+def test_bench_runs_system_allocator_rows_before_the_policy_changes(tiny_parts, tmp_path):
+    from ldm_lab import bench
+    from ldm_lab.recipe import load_recipe
+
+    recipe = load_recipe(RECIPE, tiny_t2i_overrides(tiny_parts, tmp_path / "run", tmp_path / "data"))
+    seen = []
+    report = bench.run(recipe, steps=1, warmup=0, compare="naive", out=tmp_path,
+                       variants={"reuse-again": ["train.max_grad_norm=0.5"],
+                                 "system": ["train.host_allocator=system"]}, log=seen.append)
+    order = [r["pipeline"] for r in report["results"]]
+    assert order == ["naive", "system", "ldm-lab", "reuse-again"]
+    assert [r["recipe"]["host_allocator"] for r in report["results"]] == ["system", "system", "reuse", "reuse"]

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from .perf import PeakMemory, Phases, peak_tflops, precision_of
+from .perf import PeakMemory, Phases, peak_tflops, precision_of, release_host_memory
 from .recipe import Recipe, pipeline_defaults
 
 NAIVE = ["data.cache_latents=false", "data.num_workers=0", "data.buckets.enabled=false", "train.channels_last=false",
-         "train.compile=false", "train.optimizer_impl=torch", "train.ema.foreach=false"]
+         "train.compile=false", "train.optimizer_impl=torch", "train.ema.foreach=false", "train.host_allocator=system"]
 PHASES = ["data", "autoencoder", "text_encoder", "forward", "backward", "optimizer", "ema"]
 LABELS = {"data": "data wait", "autoencoder": "autoencoder", "text_encoder": "text encoder", "forward": "UNet fwd",
           "backward": "UNet bwd", "optimizer": "optimizer", "ema": "EMA", "other": "other"}
@@ -46,6 +46,8 @@ class _WindowPhases(Phases):
     def phase(self, name: str):
         if self._last is None:
             self._last = time.perf_counter()
+            if self.warmup == 0:  # no warm-up: the memory window opens with the first step
+                self.memory.__enter__()
         return super().phase(name) if self.breakdown else nullcontext()
 
     def end_step(self, samples: int) -> None:
@@ -83,6 +85,7 @@ def run_training(recipe: Recipe, name: str, steps: int, warmup: int, out: Path, 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     passes = [False, True] if device == "cuda" else [True]  # GPU: throughput unsynchronised, then the breakdown
     for breakdown in passes:
+        release_host_memory()  # every row starts from a trimmed heap: peak memory compares fairly
         AcceleratorState._reset_state(True)  # each run sets up accelerate afresh (compile, precision)
         prof = _WindowPhases(device, warmup, warmup + steps, breakdown)
         state: dict = {}
@@ -112,7 +115,8 @@ def run_training(recipe: Recipe, name: str, steps: int, warmup: int, out: Path, 
         "recipe": {"cache_latents": recipe.data.cache_latents, "num_workers": recipe.data.num_workers,
                    "channels_last": recipe.train.channels_last, "compile": recipe.train.compile,
                    "optimizer_impl": recipe.train.optimizer_impl, "attention": recipe.train.attention,
-                   "mixed_precision": recipe.train.mixed_precision, "ema": recipe.train.ema.enabled},
+                   "mixed_precision": recipe.train.mixed_precision, "ema": recipe.train.ema.enabled,
+                   "host_allocator": recipe.train.host_allocator},
     }
     state.clear()
     del plugin
@@ -130,6 +134,9 @@ def run(recipe: Recipe, steps: int = 20, warmup: int = 3, compare: str | None = 
     plan.append(("ldm-lab", recipe))
     for name, ov in (variants or {}).items():
         plan.append((name, apply_overrides(recipe, ov)))
+    # rows on glibc's own allocator policy run before any row that changes it: once changed, glibc's
+    # dynamic mmap threshold cannot be restored in this process (perf.host_allocator)
+    plan.sort(key=lambda row: (row[0] != "naive", row[1].train.host_allocator != "system"))
     results = [run_training(r, name, steps, warmup, Path(out), peak, log) for name, r in plan]
     report = {"results": results}
     base = next((r for r in results if r["pipeline"] == "naive"), None)

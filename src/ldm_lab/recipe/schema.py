@@ -209,6 +209,8 @@ class TrainSpec(Strict):
     compile: bool = False  # torch.compile (inductor) the trained modules; falls back to eager if it fails
     allow_tf32: bool = True  # TF32 matmuls and convolutions on Ampere+ GPUs
     optimizer_impl: Literal["auto", "fused", "foreach", "for_loop", "torch"] = "auto"  # AdamW kernel (torch: its default)
+    # reuse: glibc keeps freed host memory for the next step instead of unmapping and faulting it in again
+    host_allocator: Literal["reuse", "system"] = "reuse"
     peak_tflops: float | None = Field(None, gt=0)  # device peak for the logged utilisation (GPU default: data sheet)
     ema: EMASpec = Field(default_factory=EMASpec)
     checkpoint_every: int | None = Field(None, ge=1)

@@ -20,7 +20,7 @@ from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
-from ..perf import OFF, Phases
+from ..perf import OFF, Phases, host_allocator
 from ..recipe import Recipe, RecipeError, dump_recipe, pipeline_defaults
 from .registry import get_trainer
 
@@ -242,6 +242,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, profile: Phases | N
         accelerator.register_save_state_pre_hook(hooks[0])
         accelerator.register_load_state_pre_hook(hooks[1])
 
+    accelerator.print(host_allocator(t.host_allocator))
     rank_states = plugin.checkpoint_objects()  # saved per process by save_checkpoint
     ema = None
     if t.ema.enabled:
