@@ -20,11 +20,11 @@ test-slow:
 lint:
 	$(BIN)/ruff check src tests
 
-# Training throughput of the main job's recipe against the naive per-step pipeline (one process,
+# Training throughput of the main job's recipe against the naive per-step pipeline (fresh processes,
 # same model, data and batch), then sampling latency and adherence per sampler on the shipped base.
 # Tables on stdout, JSON in runs/bench/. The first run builds the shapes data and latent cache.
 bench:
-	$(BIN)/ldm-lab bench --compare naive --steps 30 recipes/shapes/t2i.yaml
+	$(BIN)/ldm-lab bench --compare naive --rounds 5 --steps 40 recipes/shapes/t2i.yaml
 	$(BIN)/ldm-lab bench --sampling data/pretrained/shapes-t2i --n 48
 
 # The main job: a text-to-image UNet trained from scratch on the shapes world (CPU, offline).

@@ -14,7 +14,8 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from ldm_lab.data.checks import REASONS, SkipCounter, check_rows, require_rows, safe_rows, summary, to_rgb
+from ldm_lab.data.checks import (REASONS, SkipCounter, check_rows, image_sizes, require_rows, safe_rows, summary,
+                                 to_rgb)
 from ldm_lab.recipe import RecipeError
 
 # file name -> caption; the image each file holds is written by _write_folder
@@ -293,3 +294,27 @@ def test_streaming_with_nothing_usable_gives_up(folder):
     stream, _ = safe_rows(broken, "image", "text", min_size=MIN_SIZE, give_up_after=4)
     with pytest.raises(RecipeError, match="no usable training rows: all 4 rows were skipped"):
         list(stream)
+
+
+def test_image_sizes_from_headers_in_processes(folder, tmp_path):
+    """Bucket assignment reads every size from the file header through a datasets map: the
+    decoded size of each readable image (EXIF turns included), None where no header can be read
+    (a truncated JPEG still has one), the same in two processes."""
+    im = Image.new("RGB", (20, 10))
+    exif = im.getexif()
+    exif[0x0112] = 6
+    im.save(tmp_path / "rot.jpg", exif=exif.tobytes())
+    paths = _raw_paths(folder["ds"]) + [str(tmp_path / "rot.jpg")]
+    ds = datasets.Dataset.from_dict({"image": paths}).cast_column("image", datasets.Image())
+    expect = []
+    for p in paths:
+        try:
+            with Image.open(p) as f:
+                w, h = f.size
+            expect.append((h, w))
+        except Exception:  # noqa: BLE001
+            expect.append(None)
+    expect[-1] = (20, 10)  # shown upright: 10 wide, 20 high
+    assert image_sizes(ds, "image") == expect
+    assert image_sizes(ds, "image", num_proc=2) == expect
+    assert expect[_names(paths).index("zero.png")] is None and expect[_names(paths).index("text.jpg")] is None

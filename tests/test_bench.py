@@ -36,6 +36,9 @@ def test_bench_runs_both_pipelines_and_writes_json(tiny_parts, tmp_path, capsys)
     assert rep["speedup_vs_naive"] == pytest.approx(ours["samples_per_s"] / naive["samples_per_s"])
     assert ours["model_flops_per_sample"] == naive["model_flops_per_sample"] > 0
     assert ours["peak_memory_bytes"] > 0 and ours["samples_per_s"] > 0
+    assert ours["page_faults_per_step"] >= 0 and ours["warmup_s"] > 0
+    lo, hi = ours["step_s_p10_p90"]
+    assert 0 < lo <= hi
 
 
 def test_naive_and_default_compute_the_same_loss(tiny_parts, tmp_path):
@@ -197,3 +200,28 @@ def test_bench_runs_system_allocator_rows_before_the_policy_changes(tiny_parts, 
     order = [r["pipeline"] for r in report["results"]]
     assert order == ["naive", "system", "ldm-lab", "reuse-again"]
     assert [r["recipe"]["host_allocator"] for r in report["results"]] == ["system", "system", "reuse", "reuse"]
+
+
+def test_bench_rounds_run_each_row_in_fresh_processes_and_report_medians(tiny_parts, tmp_path, capsys):
+    ov = tiny_t2i_overrides(tiny_parts, tmp_path / "run", tmp_path / "data")
+    out = tmp_path / "bench"
+    assert cli_main(["bench", "--steps", "2", "--warmup", "1", "--rounds", "2", "--compare", "naive",
+                     "--out", str(out), str(RECIPE), *ov]) == 0
+    text = capsys.readouterr().out
+    rep = json.loads((out / "training.json").read_text())
+    assert rep["rounds"] == 2
+    by = {r["pipeline"]: r for r in rep["results"]}
+    for r in by.values():
+        assert len(r["samples_per_s_rounds"]) == 2
+        assert r["samples_per_s"] == pytest.approx(sum(r["samples_per_s_rounds"]) / 2)  # median of two
+    ratios = [o / b for o, b in zip(by["ldm-lab"]["samples_per_s_rounds"], by["naive"]["samples_per_s_rounds"])]
+    assert rep["speedup_per_round"] == pytest.approx(ratios)
+    assert rep["speedup_vs_naive"] == pytest.approx(sum(ratios) / 2)
+    assert "2 rounds, every row in a fresh process" in text and "median of rounds" in text
+    # a fresh process starts on glibc's own policy: the naive row's faults are its own, not a neighbour's
+    assert by["naive"]["recipe"]["host_allocator"] == "system"
+
+
+def test_bench_rejects_zero_rounds(capsys):
+    assert cli_main(["bench", "--rounds", "0", str(RECIPE)]) == 2
+    assert "--rounds" in capsys.readouterr().err

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gc
 import json
+import statistics
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -42,12 +43,13 @@ class _WindowPhases(Phases):
         self.memory = PeakMemory(device)
         self._last: float | None = None
         self.step_times: list[float] = []
+        self.faults = 0
 
     def phase(self, name: str):
         if self._last is None:
             self._last = time.perf_counter()
             if self.warmup == 0:  # no warm-up: the memory window opens with the first step
-                self.memory.__enter__()
+                self._open()
         return super().phase(name) if self.breakdown else nullcontext()
 
     def end_step(self, samples: int) -> None:
@@ -57,9 +59,21 @@ class _WindowPhases(Phases):
         self.step_times.append(now - self._last)
         self._last = now
         if len(self.steps) == self.warmup:
-            self.memory.__enter__()
+            self._open()
         if len(self.steps) == self.total:  # closed before anything the loop does after its last step
             self.memory.__exit__(None, None, None)
+            self.faults = _minor_faults() - self.faults
+
+    def _open(self) -> None:
+        self.memory.__enter__()
+        self.faults = _minor_faults()
+
+
+def _minor_faults() -> int:
+    """Minor page faults of this process so far (every fresh page the allocator hands out)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def apply_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
@@ -107,9 +121,13 @@ def run_training(recipe: Recipe, name: str, steps: int, warmup: int, out: Path, 
     peak_tf, peak_src = peak_tflops(device, precision, peak)
     achieved = sps * flops / 1e12 if flops else None
     result = {
-        "pipeline": name, "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "pipeline": name, "samples_per_s_rounds": [samples / sum(timed)], "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "batch_size": recipe.train.batch_size, "steps": steps, "samples_per_s": sps, "step_s": step_s,
         "phases_s": phases, "peak_memory_bytes": throughput.memory.peak, "peak_memory_kind": throughput.memory.kind,
+        # host page faults per timed step; the warm-up's wall time (includes compilation)
+        "page_faults_per_step": throughput.faults / len(timed), "warmup_s": sum(throughput.step_times[:warmup]),
+        "step_s_p10_p90": [float(v) for v in torch.quantile(torch.tensor(timed, dtype=torch.float64),
+                                                            torch.tensor([0.1, 0.9], dtype=torch.float64))],
         "model_flops_per_sample": flops, "achieved_tflops": achieved, "peak_tflops": peak_tf, "peak_source": peak_src,
         "mfu": achieved / peak_tf if achieved and peak_tf else None, "precision": precision,
         "recipe": {"cache_latents": recipe.data.cache_latents, "num_workers": recipe.data.num_workers,
@@ -125,8 +143,15 @@ def run_training(recipe: Recipe, name: str, steps: int, warmup: int, out: Path, 
 
 
 def run(recipe: Recipe, steps: int = 20, warmup: int = 3, compare: str | None = None, peak: float | None = None,
-        out: Path = Path("runs/bench"), variants: dict[str, list[str]] | None = None, log=print) -> dict:
-    """Benchmark ``recipe`` (and the naive pipeline, and any named override sets) in this process."""
+        out: Path = Path("runs/bench"), variants: dict[str, list[str]] | None = None, log=print,
+        rounds: int = 1) -> dict:
+    """Benchmark ``recipe`` (and the naive pipeline, and any named override sets).
+
+    ``rounds=1``: every row once, one after the other, in this process. ``rounds=N``: every row N
+    times, each time in a fresh process (the same start for every row: no heap, allocator policy
+    or page cache state left by the row before), the order reversed every other round so a slow
+    drift of the machine's speed falls on every row alike; each row reports its medians and the
+    ratio is the median of the per-round ratios."""
     recipe = pipeline_defaults(recipe)
     plan: list[tuple[str, Recipe]] = []
     if compare == "naive":
@@ -134,29 +159,89 @@ def run(recipe: Recipe, steps: int = 20, warmup: int = 3, compare: str | None = 
     plan.append(("ldm-lab", recipe))
     for name, ov in (variants or {}).items():
         plan.append((name, apply_overrides(recipe, ov)))
-    # rows on glibc's own allocator policy run before any row that changes it: once changed, glibc's
-    # dynamic mmap threshold cannot be restored in this process (perf.host_allocator)
-    plan.sort(key=lambda row: (row[0] != "naive", row[1].train.host_allocator != "system"))
-    results = [run_training(r, name, steps, warmup, Path(out), peak, log) for name, r in plan]
-    report = {"results": results}
+    if rounds == 1:
+        # rows on glibc's own allocator policy run before any row that changes it: once changed, glibc's
+        # dynamic mmap threshold cannot be restored in this process (perf.host_allocator)
+        plan.sort(key=lambda row: (row[0] != "naive", row[1].train.host_allocator != "system"))
+        results = [run_training(r, name, steps, warmup, Path(out), peak, log) for name, r in plan]
+        report: dict = {"results": results, "rounds": 1}
+    else:
+        per_row: dict[str, list[dict]] = {name: [] for name, _ in plan}
+        for i in range(rounds):
+            for name, r in (plan if i % 2 == 0 else plan[::-1]):
+                log(f"[round {i + 1}/{rounds}] {name} in a fresh process")
+                per_row[name].append(_in_fresh_process(r, name, steps, warmup, Path(out), peak))
+        results = [_median_row(per_row[name]) for name, _ in plan]
+        report = {"results": results, "rounds": rounds}
     base = next((r for r in results if r["pipeline"] == "naive"), None)
     ours = next(r for r in results if r["pipeline"] == "ldm-lab")
     if base is not None:
-        report["speedup_vs_naive"] = ours["samples_per_s"] / base["samples_per_s"]
+        per_round = [o / b for o, b in zip(ours["samples_per_s_rounds"], base["samples_per_s_rounds"])]
+        report["speedup_vs_naive"] = statistics.median(per_round)
+        report["speedup_per_round"] = per_round
         report["memory_vs_naive"] = ours["peak_memory_bytes"] / base["peak_memory_bytes"]
     return report
+
+
+def _row_child(conn, recipe_data: dict, name: str, steps: int, warmup: int, out: str, peak: float | None) -> None:
+    """Entry point of a fresh benchmark process: one row, its result sent back through ``conn``."""
+    import traceback
+
+    try:
+        from .recipe import load_recipe
+
+        recipe = load_recipe(None, [], data=recipe_data, check_paths=False)
+        conn.send(("ok", run_training(recipe, name, steps, warmup, Path(out), peak)))
+    except BaseException as e:  # noqa: BLE001 - reported by the parent
+        conn.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+    finally:
+        conn.close()
+
+
+def _in_fresh_process(recipe: Recipe, name: str, steps: int, warmup: int, out: Path, peak: float | None) -> dict:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    p = ctx.Process(target=_row_child, args=(child, recipe.model_dump(mode="json"), name, steps, warmup, str(out), peak))
+    p.start()
+    child.close()
+    try:
+        status, payload = parent.recv()
+    except EOFError:
+        status, payload = "error", "the process ended without a result"
+    p.join()
+    if status != "ok":
+        raise RuntimeError(f"benchmark row {name!r} failed in its process (exit code {p.exitcode}): {payload}")
+    return payload
+
+
+def _median_row(rows: list[dict]) -> dict:
+    """One row's rounds as one result: medians of the timings, the largest peak memory."""
+    med = statistics.median
+    r = dict(rows[0])
+    r["samples_per_s_rounds"] = [x["samples_per_s"] for x in rows]
+    r["samples_per_s"] = med(r["samples_per_s_rounds"])
+    r["step_s"] = med(x["step_s"] for x in rows)
+    r["phases_s"] = {k: med(x["phases_s"].get(k, 0.0) for x in rows) for k in rows[0]["phases_s"]}
+    r["peak_memory_bytes"] = max(x["peak_memory_bytes"] for x in rows)
+    for k in ("page_faults_per_step", "warmup_s"):
+        r[k] = med(x[k] for x in rows)
+    r["achieved_tflops"] = r["samples_per_s"] * r["model_flops_per_sample"] / 1e12 if r["model_flops_per_sample"] else None
+    r["mfu"] = r["achieved_tflops"] / r["peak_tflops"] if r["achieved_tflops"] and r["peak_tflops"] else None
+    return r
 
 
 def format_training(report: dict) -> str:
     results = report["results"]
     cols = ["samples/s", "step ms"] + [LABELS[k] + " ms" for k in [*PHASES, "other"]] + \
-        ["peak mem MiB", "GFLOP/sample", "TFLOP/s", "MFU"]
+        ["peak mem MiB", "faults/step", "warm-up s", "GFLOP/sample", "TFLOP/s", "MFU"]
     lines = ["| pipeline | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for r in results:
         p = r["phases_s"]
         cells = [f"{r['samples_per_s']:.1f}", f"{1000 * r['step_s']:.0f}"]
         cells += [f"{1000 * p.get(k, 0.0):.0f}" for k in [*PHASES, "other"]]
-        cells += [f"{r['peak_memory_bytes'] / 2**20:.0f}",
+        cells += [f"{r['peak_memory_bytes'] / 2**20:.0f}", f"{r['page_faults_per_step']:.0f}", f"{r['warmup_s']:.1f}",
                   f"{r['model_flops_per_sample'] / 1e9:.2f}" if r["model_flops_per_sample"] else "-",
                   f"{r['achieved_tflops']:.3f}" if r["achieved_tflops"] else "-",
                   f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"]
@@ -164,9 +249,15 @@ def format_training(report: dict) -> str:
     r0 = results[0]
     lines.append(f"device: {r0['device']}; batch {r0['batch_size']}; {r0['steps']} timed steps; peak memory = "
                  f"{r0['peak_memory_kind']} over the timed steps; MFU against {r0['peak_source']}")
+    n = report.get("rounds", 1)
+    if n > 1:
+        lines.append(f"{n} rounds, every row in a fresh process each round, order reversed every other round; "
+                     "timings are medians over rounds, peak memory the largest")
     if "speedup_vs_naive" in report:
-        lines.append(f"ldm-lab vs naive: {report['speedup_vs_naive']:.2f}x samples/s, "
-                     f"{report['memory_vs_naive']:.2f}x peak memory")
+        spread = report["speedup_per_round"]
+        lines.append(f"ldm-lab vs naive: {report['speedup_vs_naive']:.2f}x samples/s"
+                     + (f" (median of rounds {', '.join(f'{x:.2f}' for x in spread)})" if n > 1 else "")
+                     + f", {report['memory_vs_naive']:.2f}x peak memory")
     return "\n".join(lines)
 
 

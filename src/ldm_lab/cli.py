@@ -19,7 +19,7 @@ examples:
   ldm-lab recipe check recipes/shapes/t2i.yaml
   ldm-lab recipe show recipes/shapes/t2i.yaml data.resolution=64
   ldm-lab cache recipes/shapes/t2i.yaml                     # latents + caption embeddings, once, to disk
-  ldm-lab bench --compare naive recipes/shapes/t2i.yaml     # samples/s, step breakdown, FLOPs, MFU vs naive
+  ldm-lab bench --compare naive --rounds 5 recipes/shapes/t2i.yaml   # samples/s, breakdown, FLOPs, MFU vs naive
   ldm-lab bench --sampling data/pretrained/shapes-t2i       # latency and adherence per sampler
   torchrun --nproc_per_node 2 -m ldm_lab.cli train recipes/shapes/t2i.yaml   # 2 processes (see docs/scaling.md)
   ldm-lab data shapes --out data/shapes --n 2000 --seed 0
@@ -93,6 +93,9 @@ def _parser() -> argparse.ArgumentParser:
                    "text encoder every step, no workers, no cache) in this process and print the ratio")
     b.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE ...",
                    help="also run the recipe with these overrides (repeatable), e.g. 'no-cl:train.channels_last=false'")
+    b.add_argument("--rounds", type=int, default=1, help="run every row N times, each in a fresh process, the order "
+                   "reversed every other round, and report medians (for machines whose speed drifts; default 1: "
+                   "every row once, in this process)")
     b.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s for MFU (GPUs: data-sheet table)")
     b.add_argument("--sampling", metavar="PIPELINE", help="benchmark the samplers on this pipeline / run dir instead")
     b.add_argument("--n", type=int, default=48, help="--sampling: prompts per sampler (default 48)")
@@ -265,8 +268,8 @@ def _bench(args) -> int:
         return 0
     if not args.recipe:
         raise UserError("give a recipe to benchmark training, or --sampling PIPELINE.")
-    if args.steps < 1 or args.warmup < 1:
-        raise UserError("--steps and --warmup must be at least 1.")
+    if args.steps < 1 or args.warmup < 1 or args.rounds < 1:
+        raise UserError("--steps, --warmup and --rounds must be at least 1.")
     variants = {}
     for v in args.variant:
         name, _, ov = v.partition(":")
@@ -278,7 +281,8 @@ def _bench(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     for ov in variants.values():  # a bad override is found before anything runs
         bench.apply_overrides(recipe, ov)
-    report = bench.run(recipe, args.steps, args.warmup, args.compare, args.peak_tflops, out, variants)
+    report = bench.run(recipe, args.steps, args.warmup, args.compare, args.peak_tflops, out, variants,
+                       rounds=args.rounds)
     report["command"] = "ldm-lab bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else None
     table = bench.format_training(report)
     print(table)

@@ -9,6 +9,7 @@ images + token ids (encoded on the fly); ``loss`` accepts both.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -98,8 +99,6 @@ class TextToImageTrainer(TrainerPlugin):
             return rows
         if d.check_rows and d.source != "shapes":
             with acc.main_process_first():
-                import os
-
                 big = len(rows) > 20000  # datasets' map in several processes (cached on disk for the other ranks)
                 rows, report = check_rows(rows, d.image_column, d.caption_column, d.min_image_size,
                                           d.skip_empty_captions, d.drop_duplicates,
@@ -198,9 +197,11 @@ class TextToImageTrainer(TrainerPlugin):
             rows.set_transform(transform)
             return rows
         from ..data.buckets import assign, bucket_transform
-        from ..data.checks import image_size
+        from ..data.checks import image_sizes
 
-        sizes = [image_size(v) for v in rows.cast_column(image_column, _no_decode()).with_format(None)[image_column]]
+        with self.accelerator.main_process_first():  # the other ranks read datasets' cached result
+            sizes = image_sizes(rows.with_format(None), image_column,
+                                num_proc=min(8, os.cpu_count() or 1) if len(rows) > 20000 else None)
         self.bucket_of_row = [assign(hw, self.buckets, d.buckets.max_upscale) if hw else None for hw in sizes]
         tfs = [bucket_transform(b, d.random_flip, d.center_crop) for b in self.buckets]
         self._dropped_raw = [i for i, b in enumerate(self.bucket_of_row) if b is None]
@@ -421,12 +422,6 @@ def _has_lists(rows, column: str) -> bool:
 
     f = rows.features.get(column)
     return isinstance(f, (datasets.Sequence, list)) or type(f).__name__ == "List"
-
-
-def _no_decode():
-    import datasets
-
-    return datasets.Image(decode=False)
 
 
 def evaluate_shapes(trainer, out: Path, e) -> dict:
