@@ -14,8 +14,7 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from ldm_lab.data.checks import (REASONS, SkipCounter, check_rows, image_sizes, require_rows, safe_rows, summary,
-                                 to_rgb)
+from ldm_lab.data.checks import REASONS, SkipCounter, check_rows, image_sizes, require_rows, safe_rows, summary, to_rgb
 from ldm_lab.recipe import RecipeError
 
 # file name -> caption; the image each file holds is written by _write_folder

@@ -8,7 +8,6 @@ validation cadence, checkpoints with a total limit, resume, logging and the prog
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import sys
 import time
@@ -44,13 +43,14 @@ def make_optimizer(recipe: Recipe, param_groups: list[dict], device: torch.devic
     return torch.optim.AdamW(param_groups, **kw, **impl_kw)
 
 
-def clip_gradients(accelerator: Accelerator, optimizer: torch.optim.Optimizer, max_norm: float) -> float | None:
+def clip_gradients(accelerator: Accelerator, optimizer: torch.optim.Optimizer, max_norm: float) -> torch.Tensor | None:
     """Clip the gradients of exactly the parameters the optimiser trains (every param group:
-    adapters of a LoRA run, both the UNet's and the text encoder's); returns the norm before
-    (None under DeepSpeed before its engine has one: it clips with its own gradient_clipping)."""
+    adapters of a LoRA run, both the UNet's and the text encoder's); returns the norm before, as a
+    0-dim tensor on the device (no host sync), or None under DeepSpeed before its engine has one
+    (it clips with its own gradient_clipping)."""
     params = [p for g in optimizer.param_groups for p in g["params"]]
     norm = accelerator.clip_grad_norm_(params, max_norm)
-    return None if norm is None else float(norm)
+    return None if norm is None else torch.as_tensor(norm, device=accelerator.device).float().reshape(())
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
@@ -301,12 +301,14 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, profile: Phases | N
             optimizer_phase.__enter__()
             if accelerator.sync_gradients:
                 norm = clip_gradients(accelerator, optimizer, t.max_grad_norm) if t.max_grad_norm else None
+                if norm is not None and not scaled:  # fp16: an inf gradient is the loss scaler's business
+                    window_bad = window_bad | ~torch.isfinite(norm)
+                # one reduction and one host sync per step: the mean loss, a bad step anywhere, a stop
+                # signal anywhere, the gradient norm
+                step_loss, skip, stop_now, norm = _step_values(accelerator, loss.detach(), window_bad,
+                                                               stop.signal_name is not None, norm)
                 if norm is not None:  # DeepSpeed clips inside its engine and may not report a norm
                     logs["grad_norm"] = norm
-                    if not scaled:  # fp16: an inf gradient is the loss scaler's business (it skips itself)
-                        window_bad = window_bad | (not math.isfinite(norm))
-                # one reduction per step for both flags: a bad step anywhere, a stop signal anywhere
-                skip, stop_now = _any_process(accelerator, window_bad, stop.signal_name is not None)
                 window_bad = torch.zeros((), dtype=torch.bool, device=accelerator.device)
             if skip and not scaled and not deepspeed:  # no update, no schedule step
                 optimizer.zero_grad(set_to_none=True)
@@ -331,7 +333,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, profile: Phases | N
         if ema is not None and not skip and step % t.ema.every == 0:
             with profile.phase("ema"):
                 _ema_step(ema, t, plugin, accelerator)
-        logs = {"loss": accelerator.gather(loss.detach()).mean().item() if not skip else float("nan"), **logs,
+        logs = {"loss": step_loss if not skip else float("nan"), **logs,
                 "lr": lr_scheduler.get_last_lr()[0]}
         if nonfinite.total:
             logs["nonfinite_steps"] = nonfinite.total
@@ -472,14 +474,19 @@ class _NonFinite:
         return self.in_a_row
 
 
-def _any_process(accelerator: Accelerator, *flags) -> tuple[bool, ...] | bool:
-    """Each flag (bool or 0-dim tensor) OR-ed over processes, in one reduction and one host sync
-    (every rank must take the same path)."""
-    t = torch.stack([torch.as_tensor(f, device=accelerator.device).to(torch.int32).reshape(()) for f in flags])
-    if accelerator.num_processes > 1:
-        t = accelerator.reduce(t, reduction="max")
-    out = tuple(bool(v) for v in t.tolist())
-    return out if len(out) > 1 else out[0]
+def _step_values(accelerator: Accelerator, loss: torch.Tensor, bad, stop: bool, norm) -> tuple:
+    """(loss averaged over processes, a bad step on any process, a stop signal on any process,
+    gradient norm or None) from one all-reduce and one host sync: every rank takes the same path,
+    and a GPU run waits for its device once per step, not once per logged value."""
+    dev = accelerator.device
+    vals = [loss.float().mean().reshape(()), torch.as_tensor(bad, device=dev).float().reshape(()),
+            torch.tensor(float(stop), device=dev), torch.as_tensor(0.0 if norm is None else norm, device=dev).float().reshape(())]
+    v = torch.stack([x.to(dev) for x in vals])
+    n = accelerator.num_processes
+    if n > 1:
+        v = accelerator.reduce(v, reduction="sum")
+    loss_v, bad_v, stop_v, norm_v = v.tolist()
+    return loss_v / n, bad_v > 0, stop_v > 0, None if norm is None else norm_v / n
 
 
 def _check_distributed(accelerator: Accelerator, recipe: Recipe) -> None:
