@@ -98,7 +98,7 @@ class AutoencoderTrainer(TrainerPlugin):
         rec_loss = l1 + self.opts["mse_weight"] * err.pow(2).mean()
         # KL per pixel element, so kl_weight means what LDM's does against a per-pixel-summed loss
         kl = kl_sum.mean() / x[0].numel()
-        return rec_loss + self.opts["kl_weight"] * kl, {"l1": l1.item(), "kl": kl.item()}
+        return rec_loss + self.opts["kl_weight"] * kl, {"l1": l1.detach(), "kl": kl.detach()}
 
     @torch.no_grad()
     def _full_images(self, n: int) -> torch.Tensor:

@@ -40,7 +40,9 @@ class TrainerPlugin:
     def train_dataloader(self) -> torch.utils.data.DataLoader:
         raise NotImplementedError
 
-    def loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
+        """The training loss and extra values to log (0-dim tensors stay on the device; the loop
+        reads them only on steps that log)."""
         raise NotImplementedError
 
     def save(self, out_dir: Path) -> None:

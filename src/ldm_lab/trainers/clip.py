@@ -80,7 +80,7 @@ class ClipTrainer(TrainerPlugin):
         out = self.clip(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], return_loss=True)
         with torch.no_grad():
             acc = (out.logits_per_text.argmax(-1) == torch.arange(len(out.logits_per_text), device=out.logits_per_text.device)).float().mean()
-        return out.loss, {"retrieval_acc": acc.item()}
+        return out.loss, {"retrieval_acc": acc.detach()}
 
     @torch.no_grad()
     def retrieval_accuracy(self, n: int = 256) -> float:

@@ -309,7 +309,7 @@ class DreamBoothTrainer(LoRATrainer):
         if not prior.any():
             return per.mean(), {}
         inst, pl = per[~prior].mean(), per[prior].mean()
-        return inst + self.opts.prior_loss_weight * pl, {"instance_loss": inst.item(), "prior_loss": pl.item()}
+        return inst + self.opts.prior_loss_weight * pl, {"instance_loss": inst.detach(), "prior_loss": pl.detach()}
 
     def checkpoint_hooks(self):
         return None if self.full else super().checkpoint_hooks()

@@ -341,8 +341,9 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, profile: Phases | N
         profile.end_step(bs)
         logs.update(progress.update(step, bs, {k: logs[k] for k in ("loss", "lr")}))
         if step % recipe.logging.log_every == 0 or step == t.max_steps:
+            # a plugin's own logs stay on the device until a step that logs (no sync per step)
+            logs = {k: v.item() if torch.is_tensor(v) else v for k, v in logs.items()}
             logs.update(throughput.logs(logs["samples_per_s"]))
-        if step % recipe.logging.log_every == 0 or step == t.max_steps:
             history.append({"step": step, **logs})
             if tracker:
                 accelerator.log(logs, step=step)
