@@ -206,11 +206,19 @@ def _in_fresh_process(recipe: Recipe, name: str, steps: int, warmup: int, out: P
     p = ctx.Process(target=_row_child, args=(child, recipe.model_dump(mode="json"), name, steps, warmup, str(out), peak))
     p.start()
     child.close()
-    try:
-        status, payload = parent.recv()
-    except EOFError:
-        status, payload = "error", "the process ended without a result"
-    p.join()
+    from multiprocessing.connection import wait
+
+    status, payload = "error", "the process ended without a result"
+    # a result, or the process's end (killed, out of memory) without one: either wakes this wait
+    if parent in wait([parent, p.sentinel]):
+        try:
+            status, payload = parent.recv()
+        except EOFError:
+            pass
+    p.join(timeout=60)
+    if p.is_alive():  # sent its result but hangs in shutdown (a worker that does not exit)
+        p.terminate()
+        p.join()
     if status != "ok":
         raise RuntimeError(f"benchmark row {name!r} failed in its process (exit code {p.exitcode}): {payload}")
     return payload
@@ -227,6 +235,7 @@ def _median_row(rows: list[dict]) -> dict:
     r["peak_memory_bytes"] = max(x["peak_memory_bytes"] for x in rows)
     for k in ("page_faults_per_step", "warmup_s"):
         r[k] = med(x[k] for x in rows)
+    r["step_s_p10_p90"] = [med(x["step_s_p10_p90"][i] for x in rows) for i in (0, 1)]  # medians over rounds
     r["achieved_tflops"] = r["samples_per_s"] * r["model_flops_per_sample"] / 1e12 if r["model_flops_per_sample"] else None
     r["mfu"] = r["achieved_tflops"] / r["peak_tflops"] if r["achieved_tflops"] and r["peak_tflops"] else None
     return r

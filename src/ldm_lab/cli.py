@@ -275,6 +275,9 @@ def _bench(args) -> int:
         name, _, ov = v.partition(":")
         if not name or not ov.strip():
             raise UserError(f"--variant '{v}' is not NAME:KEY=VALUE [KEY=VALUE ...].")
+        if name in ("naive", "ldm-lab") or name in variants:
+            taken = "is already used by another --variant" if name in variants else "names a built-in row"
+            raise UserError(f"--variant name '{name}' {taken}: give each variant its own name.")
         variants[name] = ov.split()
     from .recipe import load_recipe
 

@@ -9,6 +9,7 @@ forward pass) is subtracted from its parent, so the parts add up to the step.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from collections import defaultdict
@@ -146,7 +147,10 @@ def precision_of(mixed_precision: str, tf32: bool) -> str:
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_GLIBC_DEFAULT_THRESHOLD = 128 * 1024
+# what ``system`` sets after ``reuse`` changed this process: glibc cannot be put back to its dynamic
+# mmap threshold once it was set, so the top of that dynamic range (32 MiB on 64-bit) is used, with
+# a trim threshold of twice that, which is where the dynamic policy settles for large buffers
+_SYSTEM_MMAP_THRESHOLD, _SYSTEM_TRIM_THRESHOLD = 32 << 20, 64 << 20
 _host_allocator_tuned = False
 
 
@@ -154,13 +158,15 @@ def _glibc():
     """The process's C library when it is glibc and no other allocator is preloaded, else None."""
     import ctypes
 
+    if not sys.platform.startswith("linux"):
+        return None  # macOS/Windows: another C library (ctypes.CDLL(None) is refused on Windows)
     if any(a in os.environ.get("LD_PRELOAD", "") for a in ("jemalloc", "tcmalloc", "mimalloc")):
         return None
     try:
         libc = ctypes.CDLL(None)
-        libc.gnu_get_libc_version  # noqa: B018 - raises AttributeError off glibc
+        libc.gnu_get_libc_version  # noqa: B018 - raises AttributeError off glibc (musl)
         return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
-    except (OSError, AttributeError):
+    except Exception:  # any failure to reach the C library leaves the allocator alone
         return None
 
 
@@ -172,8 +178,12 @@ def host_allocator(mode: str) -> str:
     training step maps its activation buffers afresh and page-faults tens of megabytes of zeroed
     pages (about 10,000 minor faults per step for the shapes UNet at batch 32). Raising both
     thresholds keeps freed memory in the process for the next step: no faults, same peak. The
-    effect of jemalloc/tcmalloc, without preloading a library. ``system`` puts glibc's static
-    defaults back (only if ``reuse`` changed them in this process) and trims the heap."""
+    effect of jemalloc/tcmalloc, without preloading a library. Older glibc (before 2.36) caps the
+    mmap threshold at 32 MiB, so buffers above that are still mapped per step there. The policy is
+    per process: every rank and dataloader worker keeps its own freed memory.
+
+    ``system`` trims the heap and, in a process that ``reuse`` already changed, sets fixed
+    thresholds (mmap 32 MiB, trim 64 MiB): glibc has no call that restores its dynamic policy."""
     global _host_allocator_tuned
     libc = _glibc()
     if libc is None:
@@ -186,11 +196,12 @@ def host_allocator(mode: str) -> str:
         libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
         _host_allocator_tuned = True
         return f"host allocator: glibc keeps freed memory for reuse (mmap threshold {big >> 20} MiB, trim 1 GiB)"
-    if _host_allocator_tuned:
-        libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD)
-        libc.mallopt(_M_TRIM_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD)
-        _host_allocator_tuned = False
     libc.malloc_trim(0)
+    if _host_allocator_tuned:
+        libc.mallopt(_M_MMAP_THRESHOLD, _SYSTEM_MMAP_THRESHOLD)
+        libc.mallopt(_M_TRIM_THRESHOLD, _SYSTEM_TRIM_THRESHOLD)
+        _host_allocator_tuned = False
+        return "host allocator: glibc with fixed thresholds (mmap 32 MiB, trim 64 MiB; reuse was set earlier in this process)"
     return "host allocator: glibc defaults"
 
 

@@ -480,9 +480,13 @@ def _step_values(accelerator: Accelerator, loss: torch.Tensor, bad, stop: bool, 
     gradient norm or None) from one all-reduce and one host sync: every rank takes the same path,
     and a GPU run waits for its device once per step, not once per logged value."""
     dev = accelerator.device
-    vals = [loss.float().mean().reshape(()), torch.as_tensor(bad, device=dev).float().reshape(()),
-            torch.tensor(float(stop), device=dev), torch.as_tensor(0.0 if norm is None else norm, device=dev).float().reshape(())]
-    v = torch.stack([x.to(dev) for x in vals])
+
+    def scalar(x) -> torch.Tensor:  # python numbers become fill kernels on the device, not host copies
+        if isinstance(x, torch.Tensor):
+            return x.to(dev).float().reshape(())
+        return torch.full((), float(x), device=dev)
+
+    v = torch.stack([scalar(loss.float().mean()), scalar(bad), scalar(stop), scalar(0.0 if norm is None else norm)])
     n = accelerator.num_processes
     if n > 1:
         v = accelerator.reduce(v, reduction="sum")
