@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .perf import PeakMemory, Phases, peak_tflops, precision_of, release_host_memory
+from .perf import PeakMemory, Phases, device_name, peak_tflops, precision_of, release_host_memory
 from .recipe import Recipe, pipeline_defaults
 
 NAIVE = ["data.cache_latents=false", "data.num_workers=0", "data.buckets.enabled=false", "train.channels_last=false",
@@ -121,7 +121,7 @@ def run_training(recipe: Recipe, name: str, steps: int, warmup: int, out: Path, 
     peak_tf, peak_src = peak_tflops(device, precision, peak)
     achieved = sps * flops / 1e12 if flops else None
     result = {
-        "pipeline": name, "samples_per_s_rounds": [samples / sum(timed)], "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "pipeline": name, "samples_per_s_rounds": [samples / sum(timed)], "device": device_name(),
         "batch_size": recipe.train.batch_size, "steps": steps, "samples_per_s": sps, "step_s": step_s,
         "phases_s": phases, "peak_memory_bytes": throughput.memory.peak, "peak_memory_kind": throughput.memory.kind,
         # host page faults per timed step; the warm-up's wall time (includes compilation)
@@ -304,7 +304,7 @@ def run_sampling(source: str, n: int = 48, heldout_n: int = 0, guidance: float =
         rows.append({"sampler": name, "steps": steps, "s_per_image": timing["s"] / max(timing["images"], 1),
                      "adherence": {k: result.get("seen", result)[k] for k in ("color", "shape", "size", "position", "background", "all")}})
     return {"source": str(source), "n": n, "batch": batch, "guidance": guidance, "samplers": rows,
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"}
+            "device": device_name()}
 
 
 def format_sampling(report: dict) -> str:
