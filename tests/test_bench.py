@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -41,6 +42,8 @@ def test_bench_runs_both_pipelines_and_writes_json(tiny_parts, tmp_path, capsys)
     assert 0 < lo <= hi
     if not torch.cuda.is_available():  # hosts differ: the CPU's kernels' instruction set is named
         assert torch.backends.cpu.get_cpu_capability() in ours["device"] and "threads" in ours["device"]
+        flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+        assert ("AMX-BF16" in ours["device"]) == (" amx_bf16" in flags)
         assert f"device: {ours['device']};" in table
 
 
@@ -247,9 +250,29 @@ def test_bench_rejects_zero_rounds(capsys):
     assert "--rounds" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("names", [["naive"], ["ldm-lab"], ["a", "a"]])
+@pytest.mark.parametrize("names", [["naive"], ["ldm-lab"], ["a", "a"], [" naive"], ["a/b"], [".."]])
 def test_bench_rejects_variant_names_that_clash(names, capsys):
     args = [a for n in names for a in ("--variant", f"{n}:train.channels_last=false")]
     assert cli_main(["bench", *args, str(RECIPE)]) == 2
     err = capsys.readouterr().err
     assert "--variant name" in err and "Traceback" not in err
+
+
+def test_rounds_pool_step_spread_and_take_medians():
+    """p10/p90 over every timed step of every round (a slow round shows), medians of the rates,
+    the largest peak memory."""
+    from ldm_lab.bench import _median_row
+
+    def row(times, sps, peak):
+        return {"samples_per_s": sps, "step_s": sum(times) / len(times), "phases_s": {"forward": times[0]},
+                "peak_memory_bytes": peak, "page_faults_per_step": 1.0, "warmup_s": 1.0, "step_times_s": times,
+                "step_s_p10_p90": [min(times), max(times)], "model_flops_per_sample": 0, "peak_tflops": None}
+
+    fast = [0.1] * 9 + [0.11]
+    slow = [0.3] * 10
+    r = _median_row([row(fast, 100.0, 5), row(fast, 90.0, 7), row(slow, 30.0, 6)])
+    assert r["samples_per_s"] == 90.0 and r["samples_per_s_rounds"] == [100.0, 90.0, 30.0]
+    assert r["peak_memory_bytes"] == 7 and r["phases_s"]["forward"] == 0.1
+    assert len(r["step_times_s"]) == 30
+    lo, hi = r["step_s_p10_p90"]
+    assert lo == pytest.approx(0.1) and hi == pytest.approx(0.3)  # the slow round's steps are the top third

@@ -126,8 +126,7 @@ def run_training(recipe: Recipe, name: str, steps: int, warmup: int, out: Path, 
         "phases_s": phases, "peak_memory_bytes": throughput.memory.peak, "peak_memory_kind": throughput.memory.kind,
         # host page faults per timed step; the warm-up's wall time (includes compilation)
         "page_faults_per_step": throughput.faults / len(timed), "warmup_s": sum(throughput.step_times[:warmup]),
-        "step_s_p10_p90": [float(v) for v in torch.quantile(torch.tensor(timed, dtype=torch.float64),
-                                                            torch.tensor([0.1, 0.9], dtype=torch.float64))],
+        "step_s_p10_p90": _p10_p90(timed), "step_times_s": list(timed),
         "model_flops_per_sample": flops, "achieved_tflops": achieved, "peak_tflops": peak_tf, "peak_source": peak_src,
         "mfu": achieved / peak_tf if achieved and peak_tf else None, "precision": precision,
         "recipe": {"cache_latents": recipe.data.cache_latents, "num_workers": recipe.data.num_workers,
@@ -217,11 +216,24 @@ def _in_fresh_process(recipe: Recipe, name: str, steps: int, warmup: int, out: P
             pass
     p.join(timeout=60)
     if p.is_alive():  # sent its result but hangs in shutdown (a worker that does not exit)
+        print(f"[{name}] the row's process did not exit 60 s after its result; terminating it")
         p.terminate()
         p.join()
     if status != "ok":
-        raise RuntimeError(f"benchmark row {name!r} failed in its process (exit code {p.exitcode}): {payload}")
+        how = f"exit code {p.exitcode}"
+        if p.exitcode is not None and p.exitcode < 0:
+            import signal
+
+            sig = signal.Signals(-p.exitcode).name
+            how = f"killed by {sig}" + (" (the kernel's out-of-memory killer sends it: lower train.batch_size)"
+                                        if sig == "SIGKILL" else "")
+        raise RuntimeError(f"benchmark row {name!r} failed in its process ({how}): {payload}")
     return payload
+
+
+def _p10_p90(times: list[float]) -> list[float]:
+    q = torch.quantile(torch.tensor(times, dtype=torch.float64), torch.tensor([0.1, 0.9], dtype=torch.float64))
+    return [float(v) for v in q]
 
 
 def _median_row(rows: list[dict]) -> dict:
@@ -235,7 +247,9 @@ def _median_row(rows: list[dict]) -> dict:
     r["peak_memory_bytes"] = max(x["peak_memory_bytes"] for x in rows)
     for k in ("page_faults_per_step", "warmup_s"):
         r[k] = med(x[k] for x in rows)
-    r["step_s_p10_p90"] = [med(x["step_s_p10_p90"][i] for x in rows) for i in (0, 1)]  # medians over rounds
+    # the spread of every timed step of every round together: a slow round shows in p90
+    r["step_times_s"] = [v for x in rows for v in x["step_times_s"]]
+    r["step_s_p10_p90"] = _p10_p90(r["step_times_s"])
     r["achieved_tflops"] = r["samples_per_s"] * r["model_flops_per_sample"] / 1e12 if r["model_flops_per_sample"] else None
     r["mfu"] = r["achieved_tflops"] / r["peak_tflops"] if r["achieved_tflops"] and r["peak_tflops"] else None
     return r

@@ -273,8 +273,12 @@ def _bench(args) -> int:
     variants = {}
     for v in args.variant:
         name, _, ov = v.partition(":")
+        name = name.strip()
         if not name or not ov.strip():
             raise UserError(f"--variant '{v}' is not NAME:KEY=VALUE [KEY=VALUE ...].")
+        if "/" in name or "\\" in name or name in (".", ".."):
+            raise UserError(f"--variant name '{name}' is also the name of its output folder, so it cannot hold '/' "
+                            "or '\\' or be '.' or '..': use letters, digits, '-' or '_'.")
         if name in ("naive", "ldm-lab") or name in variants:
             taken = "is already used by another --variant" if name in variants else "names a built-in row"
             raise UserError(f"--variant name '{name}' {taken}: give each variant its own name.")

@@ -142,19 +142,27 @@ def peak_tflops(device: torch.device | str, precision: str, given: float | None 
 def device_name() -> str:
     """The device a benchmark ran on, in words: the GPU's name, or the CPU's model, the vector
     instructions PyTorch's kernels use on it and the thread count (hosts of one machine type differ:
-    the same recipe ran 2.6x faster on an AVX-512 host than on an AVX2 one)."""
+    the same recipe ran 2.6x faster on an AVX-512/AMX host than on an AVX2 one)."""
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
-    model = ""
+    import platform
+
+    model, flags = "", set()
     try:
         with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and not model:
+                    model = value.strip()
+                elif key.strip() in ("flags", "Features") and not flags:
+                    flags = set(value.split())
     except OSError:
-        import platform
-
-        model = platform.processor()
-    isa = torch.backends.cpu.get_cpu_capability()
-    return f"cpu: {model or 'unknown model'}, {isa}, {torch.get_num_threads()} threads"
+        pass
+    model = model or platform.processor() or platform.machine() or "unknown model"
+    # what decides whether bf16 can be fast here: matrix units and bf16 vector instructions
+    extra = [name for flag, name in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16")) if flag in flags]
+    isa = ", ".join([torch.backends.cpu.get_cpu_capability(), *extra])
+    return f"cpu: {model}, {isa}, {torch.get_num_threads()} threads"
 
 
 def precision_of(mixed_precision: str, tf32: bool) -> str:
@@ -216,8 +224,10 @@ def host_allocator(mode: str) -> str:
         return f"host allocator: glibc keeps freed memory for reuse (mmap threshold {big >> 20} MiB, trim 1 GiB)"
     libc.malloc_trim(0)
     if _host_allocator_tuned:
-        libc.mallopt(_M_MMAP_THRESHOLD, _SYSTEM_MMAP_THRESHOLD)
-        libc.mallopt(_M_TRIM_THRESHOLD, _SYSTEM_TRIM_THRESHOLD)
+        mmap_ok = libc.mallopt(_M_MMAP_THRESHOLD, _SYSTEM_MMAP_THRESHOLD) == 1
+        trim_ok = libc.mallopt(_M_TRIM_THRESHOLD, _SYSTEM_TRIM_THRESHOLD) == 1
+        if not (mmap_ok and trim_ok):
+            return "host allocator: glibc refused the fixed thresholds; the reuse policy set earlier in this process stays"
         _host_allocator_tuned = False
         return "host allocator: glibc with fixed thresholds (mmap 32 MiB, trim 64 MiB; reuse was set earlier in this process)"
     return "host allocator: glibc defaults"

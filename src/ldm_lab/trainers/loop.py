@@ -484,7 +484,7 @@ def _step_values(accelerator: Accelerator, loss: torch.Tensor, bad, stop: bool, 
     def scalar(x) -> torch.Tensor:  # python numbers become fill kernels on the device, not host copies
         if isinstance(x, torch.Tensor):
             return x.to(dev).float().reshape(())
-        return torch.full((), float(x), device=dev)
+        return torch.full((), float(x), dtype=torch.float32, device=dev)
 
     v = torch.stack([scalar(loss.float().mean()), scalar(bad), scalar(stop), scalar(0.0 if norm is None else norm)])
     n = accelerator.num_processes
