@@ -84,3 +84,43 @@ def test_unet_presets():
     assert x.shape == (2, 4, 8, 8)
     with pytest.raises(ValueError, match="'tiny', 'sd15' or 'sd21'"):
         UNetSpec(preset="sd99")
+
+
+def test_lerp_ema_matches_diffusers_ema_and_the_closed_form():
+    """The loop's fused EMA update gives diffusers' EMAModel result (decay warm-up, a frozen
+    parameter copied, a module passed) and, for one step, shadow - (1 - d)(shadow - param)."""
+    from diffusers.training_utils import EMAModel
+
+    from ldm_lab.trainers.loop import LerpEMA
+
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(7, 3, generator=g)), torch.nn.Parameter(torch.randn(5, generator=g))]
+    params[1].requires_grad_(False)
+    ours = LerpEMA(params, decay=0.99, use_ema_warmup=True, foreach=True)
+    ref = EMAModel(params, decay=0.99, use_ema_warmup=True, foreach=True)
+    for i in range(6):
+        with torch.no_grad():
+            for p in params:
+                p.add_(torch.randn(p.shape, generator=g))
+        before = [x.clone() for x in ours.shadow_params]
+        ours.step(params)
+        ref.step(params)
+        d = ours.cur_decay_value
+        assert d == ref.cur_decay_value and (d > 0) == (i > 0)  # diffusers' first update copies
+        torch.testing.assert_close(ours.shadow_params[0], before[0] - (1 - d) * (before[0] - params[0]))
+        torch.testing.assert_close(ours.shadow_params[1], params[1].detach())
+    assert ours.optimization_step == ref.optimization_step == 6
+    for a, b in zip(ours.shadow_params, ref.shadow_params):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(ours.shadow_params[0], params[0])  # averaged, not copied
+    module = torch.nn.Linear(3, 2)
+    ema = LerpEMA(module.parameters(), decay=0.5, use_ema_warmup=False, foreach=True)
+    with torch.no_grad():
+        module.weight.add_(1.0)
+    ema.step(module)  # diffusers also accepts the module itself; its first update copies
+    with torch.no_grad():
+        module.weight.add_(1.0)
+    ema.step(module)
+    d = ema.cur_decay_value  # diffusers' schedule: min(decay, (1 + step) / (10 + step)) = 2 / 11
+    assert d == pytest.approx(2 / 11)
+    torch.testing.assert_close(ema.shadow_params[0], module.weight.detach() - d)  # lagging by d of the +1
