@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 RUN := $(BIN)/python
 
-.PHONY: setup test test-slow lint bench demo demo-lora demo-dreambooth demo-controlnet subject pretrained clean
+.PHONY: setup test test-slow lint bench bench-gpu demo demo-lora demo-dreambooth demo-controlnet subject pretrained clean
 
 setup:
 	$(PY) -m venv $(VENV)
@@ -26,6 +26,12 @@ lint:
 bench:
 	$(BIN)/ldm-lab bench --compare naive --rounds 5 --steps 40 recipes/shapes/t2i.yaml
 	$(BIN)/ldm-lab bench --sampling data/pretrained/shapes-t2i --n 48
+
+# GPU rows: the SD 1.5 architecture with random weights (offline), 512 px and 256 px, vs naive.
+bench-gpu:
+	$(BIN)/ldm-lab bench --compare naive --rounds 3 --steps 30 --out runs/bench/sd15-512 recipes/sd15/bench-random.yaml
+	$(BIN)/ldm-lab bench --compare naive --rounds 3 --steps 30 --out runs/bench/sd15-256 recipes/sd15/bench-random.yaml \
+		data.resolution=256 data.shapes.resolution=256 train.batch_size=64
 
 # The main job: a text-to-image UNet trained from scratch on the shapes world (CPU, offline).
 # accelerate launch gives each process one CPU thread unless told otherwise.

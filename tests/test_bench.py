@@ -276,3 +276,45 @@ def test_rounds_pool_step_spread_and_take_medians():
     assert len(r["step_times_s"]) == 30
     lo, hi = r["step_s_p10_p90"]
     assert lo == pytest.approx(0.1) and hi == pytest.approx(0.3)  # the slow round's steps are the top third
+
+
+SD15_BENCH = REPO / "recipes/sd15/bench-random.yaml"
+
+
+def test_sd15_random_bench_recipe_is_the_sd15_architecture_and_offline():
+    """The GPU throughput recipe builds the SD 1.5 UNet, SD VAE and CLIP ViT-L text tower from
+    configs (nothing downloaded) and their shapes agree: 8x downsampling, 4 latent channels,
+    768-wide text states of 77 tokens for the UNet's cross-attention."""
+    from diffusers import UNet2DConditionModel
+
+    from ldm_lab.components import load_autoencoder, load_text_encoder, unet_config
+    from ldm_lab.recipe import load_recipe
+
+    r = load_recipe(SD15_BENCH, [])
+    with torch.device("meta"):  # the 860 M-parameter UNet without allocating it
+        unet = UNet2DConditionModel(**unet_config(r.model.unet))
+    assert sum(p.numel() for p in unet.parameters()) == 859_520_964  # stable-diffusion-v1-5's UNet
+    te = load_text_encoder(r.model.text_encoder)
+    assert te.hidden_size == unet.config.cross_attention_dim == 768 and te.max_length == 77
+    ids = te.tokenize(["a large red circle at the center on a white background"])
+    assert ids.shape == (1, 77) and len(te.tokenizer.get_vocab()) == 49408
+    vae = load_autoencoder(r.model.autoencoder)
+    assert vae.config.latent_channels == unet.config.in_channels == 4
+    with torch.no_grad():
+        z = vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mean
+    assert z.shape == (1, 4, 8, 8)  # 512 px -> 64x64 latents, as SD 1.5
+
+
+def test_sd15_random_bench_recipe_runs_scaled_down(tmp_path, capsys):
+    """The same recipe through `ldm-lab bench --compare naive`, with a tiny UNet (768-wide
+    cross-attention) at 32 px so it runs on a CPU: the wiring a GPU run uses."""
+    out = tmp_path / "bench"
+    ov = ["model.unet.preset=tiny", "model.unet.overrides={cross_attention_dim: 768}", "data.shapes.n=16",
+          "data.shapes.resolution=32", "data.resolution=32", f"data.cache_dir={tmp_path / 'data'}",
+          "data.num_workers=0", "train.batch_size=4", "train.mixed_precision=no", f"output.dir={tmp_path / 'run'}"]
+    assert cli_main(["bench", "--steps", "2", "--warmup", "1", "--compare", "naive", "--out", str(out),
+                     str(SD15_BENCH), *ov]) == 0
+    rep = json.loads((out / "training.json").read_text())
+    by = {r["pipeline"]: r for r in rep["results"]}
+    assert by["naive"]["phases_s"]["autoencoder"] > 0 and by["ldm-lab"]["recipe"]["cache_latents"] is True
+    assert by["ldm-lab"]["model_flops_per_sample"] == by["naive"]["model_flops_per_sample"] > 0
