@@ -37,7 +37,8 @@ def lora_env(tiny_pipeline, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("lora")
     shapes.generate(root / "data", 24, seed=3, world=shapes.World(resolution=32))
-    assert cli_main(_flags(tiny_pipeline, root / "data", root / "run", root / "cache")) == 0
+    assert cli_main([*_flags(tiny_pipeline, root / "data", root / "run", root / "cache"),
+                     f"output.export_to={root / 'exported'}"]) == 0
     return {"base": tiny_pipeline, "data": root / "data", "run": root / "run", "root": root}
 
 
@@ -56,6 +57,8 @@ def test_run_writes_diffusers_lora_with_metadata(lora_env):
     w = load_file(f)
     assert all("lora" in k for k in w)
     assert any(k.endswith("lora.up.weight") and v.abs().max() > 0 for k, v in w.items())
+    # output.export_to: the same file (weights and metadata) in the export dir
+    assert (lora_env["root"] / "exported" / f.name).read_bytes() == f.read_bytes()
 
 
 def _stock_samples(base: Path, loras: list, out: Path) -> list[np.ndarray]:

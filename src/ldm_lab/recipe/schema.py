@@ -256,7 +256,7 @@ class LoggingSpec(Strict):
 
 class OutputSpec(Strict):
     dir: str = "runs/run"
-    export_to: str | None = None  # also copy the final artifact here (stage-one parts)
+    export_to: str | None = None  # also copy the final artifact here (a dir; a LoRA file also to a .safetensors path)
 
 
 class Recipe(Strict):

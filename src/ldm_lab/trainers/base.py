@@ -89,13 +89,23 @@ class TrainerPlugin:
         return self.accelerator.unwrap_model(module)
 
     def export(self, artifact: Path) -> None:
-        """Copy the finished ``artifact`` dir to ``output.export_to`` (when set): copied next to
-        the target first and swapped in, so an interrupted export leaves the old copy intact."""
+        """Copy the finished ``artifact`` (a dir, or one file such as a LoRA) to
+        ``output.export_to`` (when set): copied next to the target first and swapped in, so an
+        interrupted export leaves the old copy intact. A file goes into the ``export_to`` dir
+        under its own name, or to ``export_to`` itself when that ends with the file's suffix."""
+        import os
         import shutil
 
         if not self.recipe.output.export_to:
             return
         dst = Path(self.recipe.output.export_to)
+        if artifact.is_file():
+            target = dst if dst.suffix == artifact.suffix else dst / artifact.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(target.name + ".tmp-export")
+            shutil.copyfile(artifact, tmp)
+            os.replace(tmp, target)
+            return
         tmp, old = dst.with_name(dst.name + ".tmp-export"), dst.with_name(dst.name + ".old-export")
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(artifact, tmp)

@@ -193,6 +193,7 @@ class LoRATrainer(TextToImageTrainer):
                       text_encoder_lora_adapter_metadata=cfg)
         StableDiffusionPipeline.save_lora_weights(out_dir, safe_serialization=True, **kw)
         add_metadata(out_dir / WEIGHT_NAME, self.lora_metadata())
+        self.export(out_dir / WEIGHT_NAME)
 
     def plain_lora(self, module, name: str) -> tuple[dict[str, torch.Tensor], dict]:
         """Adapter weights and PEFT config of ``module`` as a LoRA for the *original* base.
