@@ -189,7 +189,8 @@ def _parser() -> argparse.ArgumentParser:
     fc.add_argument("--prompt-dropout", type=float, help="share of steps with the empty prompt (default 0.5)")
     _run_flags(fc, lr="1e-5", steps=5000, batch=4, text=False)
 
-    x = sub.add_parser("export", help="convert LoRA files between layouts, or fuse LoRAs into a pipeline")
+    x = sub.add_parser("export", help="convert LoRA files between layouts, fuse LoRAs into a pipeline, or write a "
+                                      "pipeline as one A1111/ComfyUI checkpoint file")
     xs = x.add_subparsers(dest="action", required=True, metavar="ACTION")
     xl = xs.add_parser("lora", help="write a LoRA in the diffusers, PEFT or kohya (A1111/ComfyUI) layout")
     xl.add_argument("source", help="a LoRA .safetensors file or a run dir holding pytorch_lora_weights.safetensors")
@@ -200,6 +201,11 @@ def _parser() -> argparse.ArgumentParser:
     xm.add_argument("--lora", required=True, action="append", help="FILE[:scale] (repeatable)")
     xm.add_argument("--scale", type=float, default=None, help="scale of every --lora given without its own")
     xm.add_argument("--out", required=True, help="new pipeline dir")
+    xf = xs.add_parser("single-file", help="write an SD 1.x-class pipeline as one original-layout .safetensors "
+                                           "checkpoint (A1111, ComfyUI, Forge, kohya; diffusers' from_single_file)")
+    xf.add_argument("source", help="a diffusers pipeline dir or a run dir holding pipeline/")
+    xf.add_argument("--out", required=True, help="new .safetensors file")
+    xf.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="weights' precision in the file")
 
     ep = es.add_parser("pipeline", help="sample the fixed shapes evaluation prompts from a pipeline and score them",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -538,6 +544,8 @@ def _controlnet_args(items: list[str], images: list[str]) -> list[tuple[str, flo
 def _export(args) -> int:
     from . import lora_io
 
+    if args.action == "single-file":
+        return _export_single_file(args)
     if args.action == "merge":
         loras = _lora_args(args.lora, args.scale)
         out = Path(args.out)
@@ -561,6 +569,30 @@ def _export(args) -> int:
     except ValueError as e:
         raise UserError(str(e)) from None
     print(f"wrote {args.format} LoRA ({len(w.modules())} adapted modules) to {out}")
+    return 0
+
+
+def _export_single_file(args) -> int:
+    import torch
+
+    from . import single_file
+
+    src, out = Path(args.source), Path(args.out)
+    if (src / "pipeline" / "model_index.json").exists():
+        src = src / "pipeline"  # a run dir
+    if out.suffix != ".safetensors":
+        raise UserError(f"--out '{out}' must end in .safetensors.")
+    if out.exists():
+        raise UserError(f"--out '{out}' exists; choose a new file name so nothing is overwritten.")
+    dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    try:
+        single_file.write(src, out, dtype)
+    except single_file.SingleFileError as e:
+        raise UserError(f"cannot write '{args.source}' as one checkpoint: {e}.") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read a pipeline from '{args.source}' ({str(e).splitlines()[0][:200]}); give a "
+                        "diffusers pipeline dir or a run dir holding pipeline/.") from None
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.dtype}; original SD layout)")
     return 0
 
 

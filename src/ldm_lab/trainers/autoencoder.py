@@ -63,6 +63,7 @@ class AutoencoderTrainer(TrainerPlugin):
 
     def setup(self) -> None:
         self.opts = check_options(self.recipe.plugin, OPTIONS, self.name)
+        self.refuse_single_file("an autoencoder run writes an autoencoder")
         spec = self.recipe.model.autoencoder
         if spec is None:
             raise RecipeError("the autoencoder trainer needs model.autoencoder (a 'config' for a new one, or "

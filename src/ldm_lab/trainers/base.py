@@ -88,6 +88,29 @@ class TrainerPlugin:
     def unwrap(self, module: nn.Module) -> nn.Module:
         return self.accelerator.unwrap_model(module)
 
+    def write_single_file(self, pipeline_dir: Path) -> None:
+        """``output.single_file``: the saved pipeline also as ``pipeline.safetensors`` beside it, in
+        the original SD layout (``ldm-lab export single-file`` on a finished run does the same)."""
+        precision = self.recipe.output.single_file
+        if precision is None:
+            return
+        import torch
+
+        from .. import single_file
+
+        dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+        out = single_file.write(pipeline_dir, pipeline_dir.with_suffix(".safetensors"), dtype)
+        self.accelerator.print(f"single-file checkpoint ({precision}, original SD layout): {out}")
+
+    def refuse_single_file(self, what: str, adapters: bool = False) -> None:
+        """``output.single_file`` is for trainers that write a whole pipeline: refused up front elsewhere."""
+        if self.recipe.output.single_file is not None:
+            from ..recipe import RecipeError
+
+            hint = (" (after training, ldm-lab export merge and then ldm-lab export single-file make one file of the "
+                    "base with the adapters fused)") if adapters else ""
+            raise RecipeError(f"output.single_file writes a whole pipeline, and {what}; unset it{hint}.")
+
     def export(self, artifact: Path) -> None:
         """Copy the finished ``artifact`` (a dir, or one file such as a LoRA) to
         ``output.export_to`` (when set): copied next to the target first and swapped in, so an

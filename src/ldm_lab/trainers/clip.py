@@ -42,6 +42,8 @@ class ClipTrainer(TrainerPlugin):
     def setup(self) -> None:
         from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
+        self.refuse_single_file("a CLIP run writes a text encoder")
+
         self.opts = check_options(self.recipe.plugin, OPTIONS, self.name)
         d = self.recipe.data
         tok_dir = self.run_dir / "tokenizer"

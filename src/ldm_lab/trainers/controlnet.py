@@ -90,6 +90,7 @@ class ControlNetTrainer(TextToImageTrainer):
         from diffusers import ControlNetModel
 
         self.opts = o = ControlNetOptions.model_validate(self.recipe.plugin)
+        self.refuse_single_file("a ControlNet run writes a ControlNet, which loads beside a base")
         if self.recipe.data.streaming or self.recipe.data.buckets.enabled:
             raise RecipeError("the controlnet trainer reads a map-style dataset with centre crops; set "
                               "data.streaming=false and data.buckets.enabled=false.")

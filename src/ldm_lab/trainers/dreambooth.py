@@ -208,6 +208,8 @@ class DreamBoothTrainer(LoRATrainer):
     def setup(self) -> None:
         self.opts = o = DreamBoothOptions.model_validate(self.recipe.plugin)
         self.full = o.mode == "full"
+        if not self.full:
+            self.refuse_single_file("DreamBooth in LoRA mode writes adapters", adapters=True)
         try:
             class_prompts = o.class_prompts()
         except ValueError as e:
@@ -321,6 +323,7 @@ class DreamBoothTrainer(LoRATrainer):
         if self.te_model is not None:
             pipe.text_encoder = self.unwrap(self.te_model)
         pipe.save_pretrained(out_dir / "pipeline")
+        self.write_single_file(out_dir / "pipeline")
         self.export(out_dir / "pipeline")
 
     def lora_metadata(self) -> dict:

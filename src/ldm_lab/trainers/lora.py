@@ -50,6 +50,7 @@ class LoRATrainer(TextToImageTrainer):
 
     def setup(self) -> None:
         self.opts = LoRAOptions.model_validate(self.recipe.plugin)
+        self.refuse_single_file("a LoRA run writes adapters", adapters=True)
         self.build_models()
         self.build_data()  # caches come from the pure base (PiSSA/OLoRA inits change base weights)
         self.add_adapters()

@@ -390,6 +390,7 @@ class TextToImageTrainer(TrainerPlugin):
     def save(self, out_dir: Path) -> None:
         pipe = self.pipeline("dpm++")
         pipe.save_pretrained(out_dir / "pipeline")
+        self.write_single_file(out_dir / "pipeline")
         self.export(out_dir / "pipeline")
 
     def evaluate(self) -> dict:
