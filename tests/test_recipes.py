@@ -106,6 +106,9 @@ def substitute(path: Path, parts: dict[str, Path], pipeline: Path | None = None)
                    f"model.text_encoder.tokenizer={parts['clip'] / 'tokenizer'}",
                    "model.text_encoder.config={d_model: 32, d_ff: 64, num_layers: 1, num_heads: 2, d_kv: 16, vocab_size: 49408}"]
         else:
+            if te.get("config"):  # a CLIP built from a config (recipes/sd15/bench-random.yaml): the tiny one instead
+                ov += ["model.text_encoder.config=null", "model.text_encoder.tokenizer=null",
+                       "model.text_encoder.max_length=null"]
             ov += [f"model.text_encoder.pretrained={parts['clip']}", "model.text_encoder.subfolder=text_encoder"]
     if model.get("autoencoder", {}).get("pretrained"):
         ov += [f"model.autoencoder.pretrained={parts['vae']}", "model.autoencoder.subfolder=null"]
