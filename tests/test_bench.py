@@ -306,10 +306,17 @@ def test_sd15_random_bench_recipe_is_the_sd15_architecture_and_offline():
 
 
 def test_sd15_random_bench_recipe_runs_scaled_down(tmp_path, capsys):
-    """The same recipe through `ldm-lab bench --compare naive`, with a tiny UNet (768-wide
-    cross-attention) at 32 px so it runs on a CPU: the wiring a GPU run uses."""
+    """The same recipe through `ldm-lab bench --compare naive`, with the three models shrunk (same
+    kinds: a config-built CLIP with the 77-token tokenizer, an 8x KL autoencoder) at 32 px so it
+    runs on a CPU in seconds: the wiring a GPU run uses."""
     out = tmp_path / "bench"
-    ov = ["model.unet.preset=tiny", "model.unet.overrides={cross_attention_dim: 768}", "data.shapes.n=16",
+    small_vae = ("model.autoencoder.config={in_channels: 3, out_channels: 3, latent_channels: 4, layers_per_block: 1, "
+                 "norm_num_groups: 8, block_out_channels: [16, 16, 16, 16], down_block_types: [DownEncoderBlock2D, "
+                 "DownEncoderBlock2D, DownEncoderBlock2D, DownEncoderBlock2D], up_block_types: [UpDecoderBlock2D, "
+                 "UpDecoderBlock2D, UpDecoderBlock2D, UpDecoderBlock2D], scaling_factor: 0.18215}")
+    small_te = ("model.text_encoder.config={vocab_size: 49408, hidden_size: 64, intermediate_size: 128, "
+                "num_hidden_layers: 2, num_attention_heads: 2, max_position_embeddings: 77, hidden_act: quick_gelu}")
+    ov = [small_vae, small_te, "model.unet.preset=tiny", "data.shapes.n=16",
           "data.shapes.resolution=32", "data.resolution=32", f"data.cache_dir={tmp_path / 'data'}",
           "data.num_workers=0", "train.batch_size=4", "train.mixed_precision=no", f"output.dir={tmp_path / 'run'}"]
     assert cli_main(["bench", "--steps", "2", "--warmup", "1", "--compare", "naive", "--out", str(out),

@@ -107,3 +107,60 @@ def test_training_writes_the_single_file_and_plugins_that_write_adapters_refuse_
 def test_single_file_precision_is_checked(bad, capsys):
     assert cli_main(["recipe", "check", str(REPO / "recipes/shapes/t2i.yaml"), bad]) == 2
     assert "single_file" in capsys.readouterr().err
+
+
+def test_what_cannot_be_one_file_is_refused_and_what_a1111_cannot_load_is_named(tmp_path, tiny_parts, capsys):
+    import json
+    import shutil
+
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    from ldm_lab import single_file
+    from ldm_lab.components import unet_config
+    from ldm_lab.recipe import load_recipe
+
+    # a T5 (or any non-CLIP) text encoder: refused before anything is read or written
+    t5 = tmp_path / "t5-pipeline"
+    shutil.copytree(SHAPES_PIPELINE, t5)
+    index = json.loads((t5 / "model_index.json").read_text())
+    index["text_encoder"] = ["transformers", "T5EncoderModel"]
+    (t5 / "model_index.json").write_text(json.dumps(index))
+    capsys.readouterr()
+    assert cli_main(["export", "single-file", str(t5), "--out", str(tmp_path / "t5.safetensors")]) == 2
+    assert "T5EncoderModel" in capsys.readouterr().err and not (tmp_path / "t5.safetensors").exists()
+    # layers per level: a uniform list is the int; mixed counts have no original layout
+    cfg = dict(UNet2DConditionModel.load_config(SHAPES_PIPELINE / "unet"))
+    assert single_file._unet_prefixes({**cfg, "layers_per_block": [1, 1]}) == single_file._unet_prefixes(cfg)
+    with pytest.raises(single_file.SingleFileError):
+        single_file._unet_prefixes({**cfg, "layers_per_block": [1, 2]})
+    # the SD 1.5 architecture and schedule (configs only): nothing for A1111/ComfyUI to trip on
+    r = load_recipe(REPO / "recipes/sd15/bench-random.yaml", [])
+    sd15 = tmp_path / "sd15-configs"
+    for part, cfg_ in (("unet", unet_config(r.model.unet)), ("vae", r.model.autoencoder.config),
+                       ("text_encoder", r.model.text_encoder.config)):
+        (sd15 / part).mkdir(parents=True)
+        (sd15 / part / "config.json").write_text(json.dumps(cfg_))
+    n = r.noise
+    DDPMScheduler(beta_schedule=n.beta_schedule, beta_start=n.beta_start, beta_end=n.beta_end,
+                  prediction_type=n.prediction_type).save_config(sd15 / "scheduler")
+    assert single_file.sd15_differences(sd15) == []
+    shapes = single_file.sd15_differences(SHAPES_PIPELINE)
+    assert any(d.startswith("vae scaling_factor") for d in shapes) and any("cross_attention_dim" in d for d in shapes)
+    # training refuses up front (exit 2, before any step) what cannot be written at the end
+    run = tmp_path / "run"
+    ov = tiny_t2i_overrides(tiny_parts, run, tmp_path / "data")
+    ov = [o if not o.startswith("model.unet.overrides=") else o[:-1] + ", use_linear_projection: true}" for o in ov]
+    assert cli_main(["train", str(REPO / "recipes/shapes/t2i.yaml"), *ov, "output.single_file=fp16"]) == 2
+    err = capsys.readouterr().err
+    assert "output.single_file cannot be written" in err and "linear" in err and not (run / "checkpoints").exists()
+
+
+def test_fp32_means_fp32_for_a_pipeline_saved_in_fp16(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    half = tmp_path / "half"
+    StableDiffusionPipeline.from_pretrained(SHAPES_PIPELINE, torch_dtype=torch.float16,
+                                            safety_checker=None).save_pretrained(half)
+    out = tmp_path / "f.safetensors"
+    assert cli_main(["export", "single-file", str(half), "--out", str(out), "--dtype", "fp32"]) == 0
+    assert {v.dtype for v in load_file(str(out)).values()} == {torch.float32}

@@ -584,15 +584,22 @@ def _export_single_file(args) -> int:
         raise UserError(f"--out '{out}' must end in .safetensors.")
     if out.exists():
         raise UserError(f"--out '{out}' exists; choose a new file name so nothing is overwritten.")
-    dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     try:
-        single_file.write(src, out, dtype)
+        state = single_file.pipeline_state(src)
     except single_file.SingleFileError as e:
         raise UserError(f"cannot write '{args.source}' as one checkpoint: {e}.") from None
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read a pipeline from '{args.source}' ({str(e).splitlines()[0][:200]}); give a "
-                        "diffusers pipeline dir or a run dir holding pipeline/.") from None
+                        "diffusers pipeline dir (saved without a weight variant) or a run dir holding pipeline/.") from None
+    try:
+        single_file.save(state, out, dtype)
+    except OSError as e:
+        raise UserError(f"cannot write '{out}' ({e.strerror or e}); free space or choose another path.") from None
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.dtype}; original SD layout)")
+    differences = single_file.sd15_differences(src)
+    if differences:
+        print(single_file.not_sd15_note(differences, src))
     return 0
 
 

@@ -6,8 +6,12 @@ CLIP text encoder), and diffusers reads back with ``from_single_file``.
 diffusers ships the reading direction (``diffusers.loaders.single_file_utils``); this module is
 the writing direction. The key map is derived from each model's config (number of levels,
 layers per level, where attention is), so it covers the SD 1.x UNet and VAE and smaller models
-of the same family, not only the 4-level SD layout. Architectures whose original layout differs
-(SD 2.x's OpenCLIP text tower, SDXL's two text encoders and UNet) are refused with a message.
+of the same family, not only the 4-level SD layout. A1111 and ComfyUI build the models and the
+noise schedule from their own SD 1.5 config, so they load only files of exactly that
+architecture and schedule (:func:`sd15_differences` says where a pipeline departs from it);
+diffusers loads any of these files with ``from_single_file(FILE, config=PIPELINE_DIR)``.
+Architectures whose original layout differs (SD 2.x's OpenCLIP text tower, SDXL's two text
+encoders and UNet) and non-CLIP text encoders are refused with a message.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ _UNET_RESNET = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "o
                 ("conv2", "out_layers.3"), ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection")]
 _UNET_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
              "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+_VAE_SAME = {"encoder.conv_in", "encoder.conv_out", "decoder.conv_in", "decoder.conv_out", "quant_conv", "post_quant_conv"}
 _VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 
 
@@ -33,9 +38,7 @@ class SingleFileError(ValueError):
 def _unet_prefixes(config: dict) -> dict[str, str]:
     """diffusers module prefix -> original prefix for every block of this UNet."""
     n = len(config["block_out_channels"])
-    per = config["layers_per_block"]
-    if not isinstance(per, int):
-        raise SingleFileError("a UNet with a different number of layers per level has no original single-file layout")
+    per = _layers_per_block(config["layers_per_block"], "UNet")
     cross_down = ["CrossAttn" in t for t in config["down_block_types"]]
     cross_up = ["CrossAttn" in t for t in config["up_block_types"]]
     out: dict[str, str] = {}
@@ -58,6 +61,14 @@ def _unet_prefixes(config: dict) -> dict[str, str]:
     out["mid_block.attentions.0."] = "middle_block.1."
     out["mid_block.resnets.1."] = "middle_block.2."
     return out
+
+
+def _layers_per_block(value, what: str) -> int:
+    if isinstance(value, int):
+        return value
+    if len(set(value)) != 1:
+        raise SingleFileError(f"a {what} with a different number of layers per level has no original single-file layout")
+    return int(value[0])
 
 
 def _rename(key: str, prefixes: dict[str, str]) -> tuple[str, str] | None:
@@ -88,7 +99,7 @@ def unet_to_original(state: dict[str, torch.Tensor], config: dict) -> dict[str, 
 
 def _vae_prefixes(config: dict) -> dict[str, str]:
     n = len(config["block_out_channels"])
-    per = config["layers_per_block"]
+    per = _layers_per_block(config["layers_per_block"], "autoencoder")
     out: dict[str, str] = {}
     for i in range(n):
         for j in range(per):
@@ -112,7 +123,9 @@ def vae_to_original(state: dict[str, torch.Tensor], config: dict) -> dict[str, t
     out = {}
     for key, value in state.items():
         hit = _rename(key, prefixes)
-        if hit is None:  # conv_in, conv_out, quant_conv, post_quant_conv keep their names
+        if hit is None:
+            if key.rpartition(".")[0] not in _VAE_SAME:
+                raise SingleFileError(f"the autoencoder weight '{key}' has no place in the original layout")
             out[key] = value
             continue
         new_prefix, rest = hit
@@ -129,26 +142,51 @@ def vae_to_original(state: dict[str, torch.Tensor], config: dict) -> dict[str, t
     return out
 
 
-def pipeline_state(pipeline_dir: str | Path) -> dict[str, torch.Tensor]:
-    """The original-layout state dict of a local diffusers SD 1.x-class pipeline dir."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
+def _pipeline_parts(root: Path):
+    import json
 
-    root = Path(pipeline_dir)
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
     index = root / "model_index.json"
     if not index.exists():
         raise SingleFileError(f"'{root}' is not a diffusers pipeline dir (no model_index.json)")
-    import json
-
     parts = json.loads(index.read_text())
     if "text_encoder_2" in parts:
         raise SingleFileError("SDXL-class pipelines (two text encoders) are not written as one file here")
+    te_class = (parts.get("text_encoder") or [None, None])[1]
+    if te_class not in ("CLIPTextModel", "CLIPTextModelWithProjection"):
+        raise SingleFileError(f"its text encoder is {te_class}, and the SD 1.x layout holds a CLIP text encoder")
     unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet")
     vae = AutoencoderKL.from_pretrained(root, subfolder="vae")
-    te = CLIPTextModel.from_pretrained(root, subfolder="text_encoder")
-    if unet.config.get("use_linear_projection"):  # SD 2.x: OpenCLIP text tower, another original layout
-        raise SingleFileError("SD 2.x-class pipelines (linear attention projections, OpenCLIP text encoder) are not "
-                              "written as one file here")
+    from transformers import CLIPTextModel
+
+    te, info = CLIPTextModel.from_pretrained(root, subfolder="text_encoder", output_loading_info=True)
+    if info.get("missing_keys"):
+        raise SingleFileError(f"its text encoder lacks weights a CLIP text model has ({info['missing_keys'][0]}, ...)")
+    check_models(unet.config, vae.config, te)
+    return parts, unet, vae, te
+
+
+def check_models(unet_config, vae_config, text_encoder) -> None:
+    """Raise :class:`SingleFileError` unless these models fit the SD 1.x single-file layout
+    (training checks this before its first step, so a run does not fail at its end)."""
+    from transformers import CLIPTextModel
+
+    if not isinstance(text_encoder, CLIPTextModel):
+        raise SingleFileError(f"its text encoder is a {type(text_encoder).__name__}, and the SD 1.x layout holds a "
+                              "CLIP text model")
+    if unet_config.get("use_linear_projection"):  # SD 2.x: OpenCLIP text tower, another original layout
+        raise SingleFileError("SD 2.x-class UNets (linear attention projections) have another original layout")
+    if text_encoder.config.hidden_size != unet_config["cross_attention_dim"]:
+        raise SingleFileError(f"its text encoder is {text_encoder.config.hidden_size} wide and the UNet attends to "
+                              f"{unet_config['cross_attention_dim']}")
+    _unet_prefixes(unet_config)
+    _vae_prefixes(vae_config)
+
+
+def pipeline_state(pipeline_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The original-layout state dict of a local diffusers SD 1.x-class pipeline dir."""
+    _, unet, vae, te = _pipeline_parts(Path(pipeline_dir))
     state = {UNET_PREFIX + k: v for k, v in unet_to_original(unet.state_dict(), unet.config).items()}
     state |= {VAE_PREFIX + k: v for k, v in vae_to_original(vae.state_dict(), vae.config).items()}
     # the original layout keeps transformers' ``text_model.`` level, which CLIPTextModel dropped in 5.6
@@ -157,18 +195,63 @@ def pipeline_state(pipeline_dir: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def write(pipeline_dir: str | Path, out: str | Path, dtype: torch.dtype | None = None) -> Path:
-    """Write ``pipeline_dir`` as one ``.safetensors`` checkpoint at ``out`` (atomically)."""
+# what A1111 and ComfyUI assume of every SD 1.x file: they build the models and the schedule from
+# their own SD 1.5 config, not from the file
+SD15 = {"unet": {"block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2, "cross_attention_dim": 768,
+                 "in_channels": 4, "attention_head_dim": 8},
+        "vae": {"block_out_channels": [128, 256, 512, 512], "latent_channels": 4, "layers_per_block": 2,
+                "norm_num_groups": 32, "scaling_factor": 0.18215},
+        "text_encoder": {"hidden_size": 768, "num_hidden_layers": 12, "max_position_embeddings": 77},
+        "scheduler": {"prediction_type": "epsilon", "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                      "beta_end": 0.012, "num_train_timesteps": 1000}}
+
+
+def sd15_differences(pipeline_dir: str | Path) -> list[str]:
+    """Where a pipeline differs from what A1111 / ComfyUI assume of an SD 1.x file (empty: it
+    loads there as it is); such a file still loads in diffusers with ``from_single_file(config=
+    the pipeline dir)``, which reads the models' and scheduler's configs from that dir."""
+    import json
+
+    root = Path(pipeline_dir)
+    out = []
+    for part, want in SD15.items():
+        f = root / part / ("scheduler_config.json" if part == "scheduler" else "config.json")
+        have = json.loads(f.read_text()) if f.exists() else {}
+        if part == "scheduler" and have.get("rescale_betas_zero_snr"):
+            out.append("scheduler rescale_betas_zero_snr is on")
+        for k, v in want.items():
+            got = have.get(k)
+            if isinstance(got, list) and isinstance(v, int | float) and len(set(got)) == 1:
+                got = got[0]
+            if got != v and not (isinstance(v, float) and isinstance(got, float) and abs(got - v) < 1e-9):
+                out.append(f"{part} {k} is {got}, SD 1.5's {v}")
+    return out
+
+
+def not_sd15_note(differences: list[str], pipeline_dir) -> str:
+    shown = "; ".join(differences[:3]) + ("; ..." if len(differences) > 3 else "")
+    return (f"note: not the SD 1.5 architecture and schedule ({shown}): A1111 and ComfyUI assume those and will not "
+            f"load this file as it is; diffusers loads it with from_single_file(FILE, config='{pipeline_dir}')")
+
+
+def write(pipeline_dir: str | Path, out: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+    """Write ``pipeline_dir`` as one ``.safetensors`` checkpoint at ``out`` (atomically), every
+    floating-point weight in ``dtype``."""
+    return save(pipeline_state(pipeline_dir), out, dtype)
+
+
+def save(state: dict[str, torch.Tensor], out: str | Path, dtype: torch.dtype = torch.float32) -> Path:
     import os
 
     from safetensors.torch import save_file
 
-    state = pipeline_state(pipeline_dir)
-    if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    state = {k: v.to(dtype).contiguous() if v.is_floating_point() else v.contiguous() for k, v in state.items()}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"format": "pt", "writer": "ldm-lab"})
-    os.replace(tmp, out)
+    try:
+        save_file(state, str(tmp), metadata={"format": "pt", "writer": "ldm-lab"})
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return out

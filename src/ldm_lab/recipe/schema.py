@@ -257,7 +257,8 @@ class LoggingSpec(Strict):
 class OutputSpec(Strict):
     dir: str = "runs/run"
     export_to: str | None = None  # also copy the final artifact here (a dir; a LoRA file also to a .safetensors path)
-    # also write a full pipeline as RUN/pipeline.safetensors in the original SD layout (A1111, ComfyUI)
+    # also write a full pipeline as RUN/pipeline.safetensors in the original SD layout (A1111, ComfyUI);
+    # export_to copies the pipeline dir, not this file
     single_file: Literal["fp32", "fp16", "bf16"] | None = None
 
 

@@ -98,9 +98,25 @@ class TrainerPlugin:
 
         from .. import single_file
 
-        dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
         out = single_file.write(pipeline_dir, pipeline_dir.with_suffix(".safetensors"), dtype)
         self.accelerator.print(f"single-file checkpoint ({precision}, original SD layout): {out}")
+        differences = single_file.sd15_differences(pipeline_dir)
+        if differences:
+            self.accelerator.print(single_file.not_sd15_note(differences, pipeline_dir))
+
+    def check_single_file(self, unet, vae, text_encoder_model) -> None:
+        """``output.single_file``: refuse models the SD 1.x layout cannot hold before the first
+        step, and say when A1111 / ComfyUI would not load the file as it is."""
+        if self.recipe.output.single_file is None:
+            return
+        from .. import single_file
+        from ..recipe import RecipeError
+
+        try:
+            single_file.check_models(unet.config, vae.config, text_encoder_model)
+        except single_file.SingleFileError as e:
+            raise RecipeError(f"output.single_file cannot be written for this model: {e}; unset it.") from None
 
     def refuse_single_file(self, what: str, adapters: bool = False) -> None:
         """``output.single_file`` is for trainers that write a whole pipeline: refused up front elsewhere."""

@@ -216,6 +216,8 @@ class DreamBoothTrainer(LoRATrainer):
             raise RecipeError(f"plugin.{e}.") from None
         self.te_model = None
         self.build_models()
+        if self.full:
+            self.check_single_file(self.unet, self.vae, self.text_encoder.model)
         acc = self.accelerator
         self.unet.to(acc.device)  # class images and the base measurement sample before prepare()
         d = self.recipe.data
@@ -323,8 +325,8 @@ class DreamBoothTrainer(LoRATrainer):
         if self.te_model is not None:
             pipe.text_encoder = self.unwrap(self.te_model)
         pipe.save_pretrained(out_dir / "pipeline")
-        self.write_single_file(out_dir / "pipeline")
         self.export(out_dir / "pipeline")
+        self.write_single_file(out_dir / "pipeline")
 
     def lora_metadata(self) -> dict:
         o = self.opts

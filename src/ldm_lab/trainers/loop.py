@@ -406,8 +406,9 @@ class LerpEMA(EMAModel):
         frozen = [(s, p) for s, p in zip(self.shadow_params, parameters) if not p.requires_grad]
         if frozen:
             torch._foreach_copy_([s for s, _ in frozen], [p for _, p in frozen])
-        if trained:
-            torch._foreach_lerp_([s for s, _ in trained], [p for _, p in trained], 1 - decay)
+        if trained:  # (a parameter in another precision than its average is cast, as diffusers' arithmetic promotes)
+            torch._foreach_lerp_([s for s, _ in trained], [p if p.dtype == s.dtype else p.to(s.dtype) for s, p in trained],
+                                 1 - decay)
 
 
 def _ema_home(ema: EMAModel, t, accelerator: Accelerator) -> None:

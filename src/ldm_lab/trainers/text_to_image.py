@@ -259,6 +259,7 @@ class TextToImageTrainer(TrainerPlugin):
 
     def setup(self) -> None:
         self.build_models()
+        self.check_single_file(self.unet, self.vae, self.text_encoder.model)
         self.build_data()
 
     def trainable_modules(self):
@@ -390,8 +391,8 @@ class TextToImageTrainer(TrainerPlugin):
     def save(self, out_dir: Path) -> None:
         pipe = self.pipeline("dpm++")
         pipe.save_pretrained(out_dir / "pipeline")
-        self.write_single_file(out_dir / "pipeline")
         self.export(out_dir / "pipeline")
+        self.write_single_file(out_dir / "pipeline")
 
     def evaluate(self) -> dict:
         e = self.recipe.eval
