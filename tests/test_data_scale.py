@@ -255,21 +255,34 @@ def _shards(root: Path, n: int, per_shard: int) -> str:
     return str(root / f"shard-{{000..{(n - 1) // per_shard:03d}}}.tar")
 
 
-def test_streamed_webdataset_trains_and_resumes_exactly(tiny_parts, tmp_path):
+def test_streamed_webdataset_trains_and_resumes_exactly(tiny_parts, tmp_path, capsys):
+    """16 rows in batches of 4: 4 batches an epoch. A run resumed at step 6 (epoch 1, after its
+    2nd batch) replays those 2 batches only, not epoch 0 too, and ends with the weights of the
+    uninterrupted run; a checkpoint without the position replays all 6 and ends the same."""
     import shutil
 
     shards = _shards(tmp_path / "wds", 16, 8)
     extra = ["data.source=webdataset", f"data.path={shards}", "data.streaming=true", "data.cache_latents=false",
              "data.shuffle_buffer=8", "train.checkpoint_every=3"]
-    a, b = tmp_path / "a", tmp_path / "b"
-    assert cli_main(["train", str(RECIPE), *_ov(tiny_parts, a, tmp_path / "cache", steps=6, extra=extra),
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    assert cli_main(["train", str(RECIPE), *_ov(tiny_parts, a, tmp_path / "cache", steps=9, extra=extra),
                      "train.checkpoint_every=3"]) == 0
-    (b / "checkpoints").mkdir(parents=True)
-    shutil.copytree(a / "checkpoints" / "checkpoint-3", b / "checkpoints" / "checkpoint-3")
-    assert cli_main(["train", str(RECIPE), *_ov(tiny_parts, b, tmp_path / "cache", steps=6, extra=extra),
-                     "train.checkpoint_every=3", "train.resume=latest"]) == 0
-    ua, ub = _unet(a), _unet(b)
-    assert all(torch.equal(ua[k], ub[k]) for k in ua)
+    ck = a / "checkpoints" / "checkpoint-6"
+    positions = sorted(ck.glob("plugin_state_*_rank0.pt"))
+    assert torch.load(positions[-1], weights_only=False) == {"epoch": 1, "batch": 2, "world_size": 1}
+    ua = _unet(a)
+    for run, drop_position in ((b, False), (c, True)):
+        (run / "checkpoints").mkdir(parents=True)
+        shutil.copytree(ck, run / "checkpoints" / "checkpoint-6")
+        if drop_position:  # as written before the stream position existed
+            (run / "checkpoints" / "checkpoint-6" / positions[-1].name).unlink()
+        capsys.readouterr()
+        assert cli_main(["train", str(RECIPE), *_ov(tiny_parts, run, tmp_path / "cache", steps=9, extra=extra),
+                         "train.checkpoint_every=3", "train.resume=latest"]) == 0
+        out = capsys.readouterr().out
+        assert ("replaying the first 6 batches" if drop_position else "resuming in epoch 1 after its first 2 batches") in out
+        ub = _unet(run)
+        assert all(torch.equal(ua[k], ub[k]) for k in ua)
 
 
 def test_an_explicit_bucket_list_is_used_and_checked(tiny_parts, tmp_path, capsys):

@@ -125,20 +125,48 @@ def _cycle(accelerator: Accelerator, dataloader, start: int, batches_per_epoch: 
         epoch += 1
 
 
-def _cycle_stream(accelerator: Accelerator, dataloader, start: int):
+class StreamPosition:
+    """Where this process is in its stream: the epoch and the batches of it trained on. Saved per
+    process with each checkpoint, so a resumed run replays only the current epoch's batches, not
+    every epoch before it (a stream has no index to jump to, and datasets' own resume state drops
+    its shuffle buffer, which would change the order)."""
+
+    def __init__(self, world_size: int = 1):
+        self.epoch, self.batch, self.world_size, self.valid = 0, 0, world_size, False
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batch": self.batch, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        # a resumed run on another number of processes splits the stream otherwise: no position in it holds
+        if state.get("world_size") == self.world_size:
+            self.epoch, self.batch, self.valid = int(state["epoch"]), int(state["batch"]), True
+
+
+def _cycle_stream(accelerator: Accelerator, dataloader, start: int, position: StreamPosition | None = None):
     """Batches of a stream forever, on this process's device, from batch ``start`` on. Each epoch
     reshuffles (datasets' ``set_epoch``); a resumed run replays the stream up to where it stopped
-    (read, not trained on), so it sees the batches the uninterrupted run would have."""
+    (read, not trained on), so it sees the batches the uninterrupted run would have: from the
+    start of the checkpoint's epoch when ``position`` was restored from it, else from the start."""
     from accelerate.utils import send_to_device
 
-    epoch, seen = 0, 0
+    position = position or StreamPosition(accelerator.num_processes)
+    if position.valid:  # resume inside the saved epoch
+        epoch, replay = position.epoch, position.batch
+        accelerator.print(f"stream: resuming in epoch {epoch} after its first {replay} batches (read again, not "
+                          "trained on)")
+    else:
+        epoch, replay = 0, start
+        if start:
+            accelerator.print(f"stream: replaying the first {start} batches (the checkpoint holds no stream position)")
     while True:
         if hasattr(dataloader.dataset, "set_epoch"):
             dataloader.dataset.set_epoch(epoch)
+        position.epoch, position.batch = epoch, 0
         n = 0
         it = iter(dataloader)
         while True:
-            if seen < start:  # replayed: read, not trained on, and augmentations must not draw from the RNG
+            if replay > 0:  # replayed: read, not trained on, and augmentations must not draw from the RNG
                 with torch.random.fork_rng(devices=[]):
                     batch = next(it, None)
             else:
@@ -146,9 +174,11 @@ def _cycle_stream(accelerator: Accelerator, dataloader, start: int):
             if batch is None:
                 break
             n += 1
-            seen += 1
-            if seen > start:
-                yield send_to_device(batch, accelerator.device)
+            position.batch = n
+            if replay > 0:
+                replay -= 1
+                continue
+            yield send_to_device(batch, accelerator.device)
         if n == 0:
             raise RecipeError(f"process {accelerator.process_index} got no full batch from the stream; lower "
                               "train.batch_size, add data, or use fewer processes than the stream has shards.")
@@ -244,6 +274,9 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, profile: Phases | N
 
     accelerator.print(host_allocator(t.host_allocator))
     rank_states = plugin.checkpoint_objects()  # saved per process by save_checkpoint
+    position = StreamPosition(accelerator.num_processes)
+    if stream:
+        rank_states = [*rank_states, position]  # last: the plugin's own states keep their file names
     ema = None
     if t.ema.enabled:
         ema = LerpEMA(_ema_params(plugin, accelerator), decay=t.ema.decay, use_ema_warmup=t.ema.warmup,
@@ -266,7 +299,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, profile: Phases | N
 
     seen_batches = step * t.gradient_accumulation_steps
     if stream:
-        batches = _cycle_stream(accelerator, dataloader, seen_batches)
+        batches = _cycle_stream(accelerator, dataloader, seen_batches, position)
     else:
         batches_per_epoch = len(dataloader)
         if batches_per_epoch == 0:
