@@ -94,3 +94,28 @@ def make_tiny_pipeline(root: Path, parts: dict[str, Path]) -> Path:
 @pytest.fixture(scope="session")
 def tiny_pipeline(tiny_parts, tmp_path_factory) -> Path:
     return make_tiny_pipeline(tmp_path_factory.mktemp("tiny-pipeline"), tiny_parts)
+
+
+def make_shards(root: Path, sizes: list[int]) -> str:
+    """Webdataset tar shards of solid-colour 32 px JPEGs with captions, ``sizes[k]`` rows in shard
+    k; returns the brace pattern naming them all."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    colors = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
+    names = list(colors)
+    root.mkdir(parents=True)
+    i = 0
+    for k, size in enumerate(sizes):
+        with tarfile.open(root / f"shard-{k:03d}.tar", "w") as tar:
+            for _ in range(size):
+                buf = io.BytesIO()
+                Image.new("RGB", (32, 32), colors[names[i % 4]]).save(buf, "JPEG", quality=95)
+                for ext, payload in (("jpg", buf.getvalue()), ("txt", f"a {names[i % 4]} square {i}".encode())):
+                    info = tarfile.TarInfo(f"{i:05d}.{ext}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+                i += 1
+    return str(root / f"shard-{{000..{len(sizes) - 1:03d}}}.tar")

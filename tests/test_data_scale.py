@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import REPO, tiny_t2i_overrides
+from conftest import REPO, make_shards, tiny_t2i_overrides
 from ldm_lab.cli import main as cli_main
 
 RECIPE = REPO / "recipes/shapes/t2i.yaml"
@@ -240,28 +239,13 @@ def test_nonfinite_loss_in_a_row_stops_with_a_checkpoint(tiny_parts, tmp_path, c
 
 
 # -- streaming webdataset shards --------------------------------------------------------------
-def _shards(root: Path, n: int, per_shard: int) -> str:
-    root.mkdir(parents=True)
-    names = list(COLORS)
-    for s in range(0, n, per_shard):
-        with tarfile.open(root / f"shard-{s // per_shard:03d}.tar", "w") as tar:
-            for i in range(s, min(s + per_shard, n)):
-                buf = io.BytesIO()
-                Image.new("RGB", (32, 32), COLORS[names[i % 4]]).save(buf, "JPEG", quality=95)
-                for ext, payload in (("jpg", buf.getvalue()), ("txt", f"a {names[i % 4]} square {i}".encode())):
-                    info = tarfile.TarInfo(f"{i:05d}.{ext}")
-                    info.size = len(payload)
-                    tar.addfile(info, io.BytesIO(payload))
-    return str(root / f"shard-{{000..{(n - 1) // per_shard:03d}}}.tar")
-
-
 def test_streamed_webdataset_trains_and_resumes_exactly(tiny_parts, tmp_path, capsys):
     """16 rows in batches of 4: 4 batches an epoch. A run resumed at step 6 (epoch 1, after its
     2nd batch) replays those 2 batches only, not epoch 0 too, and ends with the weights of the
     uninterrupted run; a checkpoint without the position replays all 6 and ends the same."""
     import shutil
 
-    shards = _shards(tmp_path / "wds", 16, 8)
+    shards = make_shards(tmp_path / "wds", [8, 8])
     extra = ["data.source=webdataset", f"data.path={shards}", "data.streaming=true", "data.cache_latents=false",
              "data.shuffle_buffer=8", "train.checkpoint_every=3"]
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"

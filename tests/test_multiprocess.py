@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, tiny_t2i_overrides
+from conftest import REPO, make_shards, tiny_t2i_overrides
 from ldm_lab.cli import main as cli_main
 
 RECIPE = REPO / "recipes/shapes/t2i.yaml"
@@ -86,3 +86,38 @@ def test_only_rank_zero_writes_and_checkpoints_validation_complete(runs):
     assert one == two - per_rank
     assert (runs / "two" / "checkpoints" / "checkpoint-2" / "loop.json").exists()
     assert (runs / "two" / "samples" / "step-000004.png").exists()
+
+
+def test_two_rank_stream_resumes_each_rank_at_its_own_epoch(tiny_parts, tmp_path):
+    """Shards of 12 and 4 rows over 2 ranks (a shard each per epoch), batches of 4: the ranks run
+    through epochs at different rates, so checkpoint 5 holds a different position per rank; a run
+    resumed from it on 2 ranks ends with the uninterrupted run's weights."""
+    import shutil
+
+    shards = make_shards(tmp_path / "wds", [12, 4])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def run(out: Path, *extra: str):
+        ov = _overrides(tiny_parts, out, tmp_path / "data", 4)
+        ov = [o for o in ov if not o.startswith(("train.max_steps", "train.checkpoint_every", "validation.every"))]
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "ldm_lab.cli",
+                            "train", str(RECIPE), *ov, "train.max_steps=7", "train.checkpoint_every=5",
+                            "validation.every=null", "data.source=webdataset", f"data.path={shards}",
+                            "data.streaming=true", "data.cache_latents=false", "data.shuffle_buffer=4", *extra],
+                           capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+        return r.stdout
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    run(a)
+    ck = a / "checkpoints" / "checkpoint-5"
+    last = max(int(p.name.split("_")[2]) for p in ck.glob("plugin_state_*_rank0.pt"))
+    pos = [torch.load(ck / f"plugin_state_{last}_rank{r}.pt", weights_only=False) for r in (0, 1)]
+    # (datasets reshuffles which shard goes to which rank every epoch, so rank 1 reads 4 or 12 rows an epoch)
+    assert pos[0]["world_size"] == pos[1]["world_size"] == 2 and pos[1]["epoch"] > pos[0]["epoch"]
+    (b / "checkpoints").mkdir(parents=True)
+    shutil.copytree(ck, b / "checkpoints" / "checkpoint-5")
+    out = run(b, "train.resume=latest")
+    assert f"resuming in epoch {pos[0]['epoch']} after its first {pos[0]['batch']} batches" in out
+    ua, ub = _unet(a), _unet(b)
+    assert all(torch.equal(ua[k], ub[k]) for k in ua)
