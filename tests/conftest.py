@@ -96,9 +96,10 @@ def tiny_pipeline(tiny_parts, tmp_path_factory) -> Path:
     return make_tiny_pipeline(tmp_path_factory.mktemp("tiny-pipeline"), tiny_parts)
 
 
-def make_shards(root: Path, sizes: list[int]) -> str:
+def make_shards(root: Path, sizes: list[int], half: bool = False) -> str:
     """Webdataset tar shards of solid-colour 32 px JPEGs with captions, ``sizes[k]`` rows in shard
-    k; returns the brace pattern naming them all."""
+    k (``half``: the colour on the left half only, so a flip changes the image); returns the
+    brace pattern naming them all."""
     import io
     import tarfile
 
@@ -112,7 +113,10 @@ def make_shards(root: Path, sizes: list[int]) -> str:
         with tarfile.open(root / f"shard-{k:03d}.tar", "w") as tar:
             for _ in range(size):
                 buf = io.BytesIO()
-                Image.new("RGB", (32, 32), colors[names[i % 4]]).save(buf, "JPEG", quality=95)
+                im = Image.new("RGB", (32, 32), (255, 255, 255) if half else colors[names[i % 4]])
+                if half:
+                    im.paste(colors[names[i % 4]], (0, 0, 16, 32))
+                im.save(buf, "JPEG", quality=95)
                 for ext, payload in (("jpg", buf.getvalue()), ("txt", f"a {names[i % 4]} square {i}".encode())):
                     info = tarfile.TarInfo(f"{i:05d}.{ext}")
                     info.size = len(payload)

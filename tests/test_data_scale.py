@@ -252,21 +252,41 @@ def test_streamed_webdataset_trains_and_resumes_exactly(tiny_parts, tmp_path, ca
     assert cli_main(["train", str(RECIPE), *_ov(tiny_parts, a, tmp_path / "cache", steps=9, extra=extra),
                      "train.checkpoint_every=3"]) == 0
     ck = a / "checkpoints" / "checkpoint-6"
-    positions = sorted(ck.glob("plugin_state_*_rank0.pt"))
-    assert torch.load(positions[-1], weights_only=False) == {"epoch": 1, "batch": 2, "world_size": 1}
+    position = ck / "stream_position_rank0.pt"
+    assert torch.load(position, weights_only=False) == {"epoch": 1, "batch": 2, "world_size": 1, "rank": 0}
     ua = _unet(a)
     for run, drop_position in ((b, False), (c, True)):
         (run / "checkpoints").mkdir(parents=True)
         shutil.copytree(ck, run / "checkpoints" / "checkpoint-6")
         if drop_position:  # as written before the stream position existed
-            (run / "checkpoints" / "checkpoint-6" / positions[-1].name).unlink()
+            (run / "checkpoints" / "checkpoint-6" / position.name).unlink()
         capsys.readouterr()
         assert cli_main(["train", str(RECIPE), *_ov(tiny_parts, run, tmp_path / "cache", steps=9, extra=extra),
                          "train.checkpoint_every=3", "train.resume=latest"]) == 0
         out = capsys.readouterr().out
-        assert ("replaying the first 6 batches" if drop_position else "resuming in epoch 1 after its first 2 batches") in out
+        assert ("replaying the first 6 batches from the first epoch (the checkpoint holds no stream position)"
+                if drop_position else "resuming in epoch 1 after its first 2 batches") in out
         ub = _unet(run)
         assert all(torch.equal(ua[k], ub[k]) for k in ua)
+
+
+def test_streamed_resume_is_exact_with_workers_and_random_flips(tiny_parts, tmp_path):
+    """Two dataloader workers crop and flip half-coloured images: their seeds come from the
+    loader's generator, seeded per epoch, so a run resumed at a saved position (epoch 1, batch 2)
+    ends with the uninterrupted run's weights."""
+    import shutil
+
+    shards = make_shards(tmp_path / "wds", [8, 8], half=True)
+    extra = ["data.source=webdataset", f"data.path={shards}", "data.streaming=true", "data.cache_latents=false",
+             "data.shuffle_buffer=8", "data.random_flip=true", "data.num_workers=2", "train.checkpoint_every=3"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert cli_main(["train", str(RECIPE), *_ov(tiny_parts, a, tmp_path / "cache", steps=9, extra=extra)]) == 0
+    (b / "checkpoints").mkdir(parents=True)
+    shutil.copytree(a / "checkpoints" / "checkpoint-6", b / "checkpoints" / "checkpoint-6")
+    assert cli_main(["train", str(RECIPE), *_ov(tiny_parts, b, tmp_path / "cache", steps=9, extra=extra),
+                     "train.resume=latest"]) == 0
+    ua, ub = _unet(a), _unet(b)
+    assert all(torch.equal(ua[k], ub[k]) for k in ua)
 
 
 def test_an_explicit_bucket_list_is_used_and_checked(tiny_parts, tmp_path, capsys):

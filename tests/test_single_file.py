@@ -133,6 +133,15 @@ def test_what_cannot_be_one_file_is_refused_and_what_a1111_cannot_load_is_named(
     assert single_file._unet_prefixes({**cfg, "layers_per_block": [1, 1]}) == single_file._unet_prefixes(cfg)
     with pytest.raises(single_file.SingleFileError):
         single_file._unet_prefixes({**cfg, "layers_per_block": [1, 2]})
+    # a weight with no place in the layout is found by the check before training, not when saving
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel
+
+    vae = AutoencoderKL.from_pretrained(SHAPES_PIPELINE / "vae")
+    te = CLIPTextModel.from_pretrained(SHAPES_PIPELINE / "text_encoder")
+    single_file.check_models(UNet2DConditionModel(**cfg), vae, te)
+    with pytest.raises(single_file.SingleFileError, match="class_embedding"):
+        single_file.check_models(UNet2DConditionModel(**{**cfg, "class_embed_type": "timestep"}), vae, te)
     # the SD 1.5 architecture and schedule (configs only): nothing for A1111/ComfyUI to trip on
     r = load_recipe(REPO / "recipes/sd15/bench-random.yaml", [])
     sd15 = tmp_path / "sd15-configs"

@@ -163,15 +163,17 @@ def _pipeline_parts(root: Path):
     te, info = CLIPTextModel.from_pretrained(root, subfolder="text_encoder", output_loading_info=True)
     if info.get("missing_keys"):
         raise SingleFileError(f"its text encoder lacks weights a CLIP text model has ({info['missing_keys'][0]}, ...)")
-    check_models(unet.config, vae.config, te)
+    check_models(unet, vae, te)
     return parts, unet, vae, te
 
 
-def check_models(unet_config, vae_config, text_encoder) -> None:
-    """Raise :class:`SingleFileError` unless these models fit the SD 1.x single-file layout
-    (training checks this before its first step, so a run does not fail at its end)."""
+def check_models(unet, vae, text_encoder) -> None:
+    """Raise :class:`SingleFileError` unless these models fit the SD 1.x single-file layout: the
+    architectures, and every weight's place in it (renames only; training checks this before its
+    first step, so a run does not fail at its end)."""
     from transformers import CLIPTextModel
 
+    unet_config, vae_config = unet.config, vae.config
     if not isinstance(text_encoder, CLIPTextModel):
         raise SingleFileError(f"its text encoder is a {type(text_encoder).__name__}, and the SD 1.x layout holds a "
                               "CLIP text model")
@@ -180,8 +182,8 @@ def check_models(unet_config, vae_config, text_encoder) -> None:
     if text_encoder.config.hidden_size != unet_config["cross_attention_dim"]:
         raise SingleFileError(f"its text encoder is {text_encoder.config.hidden_size} wide and the UNet attends to "
                               f"{unet_config['cross_attention_dim']}")
-    _unet_prefixes(unet_config)
-    _vae_prefixes(vae_config)
+    unet_to_original(unet.state_dict(), unet_config)
+    vae_to_original(vae.state_dict(), vae_config)
 
 
 def pipeline_state(pipeline_dir: str | Path) -> dict[str, torch.Tensor]:
@@ -198,7 +200,9 @@ def pipeline_state(pipeline_dir: str | Path) -> dict[str, torch.Tensor]:
 # what A1111 and ComfyUI assume of every SD 1.x file: they build the models and the schedule from
 # their own SD 1.5 config, not from the file
 SD15 = {"unet": {"block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2, "cross_attention_dim": 768,
-                 "in_channels": 4, "attention_head_dim": 8},
+                 "in_channels": 4, "attention_head_dim": 8, "transformer_layers_per_block": 1,
+                 "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+                 "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3},
         "vae": {"block_out_channels": [128, 256, 512, 512], "latent_channels": 4, "layers_per_block": 2,
                 "norm_num_groups": 32, "scaling_factor": 0.18215},
         "text_encoder": {"hidden_size": 768, "num_hidden_layers": 12, "max_position_embeddings": 77},
@@ -220,7 +224,7 @@ def sd15_differences(pipeline_dir: str | Path) -> list[str]:
         if part == "scheduler" and have.get("rescale_betas_zero_snr"):
             out.append("scheduler rescale_betas_zero_snr is on")
         for k, v in want.items():
-            got = have.get(k)
+            got = have.get(k, 1 if k == "transformer_layers_per_block" else None)  # diffusers' default
             if isinstance(got, list) and isinstance(v, int | float) and len(set(got)) == 1:
                 got = got[0]
             if got != v and not (isinstance(v, float) and isinstance(got, float) and abs(got - v) < 1e-9):

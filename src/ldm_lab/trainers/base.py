@@ -107,14 +107,14 @@ class TrainerPlugin:
 
     def check_single_file(self, unet, vae, text_encoder_model) -> None:
         """``output.single_file``: refuse models the SD 1.x layout cannot hold before the first
-        step, and say when A1111 / ComfyUI would not load the file as it is."""
+        step (where the file departs from SD 1.5 for A1111 / ComfyUI is said when it is written)."""
         if self.recipe.output.single_file is None:
             return
         from .. import single_file
         from ..recipe import RecipeError
 
         try:
-            single_file.check_models(unet.config, vae.config, text_encoder_model)
+            single_file.check_models(unet, vae, text_encoder_model)
         except single_file.SingleFileError as e:
             raise RecipeError(f"output.single_file cannot be written for this model: {e}; unset it.") from None
 

@@ -131,23 +131,35 @@ class StreamPosition:
     every epoch before it (a stream has no index to jump to, and datasets' own resume state drops
     its shuffle buffer, which would change the order)."""
 
-    def __init__(self, world_size: int = 1):
-        self.epoch, self.batch, self.world_size, self.valid = 0, 0, world_size, False
+    checkpoint_name = "stream_position"  # its own file per process (not numbered among the plugin's states)
+    per_process = True  # never another process's file: each process has its own part of the stream
+
+    def __init__(self, world_size: int = 1, rank: int = 0):
+        self.epoch, self.batch, self.world_size, self.rank = 0, 0, world_size, rank
+        self.valid, self.mismatch = False, None
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batch": self.batch, "world_size": self.world_size}
+        return {"epoch": self.epoch, "batch": self.batch, "world_size": self.world_size, "rank": self.rank}
 
     def load_state_dict(self, state: dict) -> None:
         # a resumed run on another number of processes splits the stream otherwise: no position in it holds
-        if state.get("world_size") == self.world_size:
+        if state.get("world_size") != self.world_size:
+            self.mismatch = f"it was saved on {state.get('world_size')} processes, this run has {self.world_size}"
+        elif state.get("rank") != self.rank:
+            self.mismatch = f"process {self.rank} found process {state.get('rank')}'s position"
+        else:
             self.epoch, self.batch, self.valid = int(state["epoch"]), int(state["batch"]), True
 
 
-def _cycle_stream(accelerator: Accelerator, dataloader, start: int, position: StreamPosition | None = None):
+def _cycle_stream(accelerator: Accelerator, dataloader, start: int, position: StreamPosition | None = None,
+                  seed: int = 0):
     """Batches of a stream forever, on this process's device, from batch ``start`` on. Each epoch
     reshuffles (datasets' ``set_epoch``); a resumed run replays the stream up to where it stopped
     (read, not trained on), so it sees the batches the uninterrupted run would have: from the
-    start of the checkpoint's epoch when ``position`` was restored from it, else from the start."""
+    start of the checkpoint's epoch when ``position`` was restored from it, else from the start.
+    The loader's generator is seeded with ``seed + epoch`` before each epoch's iterator is made
+    (the workers' seeds, and so their random crops and flips, come from it), so an epoch's batches
+    do not depend on how many iterators were made before it."""
     from accelerate.utils import send_to_device
 
     position = position or StreamPosition(accelerator.num_processes)
@@ -158,10 +170,14 @@ def _cycle_stream(accelerator: Accelerator, dataloader, start: int, position: St
     else:
         epoch, replay = 0, start
         if start:
-            accelerator.print(f"stream: replaying the first {start} batches (the checkpoint holds no stream position)")
+            why = position.mismatch or "the checkpoint holds no stream position"
+            accelerator.print(f"stream: replaying the first {start} batches from the first epoch ({why})")
+    if dataloader.generator is None:
+        dataloader.generator = torch.Generator()
     while True:
         if hasattr(dataloader.dataset, "set_epoch"):
             dataloader.dataset.set_epoch(epoch)
+        dataloader.generator.manual_seed(seed + epoch)
         position.epoch, position.batch = epoch, 0
         n = 0
         it = iter(dataloader)
@@ -274,7 +290,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, profile: Phases | N
 
     accelerator.print(host_allocator(t.host_allocator))
     rank_states = plugin.checkpoint_objects()  # saved per process by save_checkpoint
-    position = StreamPosition(accelerator.num_processes)
+    position = StreamPosition(accelerator.num_processes, accelerator.process_index)
     if stream:
         rank_states = [*rank_states, position]  # last: the plugin's own states keep their file names
     ema = None
@@ -299,7 +315,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, profile: Phases | N
 
     seen_batches = step * t.gradient_accumulation_steps
     if stream:
-        batches = _cycle_stream(accelerator, dataloader, seen_batches, position)
+        batches = _cycle_stream(accelerator, dataloader, seen_batches, position, recipe.seed)
     else:
         batches_per_epoch = len(dataloader)
         if batches_per_epoch == 0:
@@ -677,8 +693,9 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, limit: i
         root.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
-    for k, obj in enumerate(rank_states or []):  # the plugin's own per-process state (its BatchRNG)
-        torch.save(obj.state_dict(), tmp / f"plugin_state_{k}_rank{accelerator.process_index}.pt")
+    for k, obj in enumerate(rank_states or []):  # per-process state: the plugin's BatchRNG, a stream position
+        name = getattr(obj, "checkpoint_name", f"plugin_state_{k}")
+        torch.save(obj.state_dict(), tmp / f"{name}_rank{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / "loop.json").write_text(json.dumps({"step": step, "nonfinite_steps": nonfinite_steps}))
@@ -694,8 +711,10 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, limit: i
 
 def _load_rank_states(accelerator: Accelerator, ckpt: Path, rank_states: list) -> None:
     for k, obj in enumerate(rank_states):
-        own = ckpt / f"plugin_state_{k}_rank{accelerator.process_index}.pt"
-        path = own if own.exists() else ckpt / f"plugin_state_{k}_rank0.pt"  # resumed on more processes
+        name = getattr(obj, "checkpoint_name", f"plugin_state_{k}")
+        own = ckpt / f"{name}_rank{accelerator.process_index}.pt"
+        # resumed on more processes: a shared state (the plugin's BatchRNG) is the same in every file
+        path = own if own.exists() or getattr(obj, "per_process", False) else ckpt / f"{name}_rank0.pt"
         if path.exists():
             obj.load_state_dict(torch.load(path, weights_only=False))
 

@@ -269,6 +269,7 @@ class TextToImageTrainer(TrainerPlugin):
         d = self.recipe.data
         workers = dict(collate_fn=default_collate, num_workers=d.num_workers, persistent_workers=d.num_workers > 0)
         if self.stream is not None:  # already this process's share: the loop does not shard it again
+            # (no persistent workers: each epoch's iterator passes the epoch and a seed to fresh workers)
             return DataLoader(self.stream, batch_size=self.recipe.train.batch_size, drop_last=True,
                               collate_fn=self.stream_collate(), num_workers=d.num_workers)
         ds = self.cached if self.cached is not None else self.rows
