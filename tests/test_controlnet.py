@@ -215,6 +215,27 @@ def test_shapes_demo_recipe_short(tmp_path):
     assert 0 <= m["no_prompt"]["controlnet_guess_mode"]["iou"] <= 1
     assert m["matching"]["base"]["iou"] > m["conflicting"]["base"]["iou"]  # the base puts shapes where the text says
     assert (run / "controlnet" / "diffusion_pytorch_model.safetensors").exists()
+    # the same evaluation of the saved ControlNet with stock diffusers pipelines, settings from the run's recipe
+    from ldm_lab.cli import main as cli_main
+
+    assert cli_main(["eval", "controlnet", str(run), "--out", str(tmp_path / "ev")]) == 0
+    again = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert again["n"] == 6 and again["chance_iou"] == m["chance_iou"] and again["settings"]["kind"] == "mask"
+    for part in ("no_prompt", "matching", "conflicting"):
+        for model in m[part]:
+            assert abs(again[part][model]["iou"] - m[part][model]["iou"]) < 0.05, (part, model)
+    assert (tmp_path / "ev" / "no_prompt" / "controlnet").is_dir()
+
+
+def test_eval_controlnet_bad_input_is_one_sentence(tmp_path, capsys):
+    from ldm_lab.cli import main as cli_main
+
+    assert cli_main(["eval", "controlnet", str(tmp_path), "--out", str(tmp_path / "ev")]) == 2
+    assert "neither a ControlNet run dir nor a ControlNet dir" in capsys.readouterr().err
+    (tmp_path / "net").mkdir()
+    (tmp_path / "net" / "config.json").write_text("{}")
+    assert cli_main(["eval", "controlnet", str(tmp_path / "net"), "--out", str(tmp_path / "ev")]) == 2
+    assert "--kind" in capsys.readouterr().err
 
 
 def test_sd15_recipe_trains_with_tiny_substitutes(tiny_parts, tiny_pipeline, shapes32, tmp_path):

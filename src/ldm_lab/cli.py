@@ -222,6 +222,20 @@ def _parser() -> argparse.ArgumentParser:
     ep.add_argument("--guidance", type=float, default=4.0)
     ep.add_argument("--seed", type=int, default=1234)
 
+    ec = es.add_parser("controlnet", help="how well a ControlNet places the shape its control image shows (IoU), "
+                                          "with no prompt, the matching one and a conflicting one, against the base")
+    ec.add_argument("source", help="a ControlNet run dir (its recipe gives the base and the control kind) or a "
+                                   "ControlNet dir (then give --base and --kind)")
+    ec.add_argument("--out", required=True, help="dir for the images of every prompt set and metrics.json")
+    ec.add_argument("--base", help="the base pipeline (a pipeline dir, run dir or hub id; default: the run's)")
+    ec.add_argument("--kind", choices=["mask", "edges", "canny"],
+                    help="the control: the object's mask, the shapes edges, or Canny edges (default: the run's)")
+    ec.add_argument("--n", type=int, help="fresh shapes rows per prompt set (default: the run's plugin.eval_n, else 64)")
+    ec.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++", "euler", "unipc"])
+    ec.add_argument("--steps", type=int)
+    ec.add_argument("--guidance", type=float)
+    ec.add_argument("--seed", type=int)
+
     s = sub.add_parser("sample", help="generate images from a run or a diffusers pipeline dir")
     s.add_argument("source", help="a run dir (uses RUN/pipeline) or a pipeline dir / hub id")
     g = s.add_mutually_exclusive_group(required=True)
@@ -406,6 +420,8 @@ def _dispatch(args) -> int:
         return 0
     if args.command == "eval" and args.action == "pipeline":
         return _eval_pipeline(args)
+    if args.command == "eval" and args.action == "controlnet":
+        return _eval_controlnet(args)
     if args.command == "eval":
         from .evaluation import shapes as ev
 
@@ -500,6 +516,78 @@ def _eval_pipeline(args) -> int:
 
         write_metrics(result, Path(args.out) / "metrics.json")
     print(json.dumps({k: v for k, v in result.items() if k not in ("by_shape",)}, indent=2))
+    return 0
+
+
+def _eval_controlnet(args) -> int:
+    """``control_eval`` (the ControlNet run's own final evaluation) for a saved ControlNet, with
+    the stock diffusers ControlNet pipeline; settings from the run's recipe unless given."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    from .evaluation.control import control_eval
+    from .recipe import load_recipe
+    from .recipe.plugins import ControlNetOptions
+    from .recipe.schema import EvalSpec
+    from .sampling import generate, load_pipeline, make_sampler
+
+    src = Path(args.source)
+    net_dir, recipe = src, None
+    if (src / "controlnet" / "config.json").exists() and (src / "recipe.yaml").exists():  # a run dir
+        net_dir, recipe = src / "controlnet", load_recipe(src / "recipe.yaml", check_paths=False)
+    if not (net_dir / "config.json").exists():
+        raise UserError(f"'{args.source}' is neither a ControlNet run dir nor a ControlNet dir (no config.json).")
+    e = recipe.eval if recipe is not None else EvalSpec()
+    opts = ControlNetOptions.model_validate(recipe.plugin) if recipe is not None else None
+    kind = args.kind or (None if opts is None else "canny" if opts.preprocessor == "canny" else
+                         "edges" if opts.conditioning_column == "edges" else
+                         "mask" if opts.conditioning_column == "conditioning_image" else None)
+    if kind is None:
+        raise UserError("give --kind (mask, edges or canny): the control this ControlNet reads is not known.")
+    base = args.base or (recipe.model.pipeline if recipe is not None else None)
+    if not base:
+        raise UserError("give --base: the pipeline this ControlNet was trained for.")
+    try:
+        pipe = load_pipeline(base)
+        net = ControlNetModel.from_pretrained(net_dir)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load the base '{base}' or the ControlNet '{net_dir}' "
+                        f"({str(err).splitlines()[0][:200]}).") from None
+    if net.config.cross_attention_dim != pipe.unet.config.cross_attention_dim:
+        raise UserError(f"ControlNet '{net_dir}' was made for another base (cross_attention_dim "
+                        f"{net.config.cross_attention_dim}, '{base}' has {pipe.unet.config.cross_attention_dim}).")
+    sampler, steps = args.sampler or e.sampler, args.steps or e.steps
+    guidance = args.guidance if args.guidance is not None else e.guidance_scale
+    pipe.scheduler = make_sampler(sampler, pipe.scheduler.config)
+    cpipe = StableDiffusionControlNetPipeline.from_pipe(pipe, controlnet=net)
+    cpipe.set_progress_bar_config(disable=True)
+    low, high = (opts.canny_low, opts.canny_high) if opts is not None else (100, 200)
+
+    def control_for(image, mask):
+        from PIL import Image
+
+        from .data.shapes import edges
+        from .trainers.controlnet import canny
+
+        if kind == "mask":
+            return Image.fromarray((mask * 255).astype("uint8")).convert("RGB")
+        return canny(image, low, high) if kind == "canny" else edges(image)
+
+    def with_control(prompts, controls, seeds, guess_mode):
+        return generate(cpipe, prompts, seeds, steps, guidance, control=controls, guess_mode=guess_mode)
+
+    def without(prompts, controls, seeds):
+        return generate(pipe, prompts, seeds, steps, guidance)
+
+    n = args.n or (opts.eval_n if opts is not None else 64)
+    seed = args.seed if args.seed is not None else e.seed
+    resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    result = control_eval(with_control, without, control_for, Path(args.out), n, seed, resolution)
+    result["settings"] = {"controlnet": str(net_dir), "base": str(base), "kind": kind, "sampler": sampler,
+                          "steps": steps, "guidance": guidance}
+    from .evaluation.shapes import write_metrics
+
+    write_metrics(result, Path(args.out) / "metrics.json")
+    print(json.dumps(result, indent=2))
     return 0
 
 
