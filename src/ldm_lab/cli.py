@@ -524,7 +524,7 @@ def _eval_controlnet(args) -> int:
     the stock diffusers ControlNet pipeline; settings from the run's recipe unless given."""
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 
-    from .evaluation.control import control_eval
+    from .evaluation.control import control_eval, control_image, control_kind
     from .recipe import load_recipe
     from .recipe.plugins import ControlNetOptions
     from .recipe.schema import EvalSpec
@@ -538,9 +538,7 @@ def _eval_controlnet(args) -> int:
         raise UserError(f"'{args.source}' is neither a ControlNet run dir nor a ControlNet dir (no config.json).")
     e = recipe.eval if recipe is not None else EvalSpec()
     opts = ControlNetOptions.model_validate(recipe.plugin) if recipe is not None else None
-    kind = args.kind or (None if opts is None else "canny" if opts.preprocessor == "canny" else
-                         "edges" if opts.conditioning_column == "edges" else
-                         "mask" if opts.conditioning_column == "conditioning_image" else None)
+    kind = args.kind or (control_kind(opts) if opts is not None else None)
     if kind is None:
         raise UserError("give --kind (mask, edges or canny): the control this ControlNet reads is not known.")
     base = args.base or (recipe.model.pipeline if recipe is not None else None)
@@ -563,14 +561,7 @@ def _eval_controlnet(args) -> int:
     low, high = (opts.canny_low, opts.canny_high) if opts is not None else (100, 200)
 
     def control_for(image, mask):
-        from PIL import Image
-
-        from .data.shapes import edges
-        from .trainers.controlnet import canny
-
-        if kind == "mask":
-            return Image.fromarray((mask * 255).astype("uint8")).convert("RGB")
-        return canny(image, low, high) if kind == "canny" else edges(image)
+        return control_image(kind, image, mask, low, high)
 
     def with_control(prompts, controls, seeds, guess_mode):
         return generate(cpipe, prompts, seeds, steps, guidance, control=controls, guess_mode=guess_mode)
@@ -661,7 +652,6 @@ def _export(args) -> int:
 
 
 def _export_single_file(args) -> int:
-    import torch
 
     from . import single_file
 
@@ -672,7 +662,7 @@ def _export_single_file(args) -> int:
         raise UserError(f"--out '{out}' must end in .safetensors.")
     if out.exists():
         raise UserError(f"--out '{out}' exists; choose a new file name so nothing is overwritten.")
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    dtype = single_file.DTYPES[args.dtype]
     try:
         state = single_file.pipeline_state(src)
     except single_file.SingleFileError as e:

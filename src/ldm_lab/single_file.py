@@ -31,6 +31,10 @@ _VAE_SAME = {"encoder.conv_in", "encoder.conv_out", "decoder.conv_in", "decoder.
 _VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 
 
+# the file's precision by its name (``--dtype``, ``output.single_file``)
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 class SingleFileError(ValueError):
     """The pipeline cannot be written in the original single-file layout (the reason says why)."""
 

@@ -28,6 +28,26 @@ from ..data import shapes as sw
 from . import shapes as ev
 
 
+def control_kind(opts) -> str | None:
+    """What a ControlNet plugin's options say its control image is: ``canny`` (OpenCV edges of
+    the image), ``edges`` (the shapes dataset's edges column), ``mask`` (its conditioning_image
+    column), or None (another column: this evaluation cannot make it)."""
+    if opts.preprocessor == "canny":
+        return "canny"
+    return {"edges": "edges", "conditioning_image": "mask"}.get(opts.conditioning_column)
+
+
+def control_image(kind: str, image: Image.Image, mask, canny_low: int = 100, canny_high: int = 200) -> Image.Image:
+    """The control image of ``kind`` for a shapes row (its image and boolean object mask)."""
+    if kind == "mask":
+        return Image.fromarray((mask * 255).astype(np.uint8)).convert("RGB")
+    if kind == "canny":
+        from ..trainers.controlnet import canny
+
+        return canny(image, canny_low, canny_high)
+    return sw.edges(image)
+
+
 def control_eval(with_control: Callable, without: Callable, control_for: Callable, out: Path, n: int = 64,
                  seed: int = 4242, resolution: int = 64) -> dict:
     out = Path(out)

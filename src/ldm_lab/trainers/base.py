@@ -94,12 +94,10 @@ class TrainerPlugin:
         precision = self.recipe.output.single_file
         if precision is None:
             return
-        import torch
 
         from .. import single_file
 
-        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-        out = single_file.write(pipeline_dir, pipeline_dir.with_suffix(".safetensors"), dtype)
+        out = single_file.write(pipeline_dir, pipeline_dir.with_suffix(".safetensors"), single_file.DTYPES[precision])
         self.accelerator.print(f"single-file checkpoint ({precision}, original SD layout): {out}")
         differences = single_file.sd15_differences(pipeline_dir)
         if differences:

@@ -29,7 +29,6 @@ from torchvision.transforms import v2
 
 from ..components.autoencoder import latent_factor
 from ..data.checks import to_rgb
-from ..data.shapes import edges as shapes_edges
 from ..diffusion import diffusion_loss
 from ..recipe import RecipeError
 from ..recipe.plugins import ControlNetOptions
@@ -246,10 +245,9 @@ class ControlNetTrainer(TextToImageTrainer):
         e = self.recipe.eval
         if not e.shapes or not self.accelerator.is_main_process:
             return {}
-        from ..evaluation.control import control_eval
+        from ..evaluation.control import control_eval, control_image, control_kind
 
-        kind = "edges" if (self.opts.preprocessor == "canny" or self.opts.conditioning_column == "edges") else \
-            "mask" if self.opts.conditioning_column == "conditioning_image" else None
+        kind = control_kind(self.opts)
         if kind is None:
             return {}
 
@@ -260,11 +258,7 @@ class ControlNetTrainer(TextToImageTrainer):
             return self.sample(prompts, seeds, e.sampler, e.steps, e.guidance_scale)
 
         def control_for(image, mask):
-            if kind == "mask":
-                return Image.fromarray((mask * 255).astype(np.uint8)).convert("RGB")
-            if self.opts.preprocessor:
-                return canny(image, self.opts.canny_low, self.opts.canny_high)
-            return shapes_edges(image)  # what the shapes dataset's edges column holds
+            return control_image(kind, image, mask, self.opts.canny_low, self.opts.canny_high)
 
         return {"control_eval": control_eval(with_control, without, control_for, self.run_dir / "eval",
                                              self.opts.eval_n, e.seed, self.recipe.data.resolution)}
