@@ -201,11 +201,17 @@ def test_full_mode_with_text_encoder_is_a_stock_pipeline(tiny_pipeline, tmp_path
 
     inst = _instances(tmp_path / "inst")
     run = tmp_path / "run"
-    assert cli_main(_flags(tiny_pipeline, inst, run, tmp_path / "cache", extra=(
-        "--train-text-encoder", "--identifier", "zwx"))) == 0
+    assert cli_main([*_flags(tiny_pipeline, inst, run, tmp_path / "cache", extra=(
+        "--train-text-encoder", "--identifier", "zwx")), "output.single_file=fp32"]) == 0
     info = json.loads((run / "dreambooth.json").read_text())
     assert info["identifier"] == "zwx" and info["mode"] == "full" and info["class_images"] == 0
     new = StableDiffusionPipeline.from_pretrained(run / "pipeline", safety_checker=None)
+    # output.single_file: the same trained weights in one original-layout file (text encoder included)
+    one = StableDiffusionPipeline.from_single_file(str(run / "pipeline.safetensors"), config=str(run / "pipeline"),
+                                                   local_files_only=True, safety_checker=None)
+    for name in ("unet", "text_encoder"):
+        a, b = getattr(one, name).state_dict(), getattr(new, name).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in b), name
     old = StableDiffusionPipeline.from_pretrained(tiny_pipeline, safety_checker=None)
     for name in ("unet", "text_encoder"):  # both trained (all weights, no adapters)
         a, b = getattr(new, name).state_dict(), getattr(old, name).state_dict()
