@@ -158,10 +158,11 @@ def test_what_cannot_be_one_file_is_refused_and_what_a1111_cannot_load_is_named(
     # training refuses up front (exit 2, before any step) what cannot be written at the end
     run = tmp_path / "run"
     ov = tiny_t2i_overrides(tiny_parts, run, tmp_path / "data")
-    ov = [o if not o.startswith("model.unet.overrides=") else o[:-1] + ", use_linear_projection: true}" for o in ov]
+    ov = [o if not o.startswith("model.unet.overrides=") else o[:-1] + ", class_embed_type: timestep}" for o in ov]
     assert cli_main(["train", str(REPO / "recipes/shapes/t2i.yaml"), *ov, "output.single_file=fp16"]) == 2
     err = capsys.readouterr().err
-    assert "output.single_file cannot be written" in err and "linear" in err and not (run / "checkpoints").exists()
+    assert "output.single_file cannot be written" in err and "class_embedding" in err
+    assert not (run / "checkpoints").exists()
 
 
 def test_fp32_means_fp32_for_a_pipeline_saved_in_fp16(tmp_path):
@@ -173,3 +174,51 @@ def test_fp32_means_fp32_for_a_pipeline_saved_in_fp16(tmp_path):
     out = tmp_path / "f.safetensors"
     assert cli_main(["export", "single-file", str(half), "--out", str(out), "--dtype", "fp32"]) == 0
     assert {v.dtype for v in load_file(str(out)).values()} == {torch.float32}
+
+
+def test_sd2_class_pipeline_writes_the_openclip_text_layout_and_reads_back(tmp_path):
+    """An SD 2.x-class pipeline (linear attention projections, a gelu CLIP text tower): the text
+    encoder goes under cond_stage_model.model.* in open_clip's names with q/k/v fused, diffusers'
+    OpenCLIP reader maps the SD 2.1 sizes back to every weight, and a small such pipeline reads
+    back through from_single_file with every weight equal."""
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from ldm_lab import single_file
+    from ldm_lab.components import PRESETS
+
+    # the SD 2.1 text tower's sizes (OpenCLIP-H less its last layer), on the meta device
+    sd21_text = CLIPTextConfig(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+                               num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu")
+    with torch.device("meta"):
+        te = CLIPTextModel(sd21_text)
+    state = {k: v for k, v in te.state_dict().items() if not k.endswith("position_ids")}
+    orig = {single_file.OPENCLIP_PREFIX + k: v for k, v in single_file.text_to_openclip(state).items()}
+    assert tuple(orig["cond_stage_model.model.transformer.resblocks.22.attn.in_proj_weight"].shape) == (3072, 1024)
+    back = convert_open_clip_checkpoint(te, orig)
+    norm = lambda d: {k.removeprefix("text_model."): tuple(v.shape) for k, v in d.items()}  # noqa: E731
+    assert norm(back) == norm(state)
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**{**PRESETS["tiny"], "cross_attention_dim": 32, "use_linear_projection": True,
+                                   "attention_head_dim": [4, 8]})
+    vae = AutoencoderKL(block_out_channels=[16, 16], down_block_types=["DownEncoderBlock2D"] * 2,
+                        up_block_types=["UpDecoderBlock2D"] * 2, norm_num_groups=8, latent_channels=4)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, max_position_embeddings=77, hidden_act="gelu"))
+    tok = CLIPTokenizer.from_pretrained(REPO / "data/pretrained/shapes-clip/tokenizer")
+    src = tmp_path / "sd2-class"
+    StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet,
+                            scheduler=DDPMScheduler(prediction_type="v_prediction"), safety_checker=None,
+                            feature_extractor=None, requires_safety_checker=False).save_pretrained(src)
+    out = tmp_path / "sd2.safetensors"
+    assert cli_main(["export", "single-file", str(src), "--out", str(out)]) == 0
+    keys = load_file(str(out))
+    assert "cond_stage_model.model.transformer.resblocks.1.attn.in_proj_weight" in keys
+    assert not any(k.startswith("cond_stage_model.transformer.") for k in keys)
+    pipe = StableDiffusionPipeline.from_single_file(str(out), config=str(src), local_files_only=True,
+                                                    safety_checker=None)
+    for name, ref in (("unet", unet), ("vae", vae), ("text_encoder", text)):
+        got, want = getattr(pipe, name).state_dict(), ref.state_dict()
+        assert all(torch.equal(got[k], want[k]) for k in want if not k.endswith("position_ids")), name

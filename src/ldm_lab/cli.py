@@ -201,7 +201,7 @@ def _parser() -> argparse.ArgumentParser:
     xm.add_argument("--lora", required=True, action="append", help="FILE[:scale] (repeatable)")
     xm.add_argument("--scale", type=float, default=None, help="scale of every --lora given without its own")
     xm.add_argument("--out", required=True, help="new pipeline dir")
-    xf = xs.add_parser("single-file", help="write an SD 1.x-class pipeline as one original-layout .safetensors "
+    xf = xs.add_parser("single-file", help="write an SD 1.x / 2.x-class pipeline as one original-layout .safetensors "
                                            "checkpoint (A1111, ComfyUI, Forge, kohya; diffusers' from_single_file)")
     xf.add_argument("source", help="a diffusers pipeline dir or a run dir holding pipeline/")
     xf.add_argument("--out", required=True, help="new .safetensors file")

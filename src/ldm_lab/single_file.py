@@ -1,4 +1,4 @@
-"""A diffusers Stable Diffusion 1.x-class pipeline as one original-layout checkpoint file: the
+"""A diffusers Stable Diffusion 1.x / 2.x-class pipeline as one original-layout checkpoint file: the
 format A1111, ComfyUI, Forge and kohya's scripts load (``model.diffusion_model.*`` for the
 UNet, ``first_stage_model.*`` for the autoencoder, ``cond_stage_model.transformer.*`` for the
 CLIP text encoder), and diffusers reads back with ``from_single_file``.
@@ -10,8 +10,9 @@ of the same family, not only the 4-level SD layout. A1111 and ComfyUI build the 
 noise schedule from their own SD 1.5 config, so they load only files of exactly that
 architecture and schedule (:func:`sd15_differences` says where a pipeline departs from it);
 diffusers loads any of these files with ``from_single_file(FILE, config=PIPELINE_DIR)``.
-Architectures whose original layout differs (SD 2.x's OpenCLIP text tower, SDXL's two text
-encoders and UNet) and non-CLIP text encoders are refused with a message.
+SD 2.x-class pipelines (linear attention projections) get their text tower in open_clip's names
+(``cond_stage_model.model.*``, q/k/v fused), as SD 2.x checkpoints hold it. SDXL (two text
+encoders) and non-CLIP text encoders are refused with a message.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 
 UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
+OPENCLIP_PREFIX = "cond_stage_model.model."  # SD 2.x: the text tower in open_clip's own names
 
 # (diffusers name, original name) inside a UNet resnet; checked in this order
 _UNET_RESNET = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"),
@@ -155,7 +157,7 @@ def _pipeline_parts(root: Path):
     if not index.exists():
         raise SingleFileError(f"'{root}' is not a diffusers pipeline dir (no model_index.json)")
     parts = json.loads(index.read_text())
-    if "text_encoder_2" in parts:
+    if "text_encoder_2" in parts:  # SDXL
         raise SingleFileError("SDXL-class pipelines (two text encoders) are not written as one file here")
     te_class = (parts.get("text_encoder") or [None, None])[1]
     if te_class not in ("CLIPTextModel", "CLIPTextModelWithProjection"):
@@ -172,7 +174,7 @@ def _pipeline_parts(root: Path):
 
 
 def check_models(unet, vae, text_encoder) -> None:
-    """Raise :class:`SingleFileError` unless these models fit the SD 1.x single-file layout: the
+    """Raise :class:`SingleFileError` unless these models fit the SD 1.x / 2.x single-file layout: the
     architectures, and every weight's place in it (renames only; training checks this before its
     first step, so a run does not fail at its end)."""
     from transformers import CLIPTextModel
@@ -181,23 +183,67 @@ def check_models(unet, vae, text_encoder) -> None:
     if not isinstance(text_encoder, CLIPTextModel):
         raise SingleFileError(f"its text encoder is a {type(text_encoder).__name__}, and the SD 1.x layout holds a "
                               "CLIP text model")
-    if unet_config.get("use_linear_projection"):  # SD 2.x: OpenCLIP text tower, another original layout
-        raise SingleFileError("SD 2.x-class UNets (linear attention projections) have another original layout")
     if text_encoder.config.hidden_size != unet_config["cross_attention_dim"]:
         raise SingleFileError(f"its text encoder is {text_encoder.config.hidden_size} wide and the UNet attends to "
                               f"{unet_config['cross_attention_dim']}")
     unet_to_original(unet.state_dict(), unet_config)
     vae_to_original(vae.state_dict(), vae_config)
+    if is_sd2(unet_config):
+        text_to_openclip(text_encoder.state_dict())
+
+
+def is_sd2(unet_config) -> bool:
+    """SD 2.x-class: linear attention projections in the UNet, an OpenCLIP text tower, which the
+    original layout stores in open_clip's names (``cond_stage_model.model.*``); loaders tell
+    SD 1.x from 2.x files by those names."""
+    return bool(unet_config.get("use_linear_projection"))
+
+
+_OPENCLIP_LAYER = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
+                   "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+
+
+def text_to_openclip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A transformers CLIP text model's weights in open_clip's names: q, k and v projections fused
+    into one ``in_proj`` per layer, as SD 2.x checkpoints hold them. (SD 2.x's text encoder in
+    diffusers stops one layer short of OpenCLIP-H's 24, the penultimate layer SD 2.x conditions on;
+    loaders leave the absent last layer unused.)"""
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        k = key.removeprefix("text_model.")
+        if k == "embeddings.token_embedding.weight":
+            out["token_embedding.weight"] = value
+        elif k == "embeddings.position_embedding.weight":
+            out["positional_embedding"] = value
+        elif k.startswith("final_layer_norm."):
+            out["ln_final." + k.rpartition(".")[2]] = value
+        elif k.startswith("encoder.layers."):
+            _, _, i, rest = k.split(".", 3)
+            module, _, param = rest.rpartition(".")
+            if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+                qkv.setdefault((i, param), {})[module[-6]] = value
+            elif module in _OPENCLIP_LAYER:
+                out[f"transformer.resblocks.{i}.{_OPENCLIP_LAYER[module]}.{param}"] = value
+            else:
+                raise SingleFileError(f"the text encoder weight '{key}' has no place in the OpenCLIP layout")
+        elif k != "embeddings.position_ids":
+            raise SingleFileError(f"the text encoder weight '{key}' has no place in the OpenCLIP layout")
+    for (i, param), parts in qkv.items():
+        out[f"transformer.resblocks.{i}.attn.in_proj_{param}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    return out
 
 
 def pipeline_state(pipeline_dir: str | Path) -> dict[str, torch.Tensor]:
-    """The original-layout state dict of a local diffusers SD 1.x-class pipeline dir."""
+    """The original-layout state dict of a local diffusers SD 1.x / 2.x-class pipeline dir."""
     _, unet, vae, te = _pipeline_parts(Path(pipeline_dir))
     state = {UNET_PREFIX + k: v for k, v in unet_to_original(unet.state_dict(), unet.config).items()}
     state |= {VAE_PREFIX + k: v for k, v in vae_to_original(vae.state_dict(), vae.config).items()}
-    # the original layout keeps transformers' ``text_model.`` level, which CLIPTextModel dropped in 5.6
-    state |= {TEXT_PREFIX + (k if k.startswith("text_model.") else "text_model." + k): v
-              for k, v in te.state_dict().items()}
+    if is_sd2(unet.config):
+        state |= {OPENCLIP_PREFIX + k: v for k, v in text_to_openclip(te.state_dict()).items()}
+    else:  # the original layout keeps transformers' ``text_model.`` level, which CLIPTextModel dropped in 5.6
+        state |= {TEXT_PREFIX + (k if k.startswith("text_model.") else "text_model." + k): v
+                  for k, v in te.state_dict().items()}
     return state
 
 
@@ -214,15 +260,28 @@ SD15 = {"unet": {"block_out_channels": [320, 640, 1280, 1280], "layers_per_block
                       "beta_end": 0.012, "num_train_timesteps": 1000}}
 
 
+# SD 2.x (2.0/2.1, 512 base and 768-v): A1111 and ComfyUI pick it by the OpenCLIP names and probe
+# for v-prediction, so both prediction types load
+SD2 = {"unet": {**SD15["unet"], "cross_attention_dim": 1024, "attention_head_dim": [5, 10, 20, 20],
+                "use_linear_projection": True},
+       "vae": SD15["vae"],
+       "text_encoder": {"hidden_size": 1024, "num_hidden_layers": 23, "max_position_embeddings": 77, "hidden_act": "gelu"},
+       "scheduler": {**SD15["scheduler"], "prediction_type": ("epsilon", "v_prediction")}}
+
+
 def sd15_differences(pipeline_dir: str | Path) -> list[str]:
-    """Where a pipeline differs from what A1111 / ComfyUI assume of an SD 1.x file (empty: it
-    loads there as it is); such a file still loads in diffusers with ``from_single_file(config=
-    the pipeline dir)``, which reads the models' and scheduler's configs from that dir."""
+    """Where a pipeline differs from what A1111 / ComfyUI assume of an SD 1.x file, or of an SD
+    2.x one for an SD 2.x-class pipeline (empty: it loads there as it is); such a file still loads
+    in diffusers with ``from_single_file(config=the pipeline dir)``, which reads the models' and
+    scheduler's configs from that dir."""
     import json
 
     root = Path(pipeline_dir)
+    unet_cfg = root / "unet" / "config.json"
+    sd2 = unet_cfg.exists() and is_sd2(json.loads(unet_cfg.read_text()))
+    name, reference = ("SD 2.x", SD2) if sd2 else ("SD 1.5", SD15)
     out = []
-    for part, want in SD15.items():
+    for part, want in reference.items():
         f = root / part / ("scheduler_config.json" if part == "scheduler" else "config.json")
         have = json.loads(f.read_text()) if f.exists() else {}
         if part == "scheduler" and have.get("rescale_betas_zero_snr"):
@@ -231,14 +290,17 @@ def sd15_differences(pipeline_dir: str | Path) -> list[str]:
             got = have.get(k, 1 if k == "transformer_layers_per_block" else None)  # diffusers' default
             if isinstance(got, list) and isinstance(v, int | float) and len(set(got)) == 1:
                 got = got[0]
-            if got != v and not (isinstance(v, float) and isinstance(got, float) and abs(got - v) < 1e-9):
-                out.append(f"{part} {k} is {got}, SD 1.5's {v}")
+            if isinstance(v, tuple):
+                if got not in v:
+                    out.append(f"{part} {k} is {got}, {name}'s {' or '.join(map(str, v))}")
+            elif got != v and not (isinstance(v, float) and isinstance(got, float) and abs(got - v) < 1e-9):
+                out.append(f"{part} {k} is {got}, {name}'s {v}")
     return out
 
 
 def not_sd15_note(differences: list[str], pipeline_dir) -> str:
     shown = "; ".join(differences[:3]) + ("; ..." if len(differences) > 3 else "")
-    return (f"note: not the SD 1.5 architecture and schedule ({shown}): A1111 and ComfyUI assume those and will not "
+    return (f"note: not the SD 1.5 / 2.x architecture and schedule ({shown}): A1111 and ComfyUI assume those and will not "
             f"load this file as it is; diffusers loads it with from_single_file(FILE, config='{pipeline_dir}')")
 
 

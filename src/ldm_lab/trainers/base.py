@@ -104,7 +104,7 @@ class TrainerPlugin:
             self.accelerator.print(single_file.not_sd15_note(differences, pipeline_dir))
 
     def check_single_file(self, unet, vae, text_encoder_model) -> None:
-        """``output.single_file``: refuse models the SD 1.x layout cannot hold before the first
+        """``output.single_file``: refuse models the SD 1.x / 2.x layout cannot hold before the first
         step (where the file departs from SD 1.5 for A1111 / ComfyUI is said when it is written)."""
         if self.recipe.output.single_file is None:
             return
