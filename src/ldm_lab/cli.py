@@ -652,7 +652,6 @@ def _export(args) -> int:
 
 
 def _export_single_file(args) -> int:
-
     from . import single_file
 
     src, out = Path(args.source), Path(args.out)

@@ -169,27 +169,36 @@ def _pipeline_parts(root: Path):
     te, info = CLIPTextModel.from_pretrained(root, subfolder="text_encoder", output_loading_info=True)
     if info.get("missing_keys"):
         raise SingleFileError(f"its text encoder lacks weights a CLIP text model has ({info['missing_keys'][0]}, ...)")
-    check_models(unet, vae, te)
-    return parts, unet, vae, te
+    return unet, vae, te
 
 
 def check_models(unet, vae, text_encoder) -> None:
     """Raise :class:`SingleFileError` unless these models fit the SD 1.x / 2.x single-file layout: the
     architectures, and every weight's place in it (renames only; training checks this before its
     first step, so a run does not fail at its end)."""
+    models_state(unet, vae, text_encoder)
+
+
+def models_state(unet, vae, text_encoder) -> dict[str, torch.Tensor]:
+    """The original-layout state dict of in-memory SD 1.x / 2.x-class models (the tensors
+    themselves, renamed; q/k/v fused for an SD 2.x text tower)."""
     from transformers import CLIPTextModel
 
-    unet_config, vae_config = unet.config, vae.config
+    unet_config = unet.config
     if not isinstance(text_encoder, CLIPTextModel):
         raise SingleFileError(f"its text encoder is a {type(text_encoder).__name__}, and the SD 1.x layout holds a "
                               "CLIP text model")
     if text_encoder.config.hidden_size != unet_config["cross_attention_dim"]:
         raise SingleFileError(f"its text encoder is {text_encoder.config.hidden_size} wide and the UNet attends to "
                               f"{unet_config['cross_attention_dim']}")
-    unet_to_original(unet.state_dict(), unet_config)
-    vae_to_original(vae.state_dict(), vae_config)
+    state = {UNET_PREFIX + k: v for k, v in unet_to_original(unet.state_dict(), unet_config).items()}
+    state |= {VAE_PREFIX + k: v for k, v in vae_to_original(vae.state_dict(), vae.config).items()}
+    te_state = text_encoder.state_dict()
     if is_sd2(unet_config):
-        text_to_openclip(text_encoder.state_dict())
+        state |= {OPENCLIP_PREFIX + k: v for k, v in text_to_openclip(te_state).items()}
+    else:  # the original layout keeps transformers' ``text_model.`` level, which CLIPTextModel dropped in 5.6
+        state |= {TEXT_PREFIX + (k if k.startswith("text_model.") else "text_model." + k): v for k, v in te_state.items()}
+    return state
 
 
 def is_sd2(unet_config) -> bool:
@@ -236,15 +245,8 @@ def text_to_openclip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def pipeline_state(pipeline_dir: str | Path) -> dict[str, torch.Tensor]:
     """The original-layout state dict of a local diffusers SD 1.x / 2.x-class pipeline dir."""
-    _, unet, vae, te = _pipeline_parts(Path(pipeline_dir))
-    state = {UNET_PREFIX + k: v for k, v in unet_to_original(unet.state_dict(), unet.config).items()}
-    state |= {VAE_PREFIX + k: v for k, v in vae_to_original(vae.state_dict(), vae.config).items()}
-    if is_sd2(unet.config):
-        state |= {OPENCLIP_PREFIX + k: v for k, v in text_to_openclip(te.state_dict()).items()}
-    else:  # the original layout keeps transformers' ``text_model.`` level, which CLIPTextModel dropped in 5.6
-        state |= {TEXT_PREFIX + (k if k.startswith("text_model.") else "text_model." + k): v
-                  for k, v in te.state_dict().items()}
-    return state
+    unet, vae, te = _pipeline_parts(Path(pipeline_dir))
+    return models_state(unet, vae, te)
 
 
 # what A1111 and ComfyUI assume of every SD 1.x file: they build the models and the schedule from
@@ -304,13 +306,9 @@ def not_sd15_note(differences: list[str], pipeline_dir) -> str:
             f"load this file as it is; diffusers loads it with from_single_file(FILE, config='{pipeline_dir}')")
 
 
-def write(pipeline_dir: str | Path, out: str | Path, dtype: torch.dtype = torch.float32) -> Path:
-    """Write ``pipeline_dir`` as one ``.safetensors`` checkpoint at ``out`` (atomically), every
-    floating-point weight in ``dtype``."""
-    return save(pipeline_state(pipeline_dir), out, dtype)
-
-
 def save(state: dict[str, torch.Tensor], out: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+    """``state`` as one ``.safetensors`` checkpoint at ``out`` (atomically), every floating-point
+    weight in ``dtype``."""
     import os
 
     from safetensors.torch import save_file

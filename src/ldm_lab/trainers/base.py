@@ -88,16 +88,17 @@ class TrainerPlugin:
     def unwrap(self, module: nn.Module) -> nn.Module:
         return self.accelerator.unwrap_model(module)
 
-    def write_single_file(self, pipeline_dir: Path) -> None:
-        """``output.single_file``: the saved pipeline also as ``pipeline.safetensors`` beside it, in
-        the original SD layout (``ldm-lab export single-file`` on a finished run does the same)."""
+    def write_single_file(self, pipe, pipeline_dir: Path) -> None:
+        """``output.single_file``: the pipeline just saved to ``pipeline_dir`` also as
+        ``pipeline.safetensors`` beside it, in the original SD layout, from the models in memory
+        (``ldm-lab export single-file`` on a finished run writes the same file from disk)."""
         precision = self.recipe.output.single_file
         if precision is None:
             return
-
         from .. import single_file
 
-        out = single_file.write(pipeline_dir, pipeline_dir.with_suffix(".safetensors"), single_file.DTYPES[precision])
+        state = single_file.models_state(pipe.unet, pipe.vae, pipe.text_encoder)
+        out = single_file.save(state, pipeline_dir.with_suffix(".safetensors"), single_file.DTYPES[precision])
         self.accelerator.print(f"single-file checkpoint ({precision}, original SD layout): {out}")
         differences = single_file.sd15_differences(pipeline_dir)
         if differences:

@@ -326,7 +326,7 @@ class DreamBoothTrainer(LoRATrainer):
             pipe.text_encoder = self.unwrap(self.te_model)
         pipe.save_pretrained(out_dir / "pipeline")
         self.export(out_dir / "pipeline")
-        self.write_single_file(out_dir / "pipeline")
+        self.write_single_file(pipe, out_dir / "pipeline")
 
     def lora_metadata(self) -> dict:
         o = self.opts

@@ -393,7 +393,7 @@ class TextToImageTrainer(TrainerPlugin):
         pipe = self.pipeline("dpm++")
         pipe.save_pretrained(out_dir / "pipeline")
         self.export(out_dir / "pipeline")
-        self.write_single_file(out_dir / "pipeline")
+        self.write_single_file(pipe, out_dir / "pipeline")
 
     def evaluate(self) -> dict:
         e = self.recipe.eval
