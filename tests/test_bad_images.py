@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageFile
 
 from ldm_lab.data.checks import REASONS, SkipCounter, check_rows, image_sizes, require_rows, safe_rows, summary, to_rgb
-from ldm_lab.recipe import RecipeError
+from ldm_lab.errors import UserError
 
 # file name -> caption; the image each file holds is written by _write_folder
 ROWS = [
@@ -183,7 +183,7 @@ def test_bytes_backed_rows_and_caption_lists():
 
 def test_nothing_usable_is_a_recipe_error(folder):
     broken = folder["ds"].select([1, 2, 3, 9, 10, 11])
-    with pytest.raises(RecipeError) as err:
+    with pytest.raises(UserError) as err:
         check_rows(broken, "image", "text", min_size=MIN_SIZE)
     msg = str(err.value)
     for part in ("no usable training rows", "3 unreadable", "1 too small", "2 empty captions", "truncated.jpg",
@@ -191,7 +191,7 @@ def test_nothing_usable_is_a_recipe_error(folder):
         assert part in msg, part
     _, report = check_rows(broken, "image", "text", min_size=MIN_SIZE, require=False)
     assert report["kept"] == 0
-    with pytest.raises(RecipeError, match="3 unreadable"):
+    with pytest.raises(UserError, match="3 unreadable"):
         require_rows(report)
     require_rows(folder["report"])  # rows left: no error
 
@@ -291,7 +291,7 @@ def test_streaming_counts_rows_checked_in_dataloader_workers(folder):
 def test_streaming_with_nothing_usable_gives_up(folder):
     broken = folder["ds"].select([1, 2, 3, 9, 10, 11]).to_iterable_dataset()
     stream, _ = safe_rows(broken, "image", "text", min_size=MIN_SIZE, give_up_after=4)
-    with pytest.raises(RecipeError, match="no usable training rows: all 4 rows were skipped"):
+    with pytest.raises(UserError, match="no usable training rows: all 4 rows were skipped"):
         list(stream)
 
 

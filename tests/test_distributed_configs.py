@@ -73,14 +73,15 @@ def test_deepspeed_zero2_plugin_is_constructed(monkeypatch):
 def test_ema_is_refused_where_parameters_are_sharded(kind, stage, refused):
     from accelerate.utils import DistributedType
 
-    from ldm_lab.recipe import RecipeError, load_recipe
+    from ldm_lab.errors import UserError
+    from ldm_lab.recipe import load_recipe
     from ldm_lab.trainers.loop import _check_distributed
 
     recipe = load_recipe(REPO / "recipes/shapes/t2i.yaml", ["train.ema.enabled=true"])
     engine = SimpleNamespace(distributed_type=DistributedType[kind],
                              state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage)))
     if refused:
-        with pytest.raises(RecipeError, match="train.ema"):
+        with pytest.raises(UserError, match="train.ema"):
             _check_distributed(engine, recipe)
     else:
         _check_distributed(engine, recipe)

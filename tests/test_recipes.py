@@ -11,7 +11,8 @@ import torch
 import yaml
 
 from conftest import REPO, TINY_UNET
-from ldm_lab.recipe import RecipeError, load_recipe
+from ldm_lab.errors import UserError
+from ldm_lab.recipe import load_recipe
 
 RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
 
@@ -24,26 +25,26 @@ def write(tmp_path: Path, data: dict, name: str = "r.yaml") -> Path:
 
 def test_unknown_key_names_file_key_and_closest(tmp_path):
     p = write(tmp_path, {"train": {"lerning_rate": 1e-4}})
-    with pytest.raises(RecipeError) as e:
+    with pytest.raises(UserError) as e:
         load_recipe(p, check_paths=False)
     msg = str(e.value)
     assert str(p) in msg and "train.lerning_rate" in msg and "train.learning_rate" in msg
 
 
 def test_wrong_type_and_literal(tmp_path):
-    with pytest.raises(RecipeError, match="train.batch_size"):
+    with pytest.raises(UserError, match="train.batch_size"):
         load_recipe(write(tmp_path, {"train": {"batch_size": "many"}}))
-    with pytest.raises(RecipeError, match="noise.prediction_type"):
+    with pytest.raises(UserError, match="noise.prediction_type"):
         load_recipe(write(tmp_path, {"noise": {"prediction_type": "eps"}}))
 
 
 def test_unknown_trainer_suggests(tmp_path):
-    with pytest.raises(RecipeError, match="did you mean 'text_to_image'"):
+    with pytest.raises(UserError, match="did you mean 'text_to_image'"):
         load_recipe(write(tmp_path, {"trainer": "text_to_imag"}))
 
 
 def test_missing_local_path_is_an_error_but_hub_id_is_not(tmp_path):
-    with pytest.raises(RecipeError, match="does not exist"):
+    with pytest.raises(UserError, match="does not exist"):
         load_recipe(write(tmp_path, {"model": {"autoencoder": {"pretrained": str(tmp_path / "nope")}}}))
     r = load_recipe(write(tmp_path, {"model": {"autoencoder": {"pretrained": "org-x/vae-y"}}}))
     assert r.model.autoencoder.pretrained == "org-x/vae-y"
@@ -55,16 +56,16 @@ def test_dotted_overrides_typed(tmp_path):
                     check_paths=False)
     assert r.train.max_steps == 200 and r.data.resolution == 32 and r.train.ema.enabled is False
     assert r.validation.prompts == ["a", "b"]
-    with pytest.raises(RecipeError, match="train.max_step'.*train.max_steps"):
+    with pytest.raises(UserError, match="train.max_step'.*train.max_steps"):
         load_recipe(REPO / "recipes/shapes/t2i.yaml", ["train.max_step=3"], check_paths=False)
-    with pytest.raises(RecipeError, match="key=value"):
+    with pytest.raises(UserError, match="key=value"):
         load_recipe(REPO / "recipes/shapes/t2i.yaml", ["train.max_steps"], check_paths=False)
 
 
 def test_yaml_is_read_safely(tmp_path):
     p = tmp_path / "evil.yaml"
     p.write_text("trainer: !!python/object/apply:os.system ['echo hi']\n")
-    with pytest.raises(RecipeError, match="not valid YAML"):
+    with pytest.raises(UserError, match="not valid YAML"):
         load_recipe(p)
 
 

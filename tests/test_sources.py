@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from ldm_lab.data.sources import expand_braces, load_rows
-from ldm_lab.recipe import RecipeError
+from ldm_lab.errors import UserError
 from ldm_lab.recipe.schema import DataSpec
 
 PALETTE = {
@@ -177,14 +177,14 @@ def test_arrow_save_to_disk_and_arrow_files(data):
     assert isinstance(files.features["image"], datasets.Image)
     assert _check(files) == _caps(ITEMS(30, 5))
     assert _check(load_rows(_spec(source="arrow", path=str(data / "dd"), split="test"))) == _caps(ITEMS(50, 2))
-    with pytest.raises(RecipeError, match="split 'valid'.*train, test"):
+    with pytest.raises(UserError, match="split 'valid'.*train, test"):
         load_rows(_spec(source="arrow", path=str(data / "dd"), split="valid"))
 
 
 def test_hub_style_local_dir(data):
     assert _check(load_rows(_spec(source="hub", path=str(data / "hub")))) == _caps(ITEMS(60, 4))
     assert _check(load_rows(_spec(source="hub", path=str(data / "hub"), split="test"))) == _caps(ITEMS(70, 2))
-    with pytest.raises(RecipeError, match="split 'valid'"):
+    with pytest.raises(UserError, match="split 'valid'"):
         load_rows(_spec(source="hub", path=str(data / "hub"), split="valid"))
 
 
@@ -205,7 +205,7 @@ def test_webdataset_json_captions(data):
 
 
 def test_webdataset_shards_with_different_fields_are_an_error(data):
-    with pytest.raises(RecipeError, match="same fields.*data.mix"):
+    with pytest.raises(UserError, match="same fields.*data.mix"):
         load_rows(_spec(source="webdataset", path=str(data / "wmixed")))
     # as separate mix members each shard gets its own caption field (txt / json), streaming or not
     mix = [{"source": "webdataset", "path": str(data / "wmixed" / "a.tar")},
@@ -228,19 +228,19 @@ def test_expand_braces():
 
 
 def test_wrong_columns_name_the_column_and_the_existing_ones(data):
-    with pytest.raises(RecipeError, match=r"no column 'caption'.*columns: image, text.*data.caption_column"):
+    with pytest.raises(UserError, match=r"no column 'caption'.*columns: image, text.*data.caption_column"):
         load_rows(_spec(source="parquet", path=str(data / "parquet"), caption_column="caption"))
-    with pytest.raises(RecipeError, match=r"data.mix\[1\].*no column 'pixels'.*img, caption"):
+    with pytest.raises(UserError, match=r"data.mix\[1\].*no column 'pixels'.*img, caption"):
         load_rows(_spec(mix=[{"source": "parquet", "path": str(data / "red.parquet")},
                              {"source": "parquet", "path": str(data / "named.parquet"), "image_column": "pixels"}]))
     # columns that exist but hold the wrong kind of data
-    with pytest.raises(RecipeError, match=r"data: column 'json' .* not an image"):
+    with pytest.raises(UserError, match=r"data: column 'json' .* not an image"):
         load_rows(_spec(source="webdataset", path=str(data / "wjson"), image_column="json"))
-    with pytest.raises(RecipeError, match=r"data.mix\[0\]: column 'img' .* not text"):
+    with pytest.raises(UserError, match=r"data.mix\[0\]: column 'img' .* not text"):
         load_rows(_spec(mix=[{"source": "parquet", "path": str(data / "named.parquet"), "image_column": "img",
                               "caption_column": "img"}]))
     # a json webdataset whose json has no caption field names the json's fields
-    with pytest.raises(RecipeError, match=r"no column 'alt'.*json column has caption, width, key"):
+    with pytest.raises(UserError, match=r"no column 'alt'.*json column has caption, width, key"):
         load_rows(_spec(source="webdataset", path=str(data / "wjson"), caption_column="alt"))
 
 
@@ -248,12 +248,12 @@ def test_missing_paths_are_recipe_errors(data):
     for source, path in (("parquet", data / "nope.parquet"), ("parquet", data / "parquet" / "x-*.parquet"),
                          ("webdataset", data / "wds" / "txt-{000..009}.tar"), ("imagefolder", data / "nope"),
                          ("arrow", data / "folder"), ("hub", data / "nope")):
-        with pytest.raises(RecipeError, match=str(path.name).replace("{", r"\{").replace("*", r"\*")):
+        with pytest.raises(UserError, match=str(path.name).replace("{", r"\{").replace("*", r"\*")):
             load_rows(_spec(source=source, path=str(path)))
 
 
 def test_weight_on_some_members_only_is_an_error(data):
-    with pytest.raises(RecipeError, match=r"data.mix\[1\] has no weight"):
+    with pytest.raises(UserError, match=r"data.mix\[1\] has no weight"):
         load_rows(_spec(mix=[{"source": "parquet", "path": str(data / "red.parquet"), "weight": 1.0},
                              {"source": "parquet", "path": str(data / "blue.parquet")}]))
 

@@ -13,7 +13,8 @@ import torch
 
 from conftest import REPO, tiny_t2i_overrides
 from ldm_lab.cli import main as cli_main
-from ldm_lab.recipe import RecipeError, load_recipe
+from ldm_lab.errors import UserError
+from ldm_lab.recipe import load_recipe
 
 RECIPE = REPO / "recipes/shapes/t2i.yaml"
 
@@ -106,7 +107,7 @@ def test_cross_attention_mismatch_is_a_recipe_error(tiny_parts, tmp_path):
 
     from ldm_lab.trainers.text_to_image import TextToImageTrainer
 
-    with pytest.raises(RecipeError, match="cross_attention_dim is 48 .* hidden size is 32"):
+    with pytest.raises(UserError, match="cross_attention_dim is 48 .* hidden size is 32"):
         TextToImageTrainer(recipe, Accelerator(cpu=True), tmp_path).build_models()
 
 

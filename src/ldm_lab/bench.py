@@ -77,7 +77,7 @@ def _minor_faults() -> int:
 
 
 def apply_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
-    """``recipe`` with dotted overrides, validated like a recipe file (bad keys: RecipeError)."""
+    """``recipe`` with dotted overrides, validated like a recipe file (bad keys: UserError)."""
     from .recipe import load_recipe
 
     return load_recipe(None, overrides, data=recipe.model_dump(mode="json"), check_paths=False)

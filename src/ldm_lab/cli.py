@@ -12,6 +12,8 @@ import os
 import sys
 from pathlib import Path
 
+from .errors import TrainingDiverged, UserError
+
 EXAMPLES = """\
 examples:
   ldm-lab train recipes/shapes/t2i.yaml train.max_steps=200
@@ -34,10 +36,6 @@ examples:
   ldm-lab sample runs/shapes-t2i --prompt "a large red circle at the center on a white background" --n 4
   ldm-lab eval shapes runs/shapes-t2i
 """
-
-
-class UserError(Exception):
-    """Bad input from the user: printed as one sentence, exit code 2."""
 
 
 def _adapter_flags(p: argparse.ArgumentParser) -> None:
@@ -259,12 +257,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from .recipe import RecipeError
-    from .trainers.loop import TrainingDiverged
-
     try:
         return _dispatch(args)
-    except (RecipeError, UserError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingDiverged as e:
@@ -321,7 +316,7 @@ def _cache(recipe, out: str | None) -> int:
     """``ldm-lab cache``: the trainer's own model and data set-up, stopped after the cache is built."""
     from accelerate import Accelerator
 
-    from .recipe import RecipeError, pipeline_defaults
+    from .recipe import pipeline_defaults
     from .trainers.loop import _multi_process_without_accelerator
     from .trainers.registry import get_trainer
     from .trainers.text_to_image import TextToImageTrainer
@@ -329,17 +324,17 @@ def _cache(recipe, out: str | None) -> int:
     recipe = pipeline_defaults(recipe)
     d = recipe.data
     if d.streaming:
-        raise RecipeError("a streamed dataset is encoded on the fly; set data.streaming=false to cache it.")
+        raise UserError("a streamed dataset is encoded on the fly; set data.streaming=false to cache it.")
     cls = get_trainer(recipe.trainer)
     if not issubclass(cls, TextToImageTrainer):
-        raise RecipeError(f"the {recipe.trainer} trainer does not use cached latents.")
+        raise UserError(f"the {recipe.trainer} trainer does not use cached latents.")
     if not d.cache_latents:
         d.cache_latents = True
     accelerator = Accelerator(cpu=_multi_process_without_accelerator())
     plugin = cls(recipe, accelerator, Path(recipe.output.dir))
     plain = recipe.trainer in ("text_to_image", "lora")  # models + data, nothing else to prepare
     if out is not None and not plain:
-        raise RecipeError(f"--out is not supported for the {recipe.trainer} trainer; leave it out (its run finds the cache).")
+        raise UserError(f"--out is not supported for the {recipe.trainer} trainer; leave it out (its run finds the cache).")
     if plain:
         plugin.build_models()
         plugin.build_data(cache_out=Path(out) if out else None)

@@ -152,7 +152,7 @@ def with_controlnets(pipe: StableDiffusionPipeline, controlnets: list[tuple[str,
     (pipeline, control image(s) for every prompt, extra call kwargs)."""
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 
-    from .cli import UserError
+    from .errors import UserError
 
     size = (pipe.unet.config.sample_size * pipe.vae_scale_factor,) * 2
     nets, images = [], []
@@ -193,7 +193,7 @@ def sample_cli(source: str, prompts: list[str], n: int = 1, steps: int | None = 
                sampler: str = "dpm++", seed: int = 0, out: str | None = None,
                loras: list[tuple[str, float]] | None = None, controlnets: list[tuple[str, float, str]] | None = None,
                guess_mode: bool = False) -> Path:
-    from .cli import UserError
+    from .errors import UserError
 
     if not prompts:
         raise UserError("no prompts given; pass --prompt TEXT or a non-empty --prompts-file.")

@@ -36,7 +36,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
-from ..recipe import RecipeError
+from ..errors import UserError
 from .captions import caption_variants
 from .checks import to_rgb
 
@@ -85,16 +85,16 @@ _WHAT = {"autoencoder": "autoencoder", "text_encoder": "text encoder", "resoluti
 
 
 def check_manifest(path: Path, inputs: dict) -> dict:
-    """The manifest of the cache at ``path``; a RecipeError naming what differs from ``inputs``."""
+    """The manifest of the cache at ``path``; a UserError naming what differs from ``inputs``."""
     mf = path / "manifest.json"
     if not mf.exists():
-        raise RecipeError(f"data.latent_cache is '{path}', which is not a latent cache (no manifest.json); "
+        raise UserError(f"data.latent_cache is '{path}', which is not a latent cache (no manifest.json); "
                           "build one with `ldm-lab cache RECIPE --out DIR` or unset data.latent_cache.")
     manifest = json.loads(mf.read_text())
     have = manifest.get("inputs", {})
     differ = [_WHAT.get(k, k) for k in inputs if have.get(k) != inputs[k]]
     if differ:
-        raise RecipeError(f"the latent cache {path} was built for another {', '.join(differ)} than this recipe's; "
+        raise UserError(f"the latent cache {path} was built for another {', '.join(differ)} than this recipe's; "
                           "rebuild it with `ldm-lab cache RECIPE --out DIR` or unset data.latent_cache to build one "
                           "automatically.")
     return manifest
@@ -250,7 +250,7 @@ def build_or_load(rows, vae, conditioner, data, image_column: str, caption_colum
     path = Path(out) if out is not None else root / f"latents-{cache_key(inputs)}"
     if (path / "manifest.json").exists():
         if out is not None and json.loads((path / "manifest.json").read_text()).get("inputs") != inputs:
-            raise RecipeError(f"{path} holds a latent cache built for other inputs; remove it or choose another --out.")
+            raise UserError(f"{path} holds a latent cache built for other inputs; remove it or choose another --out.")
         log(f"using cached latents {path}")
         return LatentCache(path)
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
@@ -293,5 +293,5 @@ def build_or_load(rows, vae, conditioner, data, image_column: str, caption_colum
         accelerator.wait_for_everyone()
     cache = LatentCache(path)
     if len(cache) == 0:
-        raise RecipeError(f"no row of the dataset could be encoded into {path} (see its manifest.json); check the data.")
+        raise UserError(f"no row of the dataset could be encoded into {path} (see its manifest.json); check the data.")
     return cache

@@ -5,7 +5,7 @@
 * :func:`check_rows` decodes every row's image once, without letting a bad one raise, and drops
   rows that are unreadable, too small, uncaptioned or duplicates; it returns the kept rows and a
   JSON-serialisable report (:func:`summary` makes it one log line; :func:`require_rows` raises a
-  :class:`~ldm_lab.recipe.RecipeError` when nothing usable is left).
+  :class:`~ldm_lab.recipe.UserError` when nothing usable is left).
 * :func:`safe_rows` is the same check as a lazy filter for a streaming ``datasets.IterableDataset``;
   its :class:`SkipCounter` can be read while or after the stream is consumed.
 
@@ -27,7 +27,7 @@ import datasets
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from ..recipe import RecipeError
+from ..errors import UserError
 
 REASONS = ("unreadable", "too_small", "empty_caption", "duplicate")
 MAX_EXAMPLES = 5
@@ -266,10 +266,10 @@ def check_rows(ds: datasets.Dataset, image_column: str, caption_column: str, min
 
     The decoding runs as ``ds.map(batched=True, with_indices=True)`` over the image column cast to
     ``Image(decode=False)``, so datasets caches it for file-backed datasets and ``num_proc``
-    spreads it over processes. ``require``: raise ``RecipeError`` when no row is left."""
+    spreads it over processes. ``require``: raise ``UserError`` when no row is left."""
     for col, key in ((image_column, "image_column"), (caption_column, "caption_column")):
         if col not in ds.column_names:
-            raise RecipeError(f"dataset has no column '{col}' (columns: {', '.join(ds.column_names)}); "
+            raise UserError(f"dataset has no column '{col}' (columns: {', '.join(ds.column_names)}); "
                               f"set data.{key}.")
     raw = ds.select_columns([image_column, caption_column])
     if isinstance(raw.features[image_column], datasets.Image):
@@ -331,11 +331,11 @@ def summary(report: dict) -> str:
 
 
 def require_rows(report: dict) -> None:
-    """Raise ``RecipeError`` (counts per reason and what to do) when the check kept no row."""
+    """Raise ``UserError`` (counts per reason and what to do) when the check kept no row."""
     if report["kept"]:
         return
     if not report["rows"]:
-        raise RecipeError("the dataset has no rows; check data.path and data.split.")
+        raise UserError("the dataset has no rows; check data.path and data.split.")
     skipped = report["skipped"]
     counts = ", ".join(_count_text(r, n) for r, n in skipped.items() if n)
     todo = []
@@ -347,7 +347,7 @@ def require_rows(report: dict) -> None:
         todo.append("lower data.min_image_size" + (f" (now {size})" if size else "") + " or use larger images")
     if skipped.get("empty_caption"):
         todo.append("add captions or set data.skip_empty_captions=false")
-    raise RecipeError(f"no usable training rows: all {report['rows']} rows were skipped ({counts}); "
+    raise UserError(f"no usable training rows: all {report['rows']} rows were skipped ({counts}); "
                       + "; ".join(todo) + ".")
 
 
@@ -482,7 +482,7 @@ def safe_rows(ds: datasets.IterableDataset, image_column: str, caption_column: s
     returned :class:`SkipCounter`. Same reasons as :func:`check_rows`; duplicates only within a
     bounded window: ``recent_duplicates=N`` drops an image whose bytes equal one of the last N
     kept in this process (0, the default: no duplicate check). ``give_up_after``: raise
-    ``RecipeError`` when this process has seen that many rows and kept none.
+    ``UserError`` when this process has seen that many rows and kept none.
 
     An ``Image()`` column is checked from its raw bytes and passed on as those bytes, so it is
     read (downloaded) once and decoded by datasets as before; the rows keep their features."""

@@ -16,7 +16,7 @@ column (a ``datasets.Image()`` feature) and a caption column, named by ``data.im
   the default ``text`` and absent, ``txt`` is used, else the ``caption`` (or ``text``) field of the
   ``json`` column. The builder infers the fields from the *first* shard only (a later shard's other
   fields are silently dropped as None), so shards of one source must hold the same fields: the
-  first and the last shard are compared and a difference is a RecipeError (list such shards as
+  first and the last shard are compared and a difference is a UserError (list such shards as
   separate ``data.mix`` members instead).
 
 Map-style (``data.streaming: false``) datasets are returned whole; accelerate's sampler shards
@@ -64,7 +64,7 @@ from pathlib import Path
 import datasets
 from datasets.distributed import split_dataset_by_node
 
-from ..recipe import RecipeError
+from ..errors import UserError
 from ..recipe.schema import DataSpec
 from . import shapes
 
@@ -177,7 +177,7 @@ def _data_files(path: str, source: str, where: str) -> list[str]:
                 if f.is_file() and f.name.endswith(exts) and not any(part.startswith(".") for part in f.relative_to(p).parts)
             )
             if not found:
-                raise RecipeError(f"{where}.path '{path}': the directory '{pat}' holds no {'/'.join(exts)} files; "
+                raise UserError(f"{where}.path '{path}': the directory '{pat}' holds no {'/'.join(exts)} files; "
                                   f"point {where}.path at a directory of {source} files, a file or a glob.")
             files += [str(f) for f in found]
         elif p.is_file():
@@ -185,11 +185,11 @@ def _data_files(path: str, source: str, where: str) -> list[str]:
         elif glob.has_magic(pat):
             found = sorted(f for f in glob.glob(str(p), recursive=True) if Path(f).is_file())
             if not found:
-                raise RecipeError(f"{where}.path '{path}': the pattern '{pat}' matches no files; "
+                raise UserError(f"{where}.path '{path}': the pattern '{pat}' matches no files; "
                                   f"check {where}.path.")
             files += found
         else:
-            raise RecipeError(f"{where}.path '{path}': '{pat}' does not exist; "
+            raise UserError(f"{where}.path '{path}': '{pat}' does not exist; "
                               f"give an existing {source} file, a directory of them or a glob.")
     return list(dict.fromkeys(files))
 
@@ -219,23 +219,23 @@ def _load_dataset(src: _Source, *args, **kwargs):
     try:
         return datasets.load_dataset(*args, **kwargs)
     except datasets.exceptions.DatasetNotFoundError as e:
-        raise RecipeError(f"{src.where}.path '{src.path}' is neither a local dataset nor a hub dataset that can be "
+        raise UserError(f"{src.where}.path '{src.path}' is neither a local dataset nor a hub dataset that can be "
                           f"reached ({str(e).splitlines()[0]}); check {src.where}.path.") from None
     except ConnectionError as e:
-        raise RecipeError(f"{src.where}.path '{src.path}' is not a local dataset and the hub cannot be reached "
+        raise UserError(f"{src.where}.path '{src.path}' is not a local dataset and the hub cannot be reached "
                           f"({str(e).splitlines()[0]}); give a local dataset directory, or allow network access "
                           "(unset HF_HUB_OFFLINE / HF_DATASETS_OFFLINE).") from None
     except datasets.exceptions.DataFilesNotFoundError as e:
-        raise RecipeError(f"{src.where}.path '{src.path}' holds no data files datasets can read "
+        raise UserError(f"{src.where}.path '{src.path}' holds no data files datasets can read "
                           f"({str(e).splitlines()[0]}); check {src.where}.path.") from None
     except datasets.exceptions.DatasetGenerationCastError as e:
-        raise RecipeError(f"{src.where}.path '{src.path}': the files do not share one set of columns "
+        raise UserError(f"{src.where}.path '{src.path}': the files do not share one set of columns "
                           f"({str(e).splitlines()[0]}); give files with the same columns, or list them as "
                           "separate data.mix members.") from None
     except ValueError as e:
         msg = str(e)
         if msg.startswith(("Unknown split", "Bad split")):
-            raise RecipeError(f"{src.where}.split '{src.split}' does not exist in '{src.path}' ({msg}); "
+            raise UserError(f"{src.where}.split '{src.split}' does not exist in '{src.path}' ({msg}); "
                               f"set {src.where}.split to one of its splits.") from None
         raise
 
@@ -257,7 +257,7 @@ def _load_source(spec: DataSpec, src: _Source, streaming: bool, world_size: int)
     path = src.path
     if src.source == "imagefolder":
         if not Path(path).expanduser().is_dir():
-            raise RecipeError(f"{src.where}.path '{path}' is not a directory; give an imagefolder directory.")
+            raise UserError(f"{src.where}.path '{path}' is not a directory; give an imagefolder directory.")
         return _load_dataset(src, "imagefolder", data_dir=str(Path(path).expanduser()), split=src.split,
                              streaming=streaming)
     if src.source == "hub":
@@ -265,7 +265,7 @@ def _load_source(spec: DataSpec, src: _Source, streaming: bool, world_size: int)
 
         local = Path(path).expanduser()
         if looks_local(path) and not local.exists():
-            raise RecipeError(f"{src.where}.path '{path}' does not exist; give a local dataset directory or a hub "
+            raise UserError(f"{src.where}.path '{path}' does not exist; give a local dataset directory or a hub "
                               "dataset id (org/name).")
         return _load_dataset(src, str(local) if local.exists() else path, split=src.split, streaming=streaming)
     if src.source == "arrow" and not _is_remote(path) and Path(path).expanduser().is_dir():
@@ -273,7 +273,7 @@ def _load_source(spec: DataSpec, src: _Source, streaming: bool, world_size: int)
         if (root / "dataset_dict.json").exists():
             dd = datasets.load_from_disk(str(root))
             if _split_key(src.split) not in dd:
-                raise RecipeError(f"{src.where}.split '{src.split}' is not in '{path}' (splits: {', '.join(dd)}); "
+                raise UserError(f"{src.where}.split '{src.split}' is not in '{path}' (splits: {', '.join(dd)}); "
                                   f"set {src.where}.split to one of them.")
             ds = dd[_split_key(src.split)]
             return _to_iterable(ds, spec, world_size) if streaming else ds
@@ -296,7 +296,7 @@ def _check_same_fields(src: _Source, files: list[str]) -> None:
 
     first, last = fields(files[0]), fields(files[-1])
     if first != last:
-        raise RecipeError(f"{src.where}.path '{src.path}': the shards do not hold the same fields ('{files[0]}' has "
+        raise UserError(f"{src.where}.path '{src.path}': the shards do not hold the same fields ('{files[0]}' has "
                           f"{', '.join(first)}; '{files[-1]}' has {', '.join(last)}), and datasets reads every shard "
                           "with the first one's fields; list such shards as separate data.mix members.")
 
@@ -332,14 +332,14 @@ def _resolve_columns(ds: Rows, src: _Source) -> tuple[Rows, str, str, str | None
             sub = ""
             if "json" in cols and isinstance(feats["json"], dict) and key == "caption_column":
                 sub = f"; its json column has {', '.join(feats['json'])}"
-            raise RecipeError(f"{src.where}: dataset '{src.path or 'shapes'}' has no column '{col}' (columns: "
+            raise UserError(f"{src.where}: dataset '{src.path or 'shapes'}' has no column '{col}' (columns: "
                               f"{', '.join(cols)}{sub}); set {src.where}.{key} to one of its columns.")
     if not _image_like(feats[img]):
-        raise RecipeError(f"{src.where}: column '{img}' of '{src.path or 'shapes'}' holds {feats[img]}, which is not "
+        raise UserError(f"{src.where}: column '{img}' of '{src.path or 'shapes'}' holds {feats[img]}, which is not "
                           f"an image; set {src.where}.image_column to a column of images (an Image feature, encoded "
                           "bytes or file paths).")
     if field is None and _caption_feature(feats[cap]) is None:
-        raise RecipeError(f"{src.where}: column '{cap}' of '{src.path or 'shapes'}' holds {feats[cap]}, which is not "
+        raise UserError(f"{src.where}: column '{cap}' of '{src.path or 'shapes'}' holds {feats[cap]}, which is not "
                           f"text; set {src.where}.caption_column to a column of captions.")
     return ds, img, cap, field
 
@@ -412,7 +412,7 @@ def load_rows(spec: DataSpec, rank: int = 0, world_size: int = 1, seed: int = 0)
     first ones); ``rank``/``world_size`` are not used, accelerate shards it later. Streaming: an
     ``IterableDataset`` holding this process's part (``rank`` of ``world_size``), shuffled with
     ``seed`` in a buffer of ``spec.shuffle_buffer`` rows. ``spec.mix`` combines several sources
-    (see the module docstring). User mistakes (no such path or column, ...) raise RecipeError.
+    (see the module docstring). User mistakes (no such path or column, ...) raise UserError.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, {world_size})")
@@ -438,7 +438,7 @@ def _load_mix(spec: DataSpec, world_size: int, seed: int) -> Rows:
     weights = [m.weight for m in spec.mix]
     if any(w is not None for w in weights) and any(w is None for w in weights):
         missing = [f"data.mix[{i}]" for i, w in enumerate(weights) if w is None]
-        raise RecipeError(f"{', '.join(missing)} {'has' if len(missing) == 1 else 'have'} no weight while other "
+        raise UserError(f"{', '.join(missing)} {'has' if len(missing) == 1 else 'have'} no weight while other "
                           "members have one; give every data.mix member a weight, or none.")
     members = []
     for i, m in enumerate(spec.mix):
@@ -455,7 +455,7 @@ def _load_mix(spec: DataSpec, world_size: int, seed: int) -> Rows:
     if any(f != feats[0] for f in feats):
         kinds = ", ".join(f"data.mix[{i}]: {'list of captions' if isinstance(f, datasets.List) else 'caption'}"
                           for i, f in enumerate(feats))
-        raise RecipeError(f"the data.mix members' caption columns differ in kind ({kinds}); "
+        raise UserError(f"the data.mix members' caption columns differ in kind ({kinds}); "
                           "mix sources whose captions are all strings or all lists of strings.")
     if len(members) == 1 and weights[0] is None:
         return members[0]

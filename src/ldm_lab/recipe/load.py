@@ -1,6 +1,6 @@
 """Read a YAML recipe, apply ``key=value`` overrides, validate, and explain what is wrong.
 
-Every problem becomes a ``RecipeError`` whose message is one sentence naming the file, the
+Every problem becomes a ``UserError`` whose message is one sentence naming the file, the
 key and (for unknown keys) the closest valid key; the CLI prints it and exits with code 2.
 """
 
@@ -13,11 +13,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from ..errors import UserError
 from .schema import PretrainedSpec, Recipe
-
-
-class RecipeError(Exception):
-    """A recipe problem a user can fix; the message says what and how."""
 
 
 def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
@@ -68,10 +65,10 @@ def _explain(err: ValidationError, source: str, root: type[BaseModel] = Recipe, 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
-        raise RecipeError(f"override '{text}' is not of the form key=value (for example train.max_steps=200).")
+        raise UserError(f"override '{text}' is not of the form key=value (for example train.max_steps=200).")
     key, raw = text.split("=", 1)
     if not key:
-        raise RecipeError(f"override '{text}' has an empty key; write key=value.")
+        raise UserError(f"override '{text}' has an empty key; write key=value.")
     try:
         value = yaml.safe_load(raw) if raw != "" else None
     except yaml.YAMLError:
@@ -88,7 +85,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             if not isinstance(nxt, dict):
                 nxt = {} if nxt is None else nxt
                 if not isinstance(nxt, dict):
-                    raise RecipeError(f"override '{ov}': '{k}' is a value, not a section.")
+                    raise UserError(f"override '{ov}': '{k}' is a value, not a section.")
                 cur[k] = nxt
             cur = nxt
         cur[keys[-1]] = value
@@ -98,17 +95,17 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 def read_yaml(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
-        raise RecipeError(f"recipe file '{path}' does not exist; give the path of a .yaml recipe (see recipes/).")
+        raise UserError(f"recipe file '{path}' does not exist; give the path of a .yaml recipe (see recipes/).")
     try:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise RecipeError(f"{path}: not valid YAML{where}; check indentation and quoting.") from None
+        raise UserError(f"{path}: not valid YAML{where}; check indentation and quoting.") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise RecipeError(f"{path}: a recipe must be a mapping of keys to values.")
+        raise UserError(f"{path}: a recipe must be a mapping of keys to values.")
     return data
 
 
@@ -122,7 +119,7 @@ def looks_local(ref: str) -> bool:
 def _check_paths(recipe: Recipe, source: str) -> None:
     pipe = recipe.model.pipeline
     if pipe is not None and looks_local(pipe) and not (Path(pipe).expanduser() / "model_index.json").exists():
-        raise RecipeError(f"{source}: 'model.pipeline' is '{pipe}', which is not a diffusers pipeline dir "
+        raise UserError(f"{source}: 'model.pipeline' is '{pipe}', which is not a diffusers pipeline dir "
                           "(no model_index.json); give a dir written by save_pretrained, a run's pipeline/ or a hub id.")
     specs: list[tuple[str, PretrainedSpec | None]] = [
         ("model.text_encoder", recipe.model.text_encoder),
@@ -133,13 +130,13 @@ def _check_paths(recipe: Recipe, source: str) -> None:
         if spec is None or spec.pretrained is None:
             continue
         if looks_local(spec.pretrained) and not Path(spec.pretrained).expanduser().exists():
-            raise RecipeError(
+            raise UserError(
                 f"{source}: '{key}.pretrained' points to '{spec.pretrained}', which does not exist; "
                 "give an existing directory or a hub id (org/name)."
             )
     d = recipe.data
     if d.source == "imagefolder" and not Path(d.path).is_dir():
-        raise RecipeError(f"{source}: 'data.path' is '{d.path}', which is not a directory; give an imagefolder dir.")
+        raise UserError(f"{source}: 'data.path' is '{d.path}', which is not a directory; give an imagefolder dir.")
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None, data: dict | None = None,
@@ -151,20 +148,20 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None, dat
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as e:
-        raise RecipeError(_explain(e, source)) from None
+        raise UserError(_explain(e, source)) from None
     from ..trainers.registry import known_trainers
 
     if recipe.trainer not in known_trainers():
         close = difflib.get_close_matches(recipe.trainer, known_trainers(), n=1)
         hint = f"did you mean '{close[0]}'?" if close else f"choose from {', '.join(known_trainers())}."
-        raise RecipeError(f"{source}: unknown trainer '{recipe.trainer}'; {hint}")
+        raise UserError(f"{source}: unknown trainer '{recipe.trainer}'; {hint}")
     from .plugins import PLUGIN_OPTIONS
 
     if recipe.trainer in PLUGIN_OPTIONS:
         try:
             PLUGIN_OPTIONS[recipe.trainer].model_validate(recipe.plugin)
         except ValidationError as e:
-            raise RecipeError(_explain(e, source, PLUGIN_OPTIONS[recipe.trainer], ("plugin",))) from None
+            raise UserError(_explain(e, source, PLUGIN_OPTIONS[recipe.trainer], ("plugin",))) from None
     if check_paths:
         _check_paths(recipe, source)
     return _fill_from_pipeline(recipe)
@@ -192,14 +189,14 @@ def _pipeline_json(pipeline: str, subfolder: str, name: str) -> dict:
     p = Path(pipeline) / subfolder / name
     if not p.exists():
         if looks_local(pipeline):
-            raise RecipeError(f"model.pipeline '{pipeline}' has no {subfolder}/{name}; "
+            raise UserError(f"model.pipeline '{pipeline}' has no {subfolder}/{name}; "
                               "give a diffusers pipeline dir (the one save_pretrained writes).")
         from huggingface_hub import hf_hub_download
 
         try:
             p = Path(hf_hub_download(pipeline, name, subfolder=subfolder))
         except Exception as e:  # noqa: BLE001 - network, auth or missing file: one sentence for all
-            raise RecipeError(f"cannot read {subfolder}/{name} of model.pipeline '{pipeline}' "
+            raise UserError(f"cannot read {subfolder}/{name} of model.pipeline '{pipeline}' "
                               f"({type(e).__name__}); check the hub id and your connection.") from None
     return json.loads(p.read_text())
 

@@ -26,7 +26,7 @@ from ..components import load_autoencoder
 from ..data.checks import to_rgb
 from ..data.sources import load_rows
 from ..data.transforms import image_transform, to_pil
-from ..recipe import RecipeError
+from ..errors import UserError
 from .base import TrainerPlugin
 from .registry import register
 
@@ -40,7 +40,7 @@ def check_options(plugin: dict, defaults: dict, trainer: str) -> dict:
         if k not in defaults:
             close = difflib.get_close_matches(k, list(defaults), n=1)
             hint = f"did you mean 'plugin.{close[0]}'?" if close else f"valid: {', '.join(defaults)}."
-            raise RecipeError(f"unknown option 'plugin.{k}' for trainer {trainer}; {hint}")
+            raise UserError(f"unknown option 'plugin.{k}' for trainer {trainer}; {hint}")
     return {**defaults, **plugin}
 
 
@@ -66,7 +66,7 @@ class AutoencoderTrainer(TrainerPlugin):
         self.refuse_single_file("an autoencoder run writes an autoencoder")
         spec = self.recipe.model.autoencoder
         if spec is None:
-            raise RecipeError("the autoencoder trainer needs model.autoencoder (a 'config' for a new one, or "
+            raise UserError("the autoencoder trainer needs model.autoencoder (a 'config' for a new one, or "
                               "'pretrained' to continue training one).")
         self.vae = load_autoencoder(spec.model_copy(update={"trainable": True}))
         if spec.pretrained is None and self.opts["init_logvar"] is not None:

@@ -110,21 +110,21 @@ class TrainerPlugin:
         if self.recipe.output.single_file is None:
             return
         from .. import single_file
-        from ..recipe import RecipeError
+        from ..errors import UserError
 
         try:
             single_file.check_models(unet, vae, text_encoder_model)
         except single_file.SingleFileError as e:
-            raise RecipeError(f"output.single_file cannot be written for this model: {e}; unset it.") from None
+            raise UserError(f"output.single_file cannot be written for this model: {e}; unset it.") from None
 
     def refuse_single_file(self, what: str, adapters: bool = False) -> None:
         """``output.single_file`` is for trainers that write a whole pipeline: refused up front elsewhere."""
         if self.recipe.output.single_file is not None:
-            from ..recipe import RecipeError
+            from ..errors import UserError
 
             hint = (" (after training, ldm-lab export merge and then ldm-lab export single-file make one file of the "
                     "base with the adapters fused)") if adapters else ""
-            raise RecipeError(f"output.single_file writes a whole pipeline, and {what}; unset it{hint}.")
+            raise UserError(f"output.single_file writes a whole pipeline, and {what}; unset it{hint}.")
 
     def export(self, artifact: Path) -> None:
         """Copy the finished ``artifact`` (a dir, or one file such as a LoRA) to

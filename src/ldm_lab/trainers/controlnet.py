@@ -30,7 +30,7 @@ from torchvision.transforms import v2
 from ..components.autoencoder import latent_factor
 from ..data.checks import to_rgb
 from ..diffusion import diffusion_loss
-from ..recipe import RecipeError
+from ..errors import UserError
 from ..recipe.plugins import ControlNetOptions
 from .registry import register
 from .text_to_image import TextToImageTrainer
@@ -91,10 +91,10 @@ class ControlNetTrainer(TextToImageTrainer):
         self.opts = o = ControlNetOptions.model_validate(self.recipe.plugin)
         self.refuse_single_file("a ControlNet run writes a ControlNet, which loads beside a base")
         if self.recipe.data.streaming or self.recipe.data.buckets.enabled:
-            raise RecipeError("the controlnet trainer reads a map-style dataset with centre crops; set "
+            raise UserError("the controlnet trainer reads a map-style dataset with centre crops; set "
                               "data.streaming=false and data.buckets.enabled=false.")
         if self.recipe.data.caption_dropout > 0:
-            raise RecipeError("the controlnet trainer drops prompts with plugin.prompt_dropout; set "
+            raise UserError("the controlnet trainer drops prompts with plugin.prompt_dropout; set "
                               "data.caption_dropout to 0 (both would apply).")
         self.build_models()
         self.unet.requires_grad_(False)
@@ -106,18 +106,18 @@ class ControlNetTrainer(TextToImageTrainer):
             try:
                 self.controlnet = ControlNetModel.from_pretrained(o.controlnet)
             except (OSError, ValueError) as e:
-                raise RecipeError(f"plugin.controlnet '{o.controlnet}' cannot be loaded ({str(e).splitlines()[0][:160]}); "
+                raise UserError(f"plugin.controlnet '{o.controlnet}' cannot be loaded ({str(e).splitlines()[0][:160]}); "
                                   "give a ControlNet dir (config.json + weights) or a hub id.") from None
             mine, base = self.controlnet.config, self.unet.config
             for key in ("cross_attention_dim", "block_out_channels", "in_channels"):
                 if tuple(np.atleast_1d(mine[key])) != tuple(np.atleast_1d(base[key])):
-                    raise RecipeError(f"plugin.controlnet '{o.controlnet}' was made for another UNet ({key} "
+                    raise UserError(f"plugin.controlnet '{o.controlnet}' was made for another UNet ({key} "
                                       f"{mine[key]} vs the base's {base[key]}); give a ControlNet of this base.")
         else:
             factor = latent_factor(self.vae)
             chans = o.conditioning_embedding_out_channels or [16, 32, 96, 256, 512][:int(math.log2(factor)) + 1]
             if 2 ** (len(chans) - 1) != factor:
-                raise RecipeError(f"plugin.conditioning_embedding_out_channels has {len(chans)} entries, which "
+                raise UserError(f"plugin.conditioning_embedding_out_channels has {len(chans)} entries, which "
                                   f"downsample the control image {2 ** (len(chans) - 1)}x, but the autoencoder's "
                                   f"latents are {factor}x smaller; give {int(math.log2(factor)) + 1} entries.")
             self.controlnet = ControlNetModel.from_unet(self.unet, conditioning_embedding_out_channels=tuple(chans))
@@ -130,7 +130,7 @@ class ControlNetTrainer(TextToImageTrainer):
             if f"{self.cond_col}_file_name" in rows.column_names:  # an imagefolder's metadata.jsonl path column
                 self.cond_col = f"{self.cond_col}_file_name"
             else:
-                raise RecipeError(f"dataset has no column '{o.conditioning_column}' for control images (columns: "
+                raise UserError(f"dataset has no column '{o.conditioning_column}' for control images (columns: "
                                   f"{', '.join(rows.column_names)}); set plugin.conditioning_column or plugin.preprocessor canny.")
         if d.cache_latents:
             self.prepare_rows(rows, d.image_column, d.caption_column)

@@ -37,8 +37,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from ..data import cache as latent_cache
+from ..errors import UserError
 from ..identifiers import choose_identifier
-from ..recipe import RecipeError
 from ..recipe.plugins import DreamBoothOptions
 from .lora import LoRATrainer
 from .registry import register
@@ -54,7 +54,7 @@ def instance_rows(path: str | Path, caption_column: str = "text") -> list[dict]:
     """Rows ``{"image": path, "caption": str | None, **attributes}`` of an instance dir."""
     root = Path(path)
     if not root.is_dir():
-        raise RecipeError(f"instance data '{root}' is not a directory; give a dir of the subject's images.")
+        raise UserError(f"instance data '{root}' is not a directory; give a dir of the subject's images.")
     meta = root / "metadata.jsonl"
     rows = []
     if meta.exists():
@@ -64,12 +64,12 @@ def instance_rows(path: str | Path, caption_column: str = "text") -> list[dict]:
             try:
                 r = json.loads(line)
             except json.JSONDecodeError as e:
-                raise RecipeError(f"{meta} line {n} is not valid JSON ({e.msg}); fix or remove that line.") from None
+                raise UserError(f"{meta} line {n} is not valid JSON ({e.msg}); fix or remove that line.") from None
             if "file_name" not in r:
-                raise RecipeError(f"{meta} line {n} has no file_name; each line names an image and its caption.")
+                raise UserError(f"{meta} line {n} has no file_name; each line names an image and its caption.")
             img = root / r["file_name"]
             if not img.exists():
-                raise RecipeError(f"{meta} line {n} names '{r['file_name']}', which does not exist in {root}.")
+                raise UserError(f"{meta} line {n} names '{r['file_name']}', which does not exist in {root}.")
             rows.append({**r, "image": str(img), "caption": r.get(caption_column) or None})
     else:
         for img in sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTS):
@@ -77,7 +77,7 @@ def instance_rows(path: str | Path, caption_column: str = "text") -> list[dict]:
             caption = side.read_text().strip() if side.exists() else ""
             rows.append({"image": str(img), "caption": caption or None})
     if not rows:
-        raise RecipeError(f"instance data '{root}' has no images ({', '.join(IMAGE_EXTS)}); "
+        raise UserError(f"instance data '{root}' has no images ({', '.join(IMAGE_EXTS)}); "
                           "put the subject's images there.")
     return rows
 
@@ -213,7 +213,7 @@ class DreamBoothTrainer(LoRATrainer):
         try:
             class_prompts = o.class_prompts()
         except ValueError as e:
-            raise RecipeError(f"plugin.{e}.") from None
+            raise UserError(f"plugin.{e}.") from None
         self.te_model = None
         self.build_models()
         if self.full:
@@ -222,7 +222,7 @@ class DreamBoothTrainer(LoRATrainer):
         self.unet.to(acc.device)  # class images and the base measurement sample before prepare()
         d = self.recipe.data
         if d.source != "imagefolder":
-            raise RecipeError("the dreambooth trainer reads its instance images from a local dir: set data.source "
+            raise UserError("the dreambooth trainer reads its instance images from a local dir: set data.source "
                               "imagefolder and data.path (--instance-data).")
         inst = instance_rows(d.path, d.caption_column)
         tok = self.text_encoder.tokenizer
@@ -231,7 +231,7 @@ class DreamBoothTrainer(LoRATrainer):
         try:
             self.identifier, warning = choose_identifier(tok, o.identifier, avoid=words)
         except ValueError as e:
-            raise RecipeError(f"{e} (plugin.identifier).") from None
+            raise UserError(f"{e} (plugin.identifier).") from None
         acc.print(f"identifier: {self.identifier}" + (" (chosen: a rare single token)" if o.identifier == "auto" else ""))
         if warning:
             acc.print(f"warning: {warning}")
@@ -269,12 +269,12 @@ class DreamBoothTrainer(LoRATrainer):
             h.update(Path(p).read_bytes())
             h.update(t.encode())
         if d.buckets.enabled:
-            raise RecipeError("the dreambooth trainer batches instance and class images together, which aspect-ratio "
+            raise UserError("the dreambooth trainer batches instance and class images together, which aspect-ratio "
                               "buckets cannot; set data.buckets.enabled=false.")
         self.prepare_rows(rows, "image", "text", fingerprint=h.hexdigest()[:20])
         if self.cached is not None and len(self.cached) != len(rows):
             bad = sorted(set(range(len(rows))) - set(self.cached.source_rows))
-            raise RecipeError(f"{len(bad)} instance/class images could not be read (first: {paths[bad[0]]}); "
+            raise UserError(f"{len(bad)} instance/class images could not be read (first: {paths[bad[0]]}); "
                               "remove or replace them.")
 
         if self.full:

@@ -19,8 +19,9 @@ from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
+from ..errors import TrainingDiverged, UserError
 from ..perf import OFF, Phases, host_allocator
-from ..recipe import Recipe, RecipeError, dump_recipe, pipeline_defaults
+from ..recipe import Recipe, dump_recipe, pipeline_defaults
 from .registry import get_trainer
 
 CKPT_PREFIX = "checkpoint-"
@@ -37,7 +38,7 @@ def make_optimizer(recipe: Recipe, param_groups: list[dict], device: torch.devic
         try:
             import bitsandbytes as bnb
         except ImportError:
-            raise RecipeError("train.optimizer is adamw8bit but bitsandbytes is not installed; "
+            raise UserError("train.optimizer is adamw8bit but bitsandbytes is not installed; "
                               "pip install 'ldm-lab[bnb]' or use train.optimizer=adamw.") from None
         return bnb.optim.AdamW8bit(param_groups, **kw)
     return torch.optim.AdamW(param_groups, **kw, **impl_kw)
@@ -66,7 +67,7 @@ def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
         return ck[-1] if ck else None
     p = Path(resume)
     if not (p / "loop.json").exists():
-        raise RecipeError(f"train.resume is '{resume}', which is not a checkpoint dir (no loop.json); "
+        raise UserError(f"train.resume is '{resume}', which is not a checkpoint dir (no loop.json); "
                           "give a checkpoints/checkpoint-N dir or 'latest'.")
     return p
 
@@ -196,7 +197,7 @@ def _cycle_stream(accelerator: Accelerator, dataloader, start: int, position: St
                 continue
             yield send_to_device(batch, accelerator.device)
         if n == 0:
-            raise RecipeError(f"process {accelerator.process_index} got no full batch from the stream; lower "
+            raise UserError(f"process {accelerator.process_index} got no full batch from the stream; lower "
                               "train.batch_size, add data, or use fewer processes than the stream has shards.")
         epoch += 1
 
@@ -319,7 +320,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, profile: Phases | N
     else:
         batches_per_epoch = len(dataloader)
         if batches_per_epoch == 0:
-            raise RecipeError(f"the dataset has fewer rows than one batch (train.batch_size={t.batch_size} x "
+            raise UserError(f"the dataset has fewer rows than one batch (train.batch_size={t.batch_size} x "
                               f"{accelerator.num_processes} processes); lower train.batch_size or add data.")
         batches = _cycle(accelerator, dataloader, seen_batches, batches_per_epoch, recipe.seed)
     progress = Progress(t.max_steps, step, recipe.logging.log_every, accelerator.is_main_process)
@@ -524,10 +525,6 @@ class _Throughput:
         return out
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss stayed NaN/inf for ``train.max_nonfinite_steps`` steps; a checkpoint was saved."""
-
-
 class _NonFinite:
     """Counts steps skipped for a NaN/inf loss or gradient norm (in all, and in a row); resumes
     its total from the run's history."""
@@ -576,7 +573,7 @@ def _check_distributed(accelerator: Accelerator, recipe: Recipe) -> None:
     zero3 = kind == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3
     if recipe.train.ema.enabled and (kind == DistributedType.FSDP or zero3):
         engine = "FSDP" if kind == DistributedType.FSDP else "DeepSpeed ZeRO-3"
-        raise RecipeError(f"train.ema cannot average parameters that {engine} shards across processes; set "
+        raise UserError(f"train.ema cannot average parameters that {engine} shards across processes; set "
                           "train.ema.enabled=false, or use DDP / DeepSpeed ZeRO-2 (docs/scaling.md).")
 
 
@@ -667,7 +664,7 @@ def _load_checkpoint(accelerator: Accelerator, run_dir: Path, resume: str | None
                 continue
             return ck
         if tried:
-            raise RecipeError(f"no checkpoint in {run_dir / 'checkpoints'} can be loaded ({', '.join(tried)} are "
+            raise UserError(f"no checkpoint in {run_dir / 'checkpoints'} can be loaded ({', '.join(tried)} are "
                               "damaged); remove them or start without train.resume.")
         return None
     ck = resolve_resume(run_dir, resume)
@@ -676,7 +673,7 @@ def _load_checkpoint(accelerator: Accelerator, run_dir: Path, resume: str | None
     try:
         accelerator.load_state(str(ck))
     except Exception as e:  # noqa: BLE001
-        raise RecipeError(f"checkpoint {ck} cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); "
+        raise UserError(f"checkpoint {ck} cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); "
                           "give another checkpoint or train.resume=latest.") from None
     return ck
 
@@ -749,7 +746,7 @@ def _check_writable(run_dir: Path) -> None:
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
-        raise RecipeError(f"output dir '{run_dir}' cannot be written ({e.strerror}); choose another output.dir.") from None
+        raise UserError(f"output dir '{run_dir}' cannot be written ({e.strerror}); choose another output.dir.") from None
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

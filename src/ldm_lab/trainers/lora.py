@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..recipe import RecipeError
+from ..errors import UserError
 from ..recipe.plugins import LoRAOptions
 from .registry import register
 from .text_to_image import TextToImageTrainer
@@ -63,7 +63,7 @@ class LoRATrainer(TextToImageTrainer):
         try:
             self.unet.add_adapter(lora_config(o.rank, o.alpha, self.unet_targets, o.dropout, o.init, o.dora))
         except ValueError as e:
-            raise RecipeError(f"plugin.targets {self.unet_targets} do not match modules of this UNet "
+            raise UserError(f"plugin.targets {self.unet_targets} do not match modules of this UNet "
                               f"({str(e).splitlines()[0][:160]}); use a preset (attn, attn_ff, attn_ff_conv) "
                               "or module names such as to_q, to_k, to_v, to_out.0.") from None
         # PiSSA / OLoRA move the adapters' initial product out of the base weights (W_res = W - s B0 A0);
@@ -86,7 +86,7 @@ class LoRATrainer(TextToImageTrainer):
         """Condition through ``te`` (trained) instead of cached embeddings: each distinct caption
         is tokenized once here, not every step."""
         if self.text_encoder.kind != "clip":
-            raise RecipeError("plugin.train_text_encoder needs a CLIP text encoder (model.text_encoder.kind clip).")
+            raise UserError("plugin.train_text_encoder needs a CLIP text encoder (model.text_encoder.kind clip).")
         self.te_model = te
         self.null_ids = self.text_encoder.tokenize([""])
         if self.cached is not None:

@@ -28,7 +28,7 @@ from ..diffusion import (
     sample_timesteps,
     target_for,
 )
-from ..recipe import RecipeError
+from ..errors import UserError
 from ..recipe.schema import TextEncoderSpec, UNetSpec
 from .base import TrainerPlugin
 from .randomness import BatchRNG
@@ -45,18 +45,18 @@ class TextToImageTrainer(TrainerPlugin):
     def build_models(self) -> None:
         m = self.recipe.model
         if m.text_encoder is None or m.autoencoder is None:
-            raise RecipeError("model.text_encoder and model.autoencoder are required for this trainer")
+            raise UserError("model.text_encoder and model.autoencoder are required for this trainer")
         device = self.accelerator.device
         self.text_encoder = load_text_encoder(m.text_encoder or TextEncoderSpec()).to(device)
         self.vae = load_autoencoder(m.autoencoder).to(device)
         self.unet = load_unet(m.unet or UNetSpec(preset="tiny"))
         cad = self.unet.config.cross_attention_dim
         if cad != self.text_encoder.hidden_size:
-            raise RecipeError(
+            raise UserError(
                 f"model.unet cross_attention_dim is {cad} but the text encoder's hidden size is "
                 f"{self.text_encoder.hidden_size}; set model.unet.overrides.cross_attention_dim={self.text_encoder.hidden_size}")
         if self.text_encoder.kind == "openclip":
-            raise RecipeError("the text_to_image trainer exports a stock StableDiffusionPipeline, which cannot hold "
+            raise UserError("the text_to_image trainer exports a stock StableDiffusionPipeline, which cannot hold "
                               "an OpenCLIP text tower; use kind clip (SD 2.x's OpenCLIP weights load as CLIPTextModel "
                               "from the pipeline's text_encoder subfolder).")
         self.conditioner = Conditioner(self.text_encoder)
@@ -90,7 +90,7 @@ class TextToImageTrainer(TrainerPlugin):
         self.stream = None
         if d.streaming:
             if d.buckets.enabled:
-                raise RecipeError("aspect-ratio buckets need the image sizes up front, which a stream does not give; "
+                raise UserError("aspect-ratio buckets need the image sizes up front, which a stream does not give; "
                                   "set data.buckets.enabled=false or data.streaming=false.")
             if d.check_rows:
                 rows, self.stream_skips = safe_rows(rows, d.image_column, d.caption_column, d.min_image_size,
@@ -153,16 +153,16 @@ class TextToImageTrainer(TrainerPlugin):
         b, d = self.recipe.data.buckets, self.recipe.data
         step = b.step or self.vae_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
         if step % self.vae_factor:
-            raise RecipeError(f"data.buckets.step is {step}, which is not a multiple of the autoencoder's downsampling "
+            raise UserError(f"data.buckets.step is {step}, which is not a multiple of the autoencoder's downsampling "
                               f"factor {self.vae_factor}; choose a multiple of it.")
         if b.sizes:
             try:
                 return parse_buckets(b.sizes, step)
             except ValueError as e:
-                raise RecipeError(f"data.buckets.sizes: {e}") from None
+                raise UserError(f"data.buckets.sizes: {e}") from None
         budget = b.pixel_budget or d.resolution ** 2
         if budget < step * step:
-            raise RecipeError(f"data.buckets.pixel_budget {budget} is smaller than one {step}x{step} bucket; raise it.")
+            raise UserError(f"data.buckets.pixel_budget {budget} is smaller than one {step}x{step} bucket; raise it.")
         return make_buckets(budget, step, b.max_aspect)
 
     def raw_rows(self, rows, image_column: str, caption_column: str):
