@@ -14,7 +14,10 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from ldm_lab.data.checks import REASONS, SkipCounter, check_rows, image_sizes, require_rows, safe_rows, summary, to_rgb
+from ldm_lab.data.checks import check_rows, to_rgb
+from ldm_lab.data.sizes import image_sizes
+from ldm_lab.data.skip_report import REASONS, require_rows, summary
+from ldm_lab.data.stream_checks import SkipCounter, safe_rows
 from ldm_lab.errors import UserError
 
 # file name -> caption; the image each file holds is written by _write_folder

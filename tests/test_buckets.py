@@ -12,19 +12,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
-from ldm_lab.data.buckets import (
-    BucketBatchSampler,
-    CoverResize,
-    assign,
-    bucket_key,
-    bucket_report,
-    bucket_transform,
-    cover_size,
-    format_report,
-    make_buckets,
-    parse_buckets,
-    upscale_needed,
-)
+from ldm_lab.data.bucket_report import bucket_report, format_report
+from ldm_lab.data.bucket_sampler import BucketBatchSampler
+from ldm_lab.data.bucket_transforms import CoverResize, bucket_transform
+from ldm_lab.data.buckets import assign, bucket_key, cover_size, make_buckets, parse_buckets, upscale_needed
 
 CONFIGS = [  # (pixel_budget, step, max_aspect)
     (512 * 512, 64, 2.0),

@@ -15,7 +15,8 @@ import datasets
 import pytest
 from PIL import Image
 
-from ldm_lab.data.sources import expand_braces, load_rows
+from ldm_lab.data.formats import expand_braces
+from ldm_lab.data.sources import load_rows
 from ldm_lab.errors import UserError
 from ldm_lab.recipe.schema import DataSpec
 

@@ -190,7 +190,7 @@ def _encode_part(rows, lo: int, hi: int, vae, conditioner, data, inputs: dict, i
                     if b is None:
                         skipped.append({"row": row, "reason": "too small for its bucket", "size": list(im.size)})
                         continue
-                    from .buckets import bucket_transform
+                    from .bucket_transforms import bucket_transform
 
                     groups.setdefault(tuple(b), []).append((row, bucket_transform(b)(im), cap))
                 except Exception as e:  # noqa: BLE001 - a bad image is skipped and counted, never fatal

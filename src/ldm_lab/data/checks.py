@@ -4,10 +4,10 @@
   transparency composited on white, 16/32-bit and float greyscale scaled from their real range).
 * :func:`check_rows` decodes every row's image once, without letting a bad one raise, and drops
   rows that are unreadable, too small, uncaptioned or duplicates; it returns the kept rows and a
-  JSON-serialisable report (:func:`summary` makes it one log line; :func:`require_rows` raises a
-  :class:`~ldm_lab.recipe.UserError` when nothing usable is left).
-* :func:`safe_rows` is the same check as a lazy filter for a streaming ``datasets.IterableDataset``;
-  its :class:`SkipCounter` can be read while or after the stream is consumed.
+  JSON-serialisable report (see :mod:`ldm_lab.data.skip_report`: ``summary`` makes it one log line,
+  ``require_rows`` raises a :class:`~ldm_lab.errors.UserError` when nothing usable is left).
+* The checks of one row are defined here too; :mod:`ldm_lab.data.stream_checks` applies them lazily
+  to a streaming ``datasets.IterableDataset``.
 
 Each skipped row is counted once, under the first reason that applies in the order
 ``unreadable``, ``too_small``, ``empty_caption``, ``duplicate``; duplicates are judged among the
@@ -18,19 +18,16 @@ from __future__ import annotations
 
 import hashlib
 import io
-import multiprocessing
-import os
-from collections import OrderedDict
 from typing import Any
 
 import datasets
 import numpy as np
+from datasets.utils.file_utils import xopen
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from ..errors import UserError
+from .skip_report import MAX_EXAMPLES, _label, _new_report, require_rows
 
-REASONS = ("unreadable", "too_small", "empty_caption", "duplicate")
-MAX_EXAMPLES = 5
 _ORIENTATION = 0x0112
 _WHITE = (255, 255, 255, 255)
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
@@ -155,8 +152,6 @@ def _read(value: Any) -> tuple[bytes | None, Image.Image | None, str | None]:
         if datasets.features.image.is_local_path(path):
             with open(path, "rb") as f:
                 return f.read(), None, path
-        from datasets.utils.file_utils import xopen
-
         with xopen(path, "rb") as f:
             return f.read(), None, path
     except Exception as e:
@@ -217,14 +212,6 @@ class _StrictLoading:
 
     def __exit__(self, *exc):
         ImageFile.LOAD_TRUNCATED_IMAGES = self.was
-
-
-def _new_report(n: int = 0) -> dict:
-    return {"rows": n, "kept": 0, "skipped": dict.fromkeys(REASONS, 0), "examples": {r: [] for r in REASONS}}
-
-
-def _label(example: dict) -> str:
-    return os.path.basename(example["path"]) if example.get("path") else f"row {example['row']}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -305,232 +292,3 @@ def check_rows(ds: datasets.Dataset, image_column: str, caption_column: str, min
         require_rows(report)
     kept = ds if len(keep) == len(ds) else ds.select(keep)
     return kept, report
-
-
-def _count_text(reason: str, n: int) -> str:
-    if reason == "empty_caption":
-        return f"{n} empty caption{'s' if n != 1 else ''}"
-    if reason == "duplicate":
-        return f"{n} duplicate{'s' if n != 1 else ''}"
-    return f"{n} {reason.replace('_', ' ')}"
-
-
-def summary(report: dict) -> str:
-    """One short log line: ``checked 12 rows: kept 5; skipped 3 unreadable (a.jpg, b.png, ...), ...``."""
-    parts = []
-    for reason in REASONS:
-        n = report["skipped"].get(reason, 0)
-        if not n:
-            continue
-        names = [_label(e) for e in report["examples"].get(reason, [])[:3]]
-        more = ", ..." if n > len(names) else ""
-        parts.append(_count_text(reason, n) + (f" ({', '.join(names)}{more})" if names else ""))
-    rows = report["rows"]
-    head = f"checked {rows} row{'s' if rows != 1 else ''}: kept {report['kept']}"
-    return head + ("; skipped " + ", ".join(parts) if parts else "; nothing skipped")
-
-
-def require_rows(report: dict) -> None:
-    """Raise ``UserError`` (counts per reason and what to do) when the check kept no row."""
-    if report["kept"]:
-        return
-    if not report["rows"]:
-        raise UserError("the dataset has no rows; check data.path and data.split.")
-    skipped = report["skipped"]
-    counts = ", ".join(_count_text(r, n) for r, n in skipped.items() if n)
-    todo = []
-    if skipped.get("unreadable"):
-        ex = report["examples"]["unreadable"][0]
-        todo.append(f"replace or remove the unreadable files (e.g. {_label(ex)}: {ex['error']})")
-    if skipped.get("too_small"):
-        size = report.get("min_size")
-        todo.append("lower data.min_image_size" + (f" (now {size})" if size else "") + " or use larger images")
-    if skipped.get("empty_caption"):
-        todo.append("add captions or set data.skip_empty_captions=false")
-    raise UserError(f"no usable training rows: all {report['rows']} rows were skipped ({counts}); "
-                      + "; ".join(todo) + ".")
-
-
-# ----------------------------------------------------------------------------------------------
-# streaming
-
-
-class SkipCounter:
-    """What :func:`safe_rows` skipped so far, as a report shaped like :func:`check_rows`'s
-    (``counter.report()``; ``summary(counter.report())`` logs it).
-
-    The counts live in shared memory, so rows checked in DataLoader worker processes (forked, or
-    spawned with the dataset) are counted in the process that made the counter; the examples are
-    kept by the process that saw them. Each distributed rank has its own counter: sum them
-    (e.g. ``accelerator.gather``) for a global figure."""
-
-    _FIELDS = ("rows", "kept", *REASONS)
-
-    def __init__(self) -> None:
-        try:
-            self._shared = multiprocessing.Array("q", len(self._FIELDS))
-        except Exception:  # no shared memory here: count in this process only
-            self._shared = None
-        self._local = [0] * len(self._FIELDS)
-        self.examples: dict[str, list[dict]] = {r: [] for r in REASONS}
-
-    def _values(self) -> list[int]:
-        return list(self._shared[:]) if self._shared is not None else list(self._local)
-
-    def _add(self, field: str, n: int = 1) -> None:
-        i = self._FIELDS.index(field)
-        if self._shared is not None:
-            with self._shared.get_lock():
-                self._shared[i] += n
-        else:
-            self._local[i] += n
-
-    def seen(self, kept: bool) -> None:
-        self._add("rows")
-        if kept:
-            self._add("kept")
-
-    def skip(self, reason: str, row: int, path: str | None, error: str) -> None:
-        self._add("rows")
-        self._add(reason)
-        if len(self.examples[reason]) < MAX_EXAMPLES:
-            self.examples[reason].append({"row": row, "path": path, "error": error})
-
-    def report(self) -> dict:
-        vals = dict(zip(self._FIELDS, self._values()))
-        rep = _new_report(vals["rows"])
-        rep["kept"] = vals["kept"]
-        rep["skipped"] = {r: vals[r] for r in REASONS}
-        rep["examples"] = {r: list(v) for r, v in self.examples.items()}
-        return rep
-
-    # datasets deep-copies ex-iterables (interleave, concatenate): keep counting into this one
-    def __copy__(self):
-        return self
-
-    def __deepcopy__(self, memo):
-        return self
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        try:  # shared memory travels only while a process is being spawned
-            multiprocessing.context.assert_spawning(self)
-        except RuntimeError:
-            state["_local"], state["_shared"] = self._values(), None
-        return state
-
-
-class _StreamCheck:
-    """The batched (batch_size=1) map / filter function of :func:`safe_rows`."""
-
-    def __init__(self, image_column: str, caption_column: str, min_size: int, skip_empty_captions: bool,
-                 recent_duplicates: int, give_up_after: int | None, counter: SkipCounter, replace: bool):
-        self.image_column, self.caption_column = image_column, caption_column
-        self.min_size, self.skip_empty_captions = min_size, skip_empty_captions
-        self.recent_duplicates, self.give_up_after = recent_duplicates, give_up_after
-        self.counter, self.replace = counter, replace
-        self.recent: OrderedDict[str, int] = OrderedDict()
-        self.row = self.kept = 0  # rows seen / kept by this process
-
-    def __deepcopy__(self, memo):
-        return self
-
-    def check(self, image: Any, caption: Any) -> dict | None:
-        """None for a row to skip; else the image cell to pass on (bytes read once)."""
-        row, self.row = self.row, self.row + 1
-        path = None
-        try:
-            with _StrictLoading():
-                data, im, path = _read(image)
-                _decode(data, im, self.min_size)
-            if self.skip_empty_captions and _caption_empty(caption):
-                raise _Bad("empty_caption", "caption is missing" if caption is None else "caption is empty")
-            if self.recent_duplicates:
-                digest = hashlib.sha1(data if data is not None else im.tobytes()).hexdigest()
-                if digest in self.recent:
-                    raise _Bad("duplicate", f"same image bytes as row {self.recent[digest]} of this stream")
-                self.recent[digest] = row
-                if len(self.recent) > self.recent_duplicates:
-                    self.recent.popitem(last=False)
-        except _Bad as bad:
-            self.counter.skip(bad.reason, row, path, str(bad))
-            if self.give_up_after and not self.kept and self.row >= self.give_up_after:
-                require_rows(self.counter.report() | {"kept": 0, "min_size": self.min_size})
-            return None
-        self.counter.seen(kept=True)
-        self.kept += 1
-        return {"bytes": data, "path": path} if self.replace and data is not None else image
-
-    def __call__(self, batch: dict) -> Any:
-        if not self.replace:  # filter: keep the row as it is
-            return [self.check(i, c) is not None for i, c in zip(batch[self.image_column], batch[self.caption_column])]
-        keep, cells = [], []
-        for k, (image, caption) in enumerate(zip(batch[self.image_column], batch[self.caption_column])):
-            cell = self.check(image, caption)
-            if cell is not None:
-                keep.append(k)
-                cells.append(cell)
-        out = {col: [vals[k] for k in keep] for col, vals in batch.items()}
-        out[self.image_column] = cells
-        return out
-
-
-def safe_rows(ds: datasets.IterableDataset, image_column: str, caption_column: str, min_size: int = 0,
-              skip_empty_captions: bool = True, recent_duplicates: int = 0, give_up_after: int | None = 1000,
-              counter: SkipCounter | None = None) -> tuple[datasets.IterableDataset, SkipCounter]:
-    """A streaming dataset that skips bad rows lazily, at iteration time, and counts them in the
-    returned :class:`SkipCounter`. Same reasons as :func:`check_rows`; duplicates only within a
-    bounded window: ``recent_duplicates=N`` drops an image whose bytes equal one of the last N
-    kept in this process (0, the default: no duplicate check). ``give_up_after``: raise
-    ``UserError`` when this process has seen that many rows and kept none.
-
-    An ``Image()`` column is checked from its raw bytes and passed on as those bytes, so it is
-    read (downloaded) once and decoded by datasets as before; the rows keep their features."""
-    counter = counter or SkipCounter()
-    feature = ds.features[image_column] if ds.features is not None and image_column in ds.features else None
-    replace = isinstance(feature, datasets.Image)
-    fn = _StreamCheck(image_column, caption_column, int(min_size), bool(skip_empty_captions),
-                      int(recent_duplicates), give_up_after, counter, replace)
-    if not replace:
-        return ds.filter(fn, batched=True, batch_size=1), counter
-    raw = ds.cast_column(image_column, datasets.Image(decode=False))
-    # no ``features=`` here: a typed map is not decoded again, so the features come back by ``cast``
-    out = raw.map(fn, batched=True, batch_size=1, remove_columns=raw.column_names)
-    return out.cast(ds.features), counter
-
-
-def image_size(value: Any) -> tuple[int, int] | None:
-    """(height, width) of an undecoded image value (``{"path", "bytes"}`` or a path), read from
-    the file header only; None when it cannot be read."""
-    import io
-
-    try:
-        if isinstance(value, dict):
-            src = io.BytesIO(value["bytes"]) if value.get("bytes") else value.get("path")
-        else:
-            src = value
-        with Image.open(src) as im:
-            w, h = im.size
-            if (im.getexif() or {}).get(0x0112, 1) in (5, 6, 7, 8):  # EXIF-rotated by a quarter turn
-                w, h = h, w
-        return h, w
-    except Exception:  # noqa: BLE001
-        return None
-
-
-def _sizes_batch(batch: dict, image_column: str) -> dict:
-    hw = [image_size(v) or (-1, -1) for v in batch[image_column]]
-    return {"height": [h for h, _ in hw], "width": [w for _, w in hw]}
-
-
-def image_sizes(ds: datasets.Dataset, image_column: str, num_proc: int | None = None) -> list[tuple[int, int] | None]:
-    """(height, width) of every row's image, from the file headers only (no decoding), as a
-    ``datasets`` map: cached on disk for file-backed datasets (a second run and the other ranks
-    read it back) and spread over ``num_proc`` processes. None where the header cannot be read."""
-    raw = ds.select_columns([image_column])
-    if isinstance(raw.features[image_column], datasets.Image):
-        raw = raw.cast_column(image_column, datasets.Image(decode=False))
-    out = raw.map(_sizes_batch, batched=True, batch_size=256, remove_columns=[image_column], num_proc=num_proc,
-                  features=datasets.Features({"height": datasets.Value("int64"), "width": datasets.Value("int64")}),
-                  fn_kwargs={"image_column": image_column}, desc="reading image sizes")
-    return [(h, w) if h > 0 else None for h, w in zip(out["height"], out["width"])]

@@ -82,7 +82,9 @@ class TextToImageTrainer(TrainerPlugin):
         """The recipe's rows (this process's share when streaming), with unusable rows (corrupt or
         too small images, empty captions, duplicates) skipped and reported in RUN/data_report.json.
         A stream is checked lazily (``self.stream_skips`` counts) and its loader set up here."""
-        from ..data.checks import check_rows, safe_rows, summary
+        from ..data.checks import check_rows
+        from ..data.skip_report import summary
+        from ..data.stream_checks import safe_rows
 
         d, acc = self.recipe.data, self.accelerator
         with acc.main_process_first():
@@ -196,8 +198,9 @@ class TextToImageTrainer(TrainerPlugin):
 
             rows.set_transform(transform)
             return rows
-        from ..data.buckets import assign, bucket_transform
-        from ..data.checks import image_sizes
+        from ..data.bucket_transforms import bucket_transform
+        from ..data.buckets import assign
+        from ..data.sizes import image_sizes
 
         with self.accelerator.main_process_first():  # the other ranks read datasets' cached result
             sizes = image_sizes(rows.with_format(None), image_column,
@@ -212,7 +215,7 @@ class TextToImageTrainer(TrainerPlugin):
         counter = getattr(self, "stream_skips", None)
         if counter is None:
             return
-        from ..data.checks import summary
+        from ..data.skip_report import summary
 
         report = counter.report()
         rank = self.accelerator.process_index
@@ -243,7 +246,7 @@ class TextToImageTrainer(TrainerPlugin):
         return collate
 
     def write_bucket_report(self, dropped: dict) -> None:
-        from ..data.buckets import bucket_report, format_report
+        from ..data.bucket_report import bucket_report, format_report
 
         if not self.accelerator.is_main_process:
             return
@@ -274,7 +277,7 @@ class TextToImageTrainer(TrainerPlugin):
                               collate_fn=self.stream_collate(), num_workers=d.num_workers)
         ds = self.cached if self.cached is not None else self.rows
         if self.buckets:
-            from ..data.buckets import BucketBatchSampler
+            from ..data.bucket_sampler import BucketBatchSampler
 
             sampler = BucketBatchSampler(self.bucket_of_row, self.recipe.train.batch_size, seed=self.recipe.seed)
             return DataLoader(ds, batch_sampler=sampler, **workers)
@@ -439,7 +442,7 @@ def evaluate_shapes(trainer, out: Path, e) -> dict:
 
 
 def _shapes_root(recipe) -> Path:
-    from ..data.sources import materialize_shapes
+    from ..data.shapes_source import materialize_shapes
 
     d = recipe.data
     if d.source == "shapes":
