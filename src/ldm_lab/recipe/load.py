@@ -7,6 +7,7 @@ key and (for unknown keys) the closest valid key; the CLI prints it and exits wi
 from __future__ import annotations
 
 import difflib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,8 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from ..errors import UserError
-from .schema import PretrainedSpec, Recipe
+from .plugins import PLUGIN_OPTIONS
+from .schema import AutoencoderSpec, PretrainedSpec, Recipe, TextEncoderSpec, UNetSpec
 
 
 def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
@@ -149,19 +151,16 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None, dat
         recipe = Recipe.model_validate(raw)
     except ValidationError as e:
         raise UserError(_explain(e, source)) from None
-    from ..trainers.registry import known_trainers
-
-    if recipe.trainer not in known_trainers():
-        close = difflib.get_close_matches(recipe.trainer, known_trainers(), n=1)
-        hint = f"did you mean '{close[0]}'?" if close else f"choose from {', '.join(known_trainers())}."
+    # the trainer names are PLUGIN_OPTIONS' keys (the trainer registry accepts no other name)
+    trainers = sorted(PLUGIN_OPTIONS)
+    if recipe.trainer not in PLUGIN_OPTIONS:
+        close = difflib.get_close_matches(recipe.trainer, trainers, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"choose from {', '.join(trainers)}."
         raise UserError(f"{source}: unknown trainer '{recipe.trainer}'; {hint}")
-    from .plugins import PLUGIN_OPTIONS
-
-    if recipe.trainer in PLUGIN_OPTIONS:
-        try:
-            PLUGIN_OPTIONS[recipe.trainer].model_validate(recipe.plugin)
-        except ValidationError as e:
-            raise UserError(_explain(e, source, PLUGIN_OPTIONS[recipe.trainer], ("plugin",))) from None
+    try:
+        PLUGIN_OPTIONS[recipe.trainer].model_validate(recipe.plugin)
+    except ValidationError as e:
+        raise UserError(_explain(e, source, PLUGIN_OPTIONS[recipe.trainer], ("plugin",))) from None
     if check_paths:
         _check_paths(recipe, source)
     return _fill_from_pipeline(recipe)
@@ -169,8 +168,6 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None, dat
 
 def _fill_from_pipeline(recipe: Recipe) -> Recipe:
     """``model.pipeline``: components the recipe does not give come from the pipeline's subfolders."""
-    from .schema import AutoencoderSpec, TextEncoderSpec, UNetSpec
-
     m = recipe.model
     if m.pipeline is None:
         return recipe
@@ -184,14 +181,12 @@ def _fill_from_pipeline(recipe: Recipe) -> Recipe:
 
 
 def _pipeline_json(pipeline: str, subfolder: str, name: str) -> dict:
-    import json
-
     p = Path(pipeline) / subfolder / name
     if not p.exists():
         if looks_local(pipeline):
             raise UserError(f"model.pipeline '{pipeline}' has no {subfolder}/{name}; "
                               "give a diffusers pipeline dir (the one save_pretrained writes).")
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import hf_hub_download  # here: only a hub pipeline needs it (startup time)
 
         try:
             p = Path(hf_hub_download(pipeline, name, subfolder=subfolder))

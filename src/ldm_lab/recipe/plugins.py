@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from .choices import SamplerName
 from .schema import Strict
 
 # UNet module-name suffixes (diffusers UNet2DConditionModel) each LoRA target preset adapts.
@@ -64,7 +66,7 @@ class DreamBoothOptions(LoRAOptions):
     num_class_images: int = Field(100, ge=1)
     prior_loss_weight: float = Field(1.0, ge=0)  # lambda: loss = instance + lambda * prior
     class_dir: str | None = None  # default: OUTPUT_DIR/class_images
-    class_sampler: Literal["ddpm", "ddim", "dpm++", "euler", "unipc"] = "dpm++"
+    class_sampler: SamplerName = "dpm++"
     class_steps: int = Field(25, ge=1)
     class_guidance: float = Field(5.0, ge=0)
     class_seed: int = 0
@@ -99,8 +101,6 @@ class DreamBoothOptions(LoRAOptions):
 
     def class_prompts(self) -> list[str]:
         if self.class_prompt_file:
-            from pathlib import Path
-
             f = Path(self.class_prompt_file)
             if not f.is_file():
                 raise ValueError(f"class_prompt_file '{f}' does not exist; give a text file with one prompt per line")
@@ -135,11 +135,46 @@ class ControlNetOptions(Strict):
         return self
 
 
-PLUGIN_OPTIONS: dict[str, type[Strict]] = {"lora": LoRAOptions, "dreambooth": DreamBoothOptions,
-                                           "controlnet": ControlNetOptions}
+class TextToImageOptions(Strict):
+    """``plugin:`` keys of ``trainer: text_to_image``: none (every option is a recipe key)."""
+
+
+class AutoencoderOptions(Strict):
+    """``plugin:`` keys of ``trainer: autoencoder`` (trainers/autoencoder.py says what each does)."""
+
+    kl_weight: float = Field(1e-6, ge=0)  # weight of the per-pixel-element KL term
+    mse_weight: float = Field(1.0, ge=0)  # weight of the MSE term added to the L1 reconstruction loss
+    crop: int | None = Field(None, ge=1)  # random crops of this many pixels; default: the full resolution
+    scale_batches: int = Field(8, ge=1)  # batches of 32 images that measure the latents' scaling factor
+    init_logvar: float | None = -6.0  # initial posterior log-variance of a new autoencoder (None: diffusers' init)
+
+
+def _clip_tower() -> dict[str, Any]:
+    return {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4}
+
+
+class CLIPOptions(Strict):
+    """``plugin:`` keys of ``trainer: clip``. ``text`` / ``vision`` are transformers CLIPTextConfig /
+    CLIPVisionConfig keys; a given mapping replaces the default one as a whole."""
+
+    max_length: int = Field(20, ge=2)  # tokens per caption, begin and end tokens included
+    projection_dim: int = Field(64, ge=1)
+    text: dict[str, Any] = Field(default_factory=_clip_tower)
+    vision: dict[str, Any] = Field(default_factory=lambda: {**_clip_tower(), "patch_size": 8})
+
+
+# every trainer name has an options model: the registry refuses a trainer that has none
+PLUGIN_OPTIONS: dict[str, type[Strict]] = {
+    "text_to_image": TextToImageOptions,
+    "autoencoder": AutoencoderOptions,
+    "clip": CLIPOptions,
+    "lora": LoRAOptions,
+    "dreambooth": DreamBoothOptions,
+    "controlnet": ControlNetOptions,
+}
 
 
 def plugin_options(trainer: str, plugin: dict) -> Strict | None:
-    """The typed options of ``trainer`` (None for plugins that check their own)."""
+    """The typed options of ``trainer`` (None for a name that is not a trainer)."""
     cls = PLUGIN_OPTIONS.get(trainer)
     return cls.model_validate(plugin) if cls is not None else None

@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .choices import COLORS, SHAPES, SamplerName
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
@@ -80,8 +82,6 @@ class ShapesSourceSpec(Strict):
 
     @model_validator(mode="after")
     def _known(self):
-        from ..data.shapes import COLORS, SHAPES
-
         for name, vals, allowed in (("colors", self.colors, COLORS), ("shapes", self.shapes, SHAPES)):
             bad = [v for v in vals or [] if v not in allowed]
             if bad:
@@ -227,7 +227,7 @@ class TrainSpec(Strict):
 
 
 class SamplingSpec(Strict):
-    sampler: Literal["ddpm", "ddim", "dpm++", "euler", "unipc"] = "dpm++"
+    sampler: SamplerName = "dpm++"
     steps: int = Field(20, ge=1)
     guidance_scale: float = 4.0
     seed: int = 0
@@ -273,5 +273,5 @@ class Recipe(Strict):
     eval: EvalSpec = Field(default_factory=EvalSpec)
     logging: LoggingSpec = Field(default_factory=LoggingSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
-    # free-form options owned by the trainer plugin (validated by the plugin itself)
+    # options of the trainer plugin, checked against its options model (recipe/plugins.py) by load_recipe
     plugin: dict[str, Any] = Field(default_factory=dict)

@@ -27,21 +27,9 @@ from ..data.checks import to_rgb
 from ..data.sources import load_rows
 from ..data.transforms import image_transform, to_pil
 from ..errors import UserError
+from ..recipe.plugins import AutoencoderOptions
 from .base import TrainerPlugin
 from .registry import register
-
-OPTIONS = {"kl_weight": 1e-6, "mse_weight": 1.0, "crop": None, "scale_batches": 8, "init_logvar": -6.0}
-
-
-def check_options(plugin: dict, defaults: dict, trainer: str) -> dict:
-    import difflib
-
-    for k in plugin:
-        if k not in defaults:
-            close = difflib.get_close_matches(k, list(defaults), n=1)
-            hint = f"did you mean 'plugin.{close[0]}'?" if close else f"valid: {', '.join(defaults)}."
-            raise UserError(f"unknown option 'plugin.{k}' for trainer {trainer}; {hint}")
-    return {**defaults, **plugin}
 
 
 class Reconstruct(torch.nn.Module):
@@ -62,22 +50,22 @@ class AutoencoderTrainer(TrainerPlugin):
     name = "autoencoder"
 
     def setup(self) -> None:
-        self.opts = check_options(self.recipe.plugin, OPTIONS, self.name)
+        self.opts = AutoencoderOptions.model_validate(self.recipe.plugin)
         self.refuse_single_file("an autoencoder run writes an autoencoder")
         spec = self.recipe.model.autoencoder
         if spec is None:
             raise UserError("the autoencoder trainer needs model.autoencoder (a 'config' for a new one, or "
                               "'pretrained' to continue training one).")
         self.vae = load_autoencoder(spec.model_copy(update={"trainable": True}))
-        if spec.pretrained is None and self.opts["init_logvar"] is not None:
+        if spec.pretrained is None and self.opts.init_logvar is not None:
             conv = self.vae.quant_conv if self.vae.quant_conv is not None else self.vae.encoder.conv_out
             c = self.vae.config.latent_channels
             with torch.no_grad():
-                conv.bias[c:] = self.opts["init_logvar"]
+                conv.bias[c:] = self.opts.init_logvar
         d = self.recipe.data
         with self.accelerator.main_process_first():
             self.rows = load_rows(d)
-        tf = image_transform(d.resolution, d.center_crop, d.random_flip, crop=self.opts["crop"])
+        tf = image_transform(d.resolution, d.center_crop, d.random_flip, crop=self.opts.crop)
         col = d.image_column
         self.rows.set_transform(lambda b: {"pixel_values": [tf(to_rgb(im)) for im in b[col]]})
         self.full_tf = image_transform(d.resolution, True, False)
@@ -96,10 +84,10 @@ class AutoencoderTrainer(TrainerPlugin):
         rec, kl_sum = self.model(x)
         err = rec.float() - x.float()
         l1 = err.abs().mean()
-        rec_loss = l1 + self.opts["mse_weight"] * err.pow(2).mean()
+        rec_loss = l1 + self.opts.mse_weight * err.pow(2).mean()
         # KL per pixel element, so kl_weight means what LDM's does against a per-pixel-summed loss
         kl = kl_sum.mean() / x[0].numel()
-        return rec_loss + self.opts["kl_weight"] * kl, {"l1": l1.detach(), "kl": kl.detach()}
+        return rec_loss + self.opts.kl_weight * kl, {"l1": l1.detach(), "kl": kl.detach()}
 
     @torch.no_grad()
     def _full_images(self, n: int) -> torch.Tensor:
@@ -133,7 +121,7 @@ class AutoencoderTrainer(TrainerPlugin):
         vae = self.unwrap(self.vae)
         vae.eval()
         zs, errs = [], []
-        for i in range(self.opts["scale_batches"]):
+        for i in range(self.opts.scale_batches):
             x = self._full_images(32 * (i + 1))[32 * i:]
             if len(x) == 0:
                 break

@@ -22,17 +22,9 @@ from ..components import write_clip_bpe_vocab
 from ..data.checks import to_rgb
 from ..data.sources import load_rows
 from ..data.transforms import image_transform
-from .autoencoder import check_options
+from ..recipe.plugins import CLIPOptions
 from .base import TrainerPlugin
 from .registry import register
-
-OPTIONS = {
-    "max_length": 20,
-    "projection_dim": 64,
-    "text": {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4},
-    "vision": {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
-               "patch_size": 8},
-}
 
 
 @register
@@ -44,19 +36,19 @@ class ClipTrainer(TrainerPlugin):
 
         self.refuse_single_file("a CLIP run writes a text encoder")
 
-        self.opts = check_options(self.recipe.plugin, OPTIONS, self.name)
+        self.opts = CLIPOptions.model_validate(self.recipe.plugin)
         d = self.recipe.data
         tok_dir = self.run_dir / "tokenizer"
         if self.accelerator.is_main_process:
-            write_clip_bpe_vocab(tok_dir, model_max_length=self.opts["max_length"])
+            write_clip_bpe_vocab(tok_dir, model_max_length=self.opts.max_length)
         self.accelerator.wait_for_everyone()
         self.tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
         text = dict(vocab_size=len(self.tokenizer),
-                    max_position_embeddings=self.opts["max_length"], bos_token_id=self.tokenizer.bos_token_id,
+                    max_position_embeddings=self.opts.max_length, bos_token_id=self.tokenizer.bos_token_id,
                     eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-                    **self.opts["text"])
-        vision = dict(image_size=d.resolution, **self.opts["vision"])
-        cfg = CLIPConfig(text_config=text, vision_config=vision, projection_dim=self.opts["projection_dim"])
+                    **self.opts.text)
+        vision = dict(image_size=d.resolution, **self.opts.vision)
+        cfg = CLIPConfig(text_config=text, vision_config=vision, projection_dim=self.opts.projection_dim)
         self.clip = CLIPModel(cfg)
         with self.accelerator.main_process_first():
             self.rows = load_rows(d)
@@ -65,7 +57,7 @@ class ClipTrainer(TrainerPlugin):
         tok = self.tokenizer
 
         def transform(b):
-            ids = tok(b[ccol], padding="max_length", max_length=self.opts["max_length"], truncation=True,
+            ids = tok(b[ccol], padding="max_length", max_length=self.opts.max_length, truncation=True,
                       return_tensors="pt").input_ids
             return {"pixel_values": [tf(to_rgb(im)) for im in b[icol]], "input_ids": list(ids)}
 

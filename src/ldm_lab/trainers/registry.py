@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib
 
+from ..recipe.plugins import PLUGIN_OPTIONS
+
 # name -> module that defines it (imported lazily so `recipe check` stays fast)
 _BUILTIN = {
     "text_to_image": "ldm_lab.trainers.text_to_image",
@@ -18,7 +20,16 @@ _REGISTRY: dict[str, type] = {}
 
 
 def register(cls: type) -> type:
-    """Class decorator: make a TrainerPlugin subclass available under ``cls.name``."""
+    """Class decorator: make a TrainerPlugin subclass available under ``cls.name``.
+
+    The name needs an options model in ``ldm_lab.recipe.plugins.PLUGIN_OPTIONS``: that map is the
+    list of trainer names ``load_recipe`` (and so ``recipe check``) accepts, and its model checks
+    the recipe's ``plugin:`` keys.
+    """
+    if cls.name not in PLUGIN_OPTIONS:
+        raise ValueError(f"trainer {cls.__name__} is registered as '{cls.name}', which has no options model; add "
+                         f"'{cls.name}': <a Strict model of its plugin: keys> to PLUGIN_OPTIONS in "
+                         "ldm_lab/recipe/plugins.py")
     _REGISTRY[cls.name] = cls
     return cls
 
