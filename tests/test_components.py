@@ -91,7 +91,7 @@ def test_lerp_ema_matches_diffusers_ema_and_the_closed_form():
     parameter copied, a module passed) and, for one step, shadow - (1 - d)(shadow - param)."""
     from diffusers.training_utils import EMAModel
 
-    from ldm_lab.trainers.loop import LerpEMA
+    from ldm_lab.trainers.ema import LerpEMA
 
     g = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(7, 3, generator=g)), torch.nn.Parameter(torch.randn(5, generator=g))]

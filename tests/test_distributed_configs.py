@@ -75,7 +75,7 @@ def test_ema_is_refused_where_parameters_are_sharded(kind, stage, refused):
 
     from ldm_lab.errors import UserError
     from ldm_lab.recipe import load_recipe
-    from ldm_lab.trainers.loop import _check_distributed
+    from ldm_lab.trainers.engine import check_distributed as _check_distributed
 
     recipe = load_recipe(REPO / "recipes/shapes/t2i.yaml", ["train.ema.enabled=true"])
     engine = SimpleNamespace(distributed_type=DistributedType[kind],

@@ -186,7 +186,7 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(lora_env, tmp_path):
 def test_clipping_applies_to_exactly_the_adapters(lora_env, tmp_path):
     from accelerate import Accelerator
 
-    from ldm_lab.trainers.loop import clip_gradients, make_optimizer
+    from ldm_lab.trainers.engine import clip_gradients, make_optimizer
     from ldm_lab.trainers.lora import LoRATrainer
 
     recipe = pipeline_defaults(load_recipe(lora_env["run"] / "recipe.yaml", [f"output.dir={tmp_path}", "train.resume=null"]))

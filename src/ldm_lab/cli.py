@@ -317,7 +317,7 @@ def _cache(recipe, out: str | None) -> int:
     from accelerate import Accelerator
 
     from .recipe import pipeline_defaults
-    from .trainers.loop import _multi_process_without_accelerator
+    from .trainers.engine import multi_process_without_accelerator as _multi_process_without_accelerator
     from .trainers.registry import get_trainer
     from .trainers.text_to_image import TextToImageTrainer
 
