@@ -39,10 +39,11 @@ def _flags(base, data, out, cache, extra=(), steps=4):
 
 
 def _plugin(base, data, out, cache, extra=()):
-    from ldm_lab.cli import _parser, finetune_overrides
+    from ldm_lab.cli_args import build_parser
+    from ldm_lab.commands.finetune import finetune_overrides
     from ldm_lab.trainers.controlnet import ControlNetTrainer
 
-    recipe = pipeline_defaults(load_recipe(BUILTIN, finetune_overrides(_parser().parse_args(
+    recipe = pipeline_defaults(load_recipe(BUILTIN, finetune_overrides(build_parser().parse_args(
         _flags(base, data, out, cache, extra)))))
     t = ControlNetTrainer(recipe, Accelerator(cpu=True), out)
     t.setup()
@@ -136,7 +137,7 @@ print("ok")
 def test_multi_controlnet_sums_scaled_residuals_and_cli_samples(tiny_pipeline, tmp_path):
     from diffusers import ControlNetModel, StableDiffusionPipeline
 
-    from ldm_lab.sampling import with_controlnets
+    from ldm_lab.commands.sample import with_controlnets
 
     base = StableDiffusionPipeline.from_pretrained(tiny_pipeline, safety_checker=None)
     dirs = []

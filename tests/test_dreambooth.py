@@ -49,9 +49,10 @@ def _flags(base, inst, out, cache, extra=(), steps=4):
 
 def _trainer(base, inst, out, cache, flags=(), overrides=()):
     """A DreamBooth trainer with its models built (not set up), for direct checks."""
-    from ldm_lab.cli import _parser, finetune_overrides
+    from ldm_lab.cli_args import build_parser
+    from ldm_lab.commands.finetune import finetune_overrides
 
-    args = _parser().parse_args(_flags(base, inst, out, cache, extra=flags) + list(overrides))
+    args = build_parser().parse_args(_flags(base, inst, out, cache, extra=flags) + list(overrides))
     recipe = pipeline_defaults(load_recipe(BUILTIN, finetune_overrides(args)))
     t = DreamBoothTrainer(recipe, Accelerator(cpu=True), out)
     t.opts = DreamBoothOptions.model_validate(recipe.plugin)
@@ -181,7 +182,7 @@ def test_lora_mode_with_prior_loads_with_stock_load_lora_weights(tiny_pipeline, 
     assert info["instance_captions"][3] == f"a {ident} circle"  # no sidecar: the instance prompt
     assert info["instance_captions"][0] == f"a large {ident} circle at the center on a white background"
     assert json.loads((tmp_path / "class" / "manifest.json").read_text())["count"] == 4
-    from ldm_lab.trainers.lora import read_metadata
+    from ldm_lab.lora_io import read_metadata
 
     meta = read_metadata(run / "pytorch_lora_weights.safetensors")["ldm_lab"]
     assert meta["identifier"] == ident and meta["trainer"] == "dreambooth" and meta["prior_preservation"]

@@ -16,9 +16,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from ldm_lab.cli import main as cli_main
-from ldm_lab.lora_io import read_lora
+from ldm_lab.lora_io import read_lora, read_metadata
 from ldm_lab.recipe import dump_recipe, load_recipe, pipeline_defaults
-from ldm_lab.trainers.lora import read_metadata
 
 PROMPT = "a large red circle at the center on a white background"
 

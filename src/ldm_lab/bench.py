@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .perf import PeakMemory, Phases, device_name, peak_tflops, precision_of, release_host_memory
-from .recipe import Recipe, pipeline_defaults
+from .recipe import Recipe, choices, pipeline_defaults
 
 NAIVE = ["data.cache_latents=false", "data.num_workers=0", "data.buckets.enabled=false", "train.channels_last=false",
          "train.compile=false", "train.optimizer_impl=torch", "train.ema.foreach=false", "train.host_allocator=system"]
@@ -285,7 +285,8 @@ def format_training(report: dict) -> str:
 
 
 # -- sampling ---------------------------------------------------------------------------------
-SAMPLERS = [("ddpm", 1000), ("ddim", 50), ("dpm++", 20), ("euler", 30), ("unipc", 15)]
+STEPS = {"ddpm": 1000, "ddim": 50, "dpm++": 20, "euler": 30, "unipc": 15}  # per sampler; others: its usual count
+SAMPLERS = [(name, STEPS.get(name, choices.SAMPLERS[name].default_steps)) for name in choices.SAMPLER_NAMES]
 
 
 def run_sampling(source: str, n: int = 48, heldout_n: int = 0, guidance: float = 2.5, batch: int = 16,

@@ -4,18 +4,31 @@ Reading goes through diffusers' own ``lora_state_dict`` (which already understan
 older diffusers layouts) and its key converters; writing kohya uses diffusers'
 ``convert_state_dict_to_kohya`` with the real alpha of every module (that helper writes
 ``alpha = rank``, which is wrong for any adapter trained with another alpha).
+
+Every file we write carries our own description of the adapters (base model, rank, alpha,
+targets) as JSON under the ``ldm_lab`` key of its safetensors metadata.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
+from diffusers.utils.state_dict_utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+from peft import LoraConfig
+from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .sampling import load_pipeline
+
 COMPONENTS = ("unet", "text_encoder")
+META_KEY = "ldm_lab"  # our own safetensors metadata entry (base model, rank, alpha, targets)
 
 
 @dataclass
@@ -40,8 +53,6 @@ class LoRAWeights:
 
 def _to_peft(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Any diffusers-readable naming (new, old, kohya after diffusers' conversion) -> PEFT naming."""
-    from diffusers.utils.state_dict_utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
-
     out: dict[str, torch.Tensor] = {}
     unet = {k.replace(".processor.", "."): v for k, v in sd.items() if not k.startswith("text_encoder")}
     te = {k: v for k, v in sd.items() if k.startswith("text_encoder")}
@@ -59,8 +70,6 @@ def _module_of_alpha(key: str) -> str:
 
 def read_lora(path: str | Path) -> LoRAWeights:
     """Any LoRA file diffusers can load (ours, a diffusers training script's, kohya's)."""
-    from diffusers import StableDiffusionPipeline
-
     path = Path(path)
     src = path.parent if path.is_file() else path
     kw = {"weight_name": path.name} if path.is_file() else {}
@@ -75,8 +84,6 @@ def read_lora(path: str | Path) -> LoRAWeights:
     for k, a in (alphas or {}).items():
         out_alphas[_module_of_alpha(k)] = float(a)
     mods = sorted({k.rsplit(".lora_", 1)[0] for k in tensors if ".lora_" in k})
-    from .trainers.lora import read_metadata
-
     ours = read_metadata(path if path.is_file() else path / "pytorch_lora_weights.safetensors") \
         if (path.is_file() or (path / "pytorch_lora_weights.safetensors").exists()) else {"ldm_lab": {}}
     for m in mods:
@@ -91,8 +98,6 @@ def read_lora(path: str | Path) -> LoRAWeights:
 
 def _alpha_from_config(cfg: dict, module: str, rank: int) -> float:
     """Alpha of ``module`` from a PEFT LoraConfig dict (alpha_pattern first), else the rank."""
-    import re
-
     for pat, a in (cfg.get("alpha_pattern") or {}).items():
         if re.search(rf"(^|\.){re.escape(pat)}$", module) or re.fullmatch(pat, module):
             return a
@@ -101,9 +106,6 @@ def _alpha_from_config(cfg: dict, module: str, rank: int) -> float:
 
 def write_diffusers(w: LoRAWeights, out: Path) -> Path:
     """``pytorch_lora_weights.safetensors`` (diffusers layout) with PEFT configs in its metadata."""
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
-
     out = Path(out)
     directory, name = (out.parent, out.name) if out.suffix == ".safetensors" else (out, "pytorch_lora_weights.safetensors")
     kw = {}
@@ -114,16 +116,12 @@ def write_diffusers(w: LoRAWeights, out: Path) -> Path:
             kw[f"{comp}_lora_adapter_metadata"] = peft_config(w, comp)
     StableDiffusionPipeline.save_lora_weights(str(directory), weight_name=name, safe_serialization=True, **kw)
     if w.meta.get("ldm_lab"):
-        from .trainers.lora import add_metadata
-
         add_metadata(directory / name, w.meta["ldm_lab"])
     return directory / name
 
 
 def peft_config(w: LoRAWeights, comp: str) -> dict:
     """A PEFT LoraConfig dict for one component: the common rank/alpha plus per-module patterns."""
-    from peft import LoraConfig
-
     mods = [m[len(comp) + 1:] for m in w.modules() if m.startswith(comp + ".")]
     ranks = {m: w.rank(f"{comp}.{m}") for m in mods}
     alphas = {m: w.alphas[f"{comp}.{m}"] for m in mods}
@@ -139,8 +137,6 @@ def peft_config(w: LoRAWeights, comp: str) -> dict:
 def write_kohya(w: LoRAWeights, out: Path) -> Path:
     """One safetensors file in kohya's layout (``lora_unet_*`` / ``lora_te1_*`` keys with
     ``lora_down`` / ``lora_up`` / ``alpha``), as A1111, ComfyUI and kohya's scripts load it."""
-    from diffusers.utils import convert_state_dict_to_kohya
-
     if any("lora_magnitude_vector" in k for k in w.tensors):
         raise ValueError("DoRA adapters have no kohya layout that A1111/ComfyUI read the same way; "
                          "export them with --format diffusers or peft.")
@@ -183,17 +179,6 @@ def write_peft(w: LoRAWeights, out: Path) -> Path:
     return out
 
 
-def parse_lora_arg(text: str) -> tuple[str, float]:
-    """``FILE[:scale]`` -> (file, scale)."""
-    path, sep, scale = text.rpartition(":")
-    if sep and path and not Path(text).exists():
-        try:
-            return path, float(scale)
-        except ValueError:
-            pass
-    return text, 1.0
-
-
 def apply_loras(pipe, loras: list[tuple[str, float]]) -> None:
     """Load each LoRA as its own adapter and activate them all with their scales."""
     names = []
@@ -209,11 +194,33 @@ def apply_loras(pipe, loras: list[tuple[str, float]]) -> None:
 
 def merge(base: str, loras: list[tuple[str, float]], out: Path) -> Path:
     """A pipeline with the LoRAs fused into its weights (no adapters left), saved with save_pretrained."""
-    from .sampling import load_pipeline
-
     pipe = load_pipeline(base)
     apply_loras(pipe, loras)
     pipe.fuse_lora(adapter_names=[f"lora{i}" for i in range(len(loras))], lora_scale=1.0)
     pipe.unload_lora_weights()
     pipe.save_pretrained(str(out))
     return Path(out)
+
+
+def add_metadata(path: Path, info: dict) -> None:
+    """Add our description (``ldm_lab`` key, JSON) to a safetensors file's metadata, keeping the rest."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta[META_KEY] = json.dumps(info)
+    meta.setdefault("format", "pt")
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)
+
+
+def read_metadata(path: str | Path) -> dict:
+    """Our description and diffusers' adapter metadata of a LoRA file (empty dicts when absent)."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    flat = json.loads(meta.get(LORA_ADAPTER_METADATA_KEY, "{}"))  # {"unet.r": 4, "unet.lora_alpha": ...}
+    adapters: dict[str, dict] = {}
+    for k, v in flat.items():
+        comp, _, key = k.partition(".")
+        adapters.setdefault(comp, {})[key] = v
+    return {"ldm_lab": json.loads(meta.get(META_KEY, "{}")), "adapters": adapters}

@@ -1,47 +1,37 @@
 """Sampling with stock diffusers pipelines, built from in-memory modules or loaded from disk.
 
-Samplers: ddpm, ddim, dpm++ (DPM-Solver++ multistep), euler, unipc — each a diffusers
-scheduler made from the training noise schedule's config, so the trained prediction type,
-betas and timestep spacing carry over.
+Samplers are the entries of the registry in ``recipe.choices`` (ddpm, ddim, dpm++ for
+DPM-Solver++ multistep, euler, unipc): each is a diffusers scheduler made from the training noise
+schedule's config, so the trained prediction type, betas and timestep spacing carry over.
 """
 
 from __future__ import annotations
 
-import json
+import inspect
 import textwrap
 from pathlib import Path
 
+import diffusers
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerDiscreteScheduler,
-    StableDiffusionPipeline,
-    UniPCMultistepScheduler,
-)
+from diffusers import DiffusionPipeline, StableDiffusionControlNetPipeline, StableDiffusionPipeline
 from PIL import Image, ImageDraw, ImageFont
 
-SAMPLERS = {
-    "ddpm": (DDPMScheduler, {}, 1000),
-    "ddim": (DDIMScheduler, {}, 50),
-    "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}, 20),
-    "euler": (EulerDiscreteScheduler, {}, 30),
-    "unipc": (UniPCMultistepScheduler, {}, 20),
-}
+from .recipe.choices import SAMPLERS
 
 
 def make_sampler(name: str, noise_config) -> object:
-    if name not in SAMPLERS:
+    """The scheduler of sampler ``name`` (a ``recipe.choices.SAMPLERS`` key) from ``noise_config``."""
+    entry = SAMPLERS.get(name)
+    if entry is None:
         raise ValueError(f"unknown sampler '{name}'; choose from {', '.join(SAMPLERS)}")
-    cls, extra, _ = SAMPLERS[name]
+    extra = dict(entry.kwargs)
     if noise_config.get("timestep_spacing", "leading") == "leading":
-        extra = {**extra, "steps_offset": 1}  # Stable Diffusion's convention for leading spacing
-    return cls.from_config(noise_config, **extra)
+        extra["steps_offset"] = 1  # Stable Diffusion's convention for leading spacing
+    return getattr(diffusers, entry.scheduler).from_config(noise_config, **extra)
 
 
 def default_steps(name: str) -> int:
-    return SAMPLERS[name][2]
+    return SAMPLERS[name].default_steps
 
 
 def build_pipeline(vae, text_encoder, tokenizer, unet, noise_scheduler, sampler: str = "dpm++") -> StableDiffusionPipeline:
@@ -118,8 +108,6 @@ def _generate_batch(pipe, prompts, seeds, steps, guidance, s, batch_size, device
 def build_controlnet_pipeline(vae, text_encoder, tokenizer, unet, controlnet, noise_scheduler, sampler: str = "dpm++"):
     """A stock StableDiffusionControlNetPipeline around in-memory modules (``controlnet``: one
     ControlNetModel or a list, which diffusers composes by summing scaled residuals)."""
-    from diffusers import StableDiffusionControlNetPipeline
-
     pipe = StableDiffusionControlNetPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, controlnet=controlnet,
         scheduler=make_sampler(sampler, noise_scheduler.config), safety_checker=None, feature_extractor=None,
@@ -146,86 +134,18 @@ def grid(images: list[Image.Image], captions: list[str] | None = None, cols: int
     return g
 
 
-def with_controlnets(pipe: StableDiffusionPipeline, controlnets: list[tuple[str, float, str]], guess_mode: bool = False):
-    """A StableDiffusionControlNetPipeline sharing ``pipe``'s modules, with one ControlNet or
-    several (diffusers' MultiControlNetModel sums their residuals, each times its scale); returns
-    (pipeline, control image(s) for every prompt, extra call kwargs)."""
-    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
-
-    from .errors import UserError
-
-    size = (pipe.unet.config.sample_size * pipe.vae_scale_factor,) * 2
-    nets, images = [], []
-    for d, _, img in controlnets:
-        try:
-            nets.append(ControlNetModel.from_pretrained(d))
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot load a ControlNet from '{d}' ({str(e).splitlines()[0][:160]}).") from None
-        if nets[-1].config.cross_attention_dim != pipe.unet.config.cross_attention_dim:
-            raise UserError(f"ControlNet '{d}' was made for another base (cross_attention_dim "
-                            f"{nets[-1].config.cross_attention_dim}, the base has {pipe.unet.config.cross_attention_dim}).")
-        try:
-            images.append(Image.open(img).convert("RGB").resize(size))
-        except OSError:
-            raise UserError(f"--control-image '{img}' is not an image file.") from None
-    scales = [s for _, s, _ in controlnets]
-    cpipe = StableDiffusionControlNetPipeline.from_pipe(pipe, controlnet=nets if len(nets) > 1 else nets[0])
-    cpipe.set_progress_bar_config(disable=True)
-    one = len(nets) == 1
-    return cpipe, (images[0] if one else images), {"controlnet_conditioning_scale": scales[0] if one else scales,
-                                                   "guess_mode": guess_mode}
-
-
-def load_pipeline(source: str | Path) -> StableDiffusionPipeline:
-    """A run dir (uses RUN/pipeline), a pipeline dir, or a hub id."""
+def load_pipeline(source: str | Path) -> DiffusionPipeline:
+    """A run dir (uses RUN/pipeline), a pipeline dir, or a hub id, as the pipeline class its
+    model_index.json names (no safety checker where that class has one)."""
     p = Path(source)
     if (p / "pipeline" / "model_index.json").exists():
         p = p / "pipeline"
     if p.exists() and not (p / "model_index.json").exists():
         raise ValueError(f"'{source}' is neither a run dir with a pipeline nor a diffusers pipeline dir.")
-    pipe = StableDiffusionPipeline.from_pretrained(str(p) if p.exists() else str(source), safety_checker=None,
-                                                   requires_safety_checker=False)
+    where = str(p) if p.exists() else str(source)
+    cls = getattr(diffusers, DiffusionPipeline.load_config(where).get("_class_name", ""), None)
+    takes = inspect.signature(cls.__init__).parameters if isinstance(cls, type) else {}
+    no_checker = {k: v for k, v in (("safety_checker", None), ("requires_safety_checker", False)) if k in takes}
+    pipe = DiffusionPipeline.from_pretrained(where, **no_checker)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def sample_cli(source: str, prompts: list[str], n: int = 1, steps: int | None = None, guidance: float = 4.0,
-               sampler: str = "dpm++", seed: int = 0, out: str | None = None,
-               loras: list[tuple[str, float]] | None = None, controlnets: list[tuple[str, float, str]] | None = None,
-               guess_mode: bool = False) -> Path:
-    from .errors import UserError
-
-    if not prompts:
-        raise UserError("no prompts given; pass --prompt TEXT or a non-empty --prompts-file.")
-    try:
-        pipe = load_pipeline(source)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load a pipeline from '{source}' ({str(e).splitlines()[0]}); "
-                        "give a run dir, a diffusers pipeline dir or a hub id.") from None
-    pipe.scheduler = make_sampler(sampler, pipe.scheduler.config)
-    if loras:
-        from .lora_io import apply_loras
-
-        try:
-            apply_loras(pipe, loras)
-        except (OSError, ValueError, KeyError, RuntimeError) as e:
-            raise UserError(f"cannot apply LoRA to '{source}' ({str(e).splitlines()[0][:200]}); "
-                            "was it trained for this base?") from None
-    extra: dict = {}
-    if controlnets:
-        pipe, control, extra = with_controlnets(pipe, controlnets, guess_mode)
-    out_dir = Path(out) if out else (Path(source) / "samples-cli" if Path(source).is_dir() else Path("samples"))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    all_prompts = [p for p in prompts for _ in range(n)]
-    seeds = [seed + i for i in range(len(all_prompts))]
-    images = generate(pipe, all_prompts, seeds, steps or default_steps(sampler), guidance,
-                      control=[control] * len(all_prompts) if controlnets else None, **extra)
-    rows = []
-    for i, (im, p, s) in enumerate(zip(images, all_prompts, seeds)):
-        name = f"{i:04d}.png"
-        im.save(out_dir / name)
-        rows.append({"file_name": name, "prompt": p, "seed": s, **({"loras": loras} if loras else {}),
-                     **({"controlnets": controlnets, "guess_mode": guess_mode} if controlnets else {})})
-    (out_dir / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    grid(images, all_prompts).save(out_dir / "grid.png")
-    return out_dir

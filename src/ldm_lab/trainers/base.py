@@ -9,6 +9,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+from ..errors import UserError
 from ..perf import OFF
 from ..recipe.schema import Recipe
 
@@ -153,3 +154,7 @@ class TrainerPlugin:
         tmp.rename(dst)
         shutil.rmtree(old, ignore_errors=True)
 
+    def build_cache(self, out: Path | None) -> None:
+        """``ldm-lab cache``: the set-up that builds this trainer's latent cache (``self.cached``),
+        written to ``out`` when given (else where runs of the recipe look it up), and no training."""
+        raise UserError(f"the {self.name} trainer does not use cached latents.")

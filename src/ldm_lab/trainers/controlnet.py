@@ -262,3 +262,10 @@ class ControlNetTrainer(TextToImageTrainer):
 
         return {"control_eval": control_eval(with_control, without, control_for, self.run_dir / "eval",
                                              self.opts.eval_n, e.seed, self.recipe.data.resolution)}
+
+    def build_cache(self, out: Path | None) -> None:
+        """The whole set-up (ControlNet, control columns, then the cache), where runs of the recipe
+        find the cache (no ``out``)."""
+        if out is not None:
+            raise UserError(f"--out is not supported for the {self.name} trainer; leave it out (its run finds the cache).")
+        self.setup()

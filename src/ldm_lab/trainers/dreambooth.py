@@ -357,3 +357,10 @@ class DreamBoothTrainer(LoRATrainer):
             return {}
         return {"dreambooth": {"identifier": self.identifier, "prior_preservation": self.opts.prior_preservation,
                                "after": after, "base": self.base_eval}}
+
+    def build_cache(self, out: Path | None) -> None:
+        """The whole set-up (identifier, class images, then the cache of instance and class rows),
+        where runs of the recipe find the cache: its rows depend on that set-up, so no ``out``."""
+        if out is not None:
+            raise UserError(f"--out is not supported for the {self.name} trainer; leave it out (its run finds the cache).")
+        self.setup()

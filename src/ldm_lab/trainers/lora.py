@@ -21,13 +21,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
+from ..lora_io import add_metadata
 from ..recipe.plugins import LoRAOptions
 from .registry import register
 from .text_to_image import TextToImageTrainer
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 CKPT_NAME = "lora_adapters.safetensors"
-META_KEY = "ldm_lab"  # our own safetensors metadata entry (base model, rank, alpha, targets)
 
 
 def lora_config(rank: int, alpha: float | None, targets: list[str], dropout: float, init: str, dora: bool):
@@ -269,32 +269,3 @@ def _peft_config_dict(module) -> dict:
     cfg = module.peft_config["default"].to_dict()
     return json.loads(json.dumps(cfg, default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
 
-
-def add_metadata(path: Path, info: dict) -> None:
-    """Add our description (``ldm_lab`` key, JSON) to a safetensors file's metadata, keeping the rest."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = dict(f.metadata() or {})
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    meta[META_KEY] = json.dumps(info)
-    meta.setdefault("format", "pt")
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
-
-
-def read_metadata(path: str | Path) -> dict:
-    """Our description and diffusers' adapter metadata of a LoRA file (empty dicts when absent)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
-
-    flat = json.loads(meta.get(LORA_ADAPTER_METADATA_KEY, "{}"))  # {"unet.r": 4, "unet.lora_alpha": ...}
-    adapters: dict[str, dict] = {}
-    for k, v in flat.items():
-        comp, _, key = k.partition(".")
-        adapters.setdefault(comp, {})[key] = v
-    return {"ldm_lab": json.loads(meta.get(META_KEY, "{}")), "adapters": adapters}

@@ -404,6 +404,12 @@ class TextToImageTrainer(TrainerPlugin):
             return {}
         return evaluate_shapes(self, self.run_dir / "eval", e)
 
+    def build_cache(self, out: Path | None) -> None:
+        """The models and the data, nothing else: the latent cache is built on the way (in ``out``
+        when given, else where runs of the recipe look it up)."""
+        self.build_models()
+        self.build_data(cache_out=out)
+
 
 class _BucketRows(Dataset):
     """On-the-fly rows cropped to their aspect-ratio bucket (rows without one are never sampled)."""

@@ -1,0 +1,34 @@
+"""``ldm-lab cache``: a recipe's latents and caption embeddings encoded once, to disk, by the
+trainer's own set-up (``TrainerPlugin.build_cache``), split across processes when launched with
+several; training finds and uses the cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from accelerate import Accelerator
+
+from ..errors import UserError
+from ..recipe import load_recipe, pipeline_defaults
+from ..trainers.engine import multi_process_without_accelerator
+from ..trainers.registry import get_trainer
+
+
+def cache(args) -> int:
+    recipe = pipeline_defaults(load_recipe(args.recipe, args.overrides))
+    d = recipe.data
+    if d.streaming:
+        raise UserError("a streamed dataset is encoded on the fly; set data.streaming=false to cache it.")
+    if not d.cache_latents:
+        d.cache_latents = True
+    accelerator = Accelerator(cpu=multi_process_without_accelerator())
+    plugin = get_trainer(recipe.trainer)(recipe, accelerator, Path(recipe.output.dir))
+    plugin.build_cache(Path(args.out) if args.out else None)
+    cache = plugin.cached
+    if accelerator.is_main_process:
+        m = cache.manifest
+        hint = f"train with data.latent_cache={cache.root}" if args.out else "runs of this recipe use it"
+        print(f"cache: {cache.root} ({m['rows']} rows, {len(cache.captions)} caption strings"
+              + (f", {m['skipped']} rows skipped" if m.get("skipped") else "") + f"); {hint}")
+    accelerator.wait_for_everyone()
+    return 0

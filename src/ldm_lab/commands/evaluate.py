@@ -1,0 +1,134 @@
+"""``ldm-lab eval``: score images (``shapes``), an autoencoder's reconstructions (``autoencoder``),
+a pipeline's samples of the fixed shapes prompts (``pipeline``) and how well a ControlNet places
+the shape its control image shows (``controlnet``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..data import shapes as sw
+from ..errors import UserError
+from ..evaluation import shapes as ev
+from ..evaluation.control import control_eval, control_image, control_kind
+from ..evaluation.run import shapes_eval
+from ..recipe import load_recipe
+from ..recipe.plugins import ControlNetOptions
+from ..recipe.schema import AutoencoderSpec, EvalSpec
+from .adapters import lora_args
+from .data import restricted_world
+
+
+def shapes(args) -> int:
+    path = Path(args.path)
+    if not path.exists():
+        raise UserError(f"'{path}' does not exist; give a run dir, a samples dir or a shapes dataset dir.")
+    if (path / "eval" / "samples.jsonl").exists():  # a run dir: its final evaluation samples
+        path = path / "eval"
+    if not path.is_dir() or not any((path / f).exists() for f in ("samples.jsonl", "metadata.jsonl")):
+        raise UserError(f"'{path}' has no samples.jsonl or metadata.jsonl; give a run dir, a samples dir "
+                        "(ldm-lab sample writes one) or a shapes dataset dir.")
+    result = ev.evaluate_dir(path)
+    ev.write_metrics(result, Path(args.out) if args.out else path / "metrics.json")
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def autoencoder(args) -> int:
+    # torch and diffusers load only for the eval actions that run a model
+    from ..components import load_autoencoder
+    from ..evaluation.autoencoder import reconstruction_adherence
+
+    if not Path(args.path).is_dir():
+        raise UserError(f"'{args.path}' is not a directory; give an AutoencoderKL dir.")
+    vae = load_autoencoder(AutoencoderSpec(pretrained=args.path))
+    print(json.dumps(reconstruction_adherence(vae, args.resolution, args.n), indent=2))
+    return 0
+
+
+def pipeline(args) -> int:
+    # torch and diffusers load only for the eval actions that run a model
+    from ..lora_io import apply_loras
+    from ..sampling import generate, load_pipeline, make_sampler
+
+    if args.world and not Path(args.world).is_dir():
+        raise UserError(f"--world '{args.world}' is not a directory; give a shapes dataset dir (it has world.json).")
+    world = restricted_world(args, sw.load_world(args.world) if args.world else sw.World())
+    try:
+        pipe = load_pipeline(args.source)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load a pipeline from '{args.source}' ({str(e).splitlines()[0]}); "
+                        "give a run dir, a diffusers pipeline dir or a hub id.") from None
+    loras = lora_args(args.lora)
+    if loras:
+        apply_loras(pipe, loras)
+
+    def sample(prompts, seeds, sampler, steps, guidance):
+        pipe.scheduler = make_sampler(sampler, pipe.scheduler.config)
+        return generate(pipe, prompts, seeds, steps, guidance)
+
+    result = shapes_eval(sample, world, Path(args.out), args.n, args.heldout_n, args.seed, args.sampler,
+                         args.steps, args.guidance)
+    if loras:
+        result["loras"] = [{"path": p, "scale": s} for p, s in loras]
+        ev.write_metrics(result, Path(args.out) / "metrics.json")
+    print(json.dumps({k: v for k, v in result.items() if k not in ("by_shape",)}, indent=2))
+    return 0
+
+
+def controlnet(args) -> int:
+    """``control_eval`` (the ControlNet run's own final evaluation) for a saved ControlNet, with
+    the stock diffusers ControlNet pipeline; settings from the run's recipe unless given."""
+    # torch and diffusers load only for the eval actions that run a model
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    from ..sampling import generate, load_pipeline, make_sampler
+
+    src = Path(args.source)
+    net_dir, recipe = src, None
+    if (src / "controlnet" / "config.json").exists() and (src / "recipe.yaml").exists():  # a run dir
+        net_dir, recipe = src / "controlnet", load_recipe(src / "recipe.yaml", check_paths=False)
+    if not (net_dir / "config.json").exists():
+        raise UserError(f"'{args.source}' is neither a ControlNet run dir nor a ControlNet dir (no config.json).")
+    e = recipe.eval if recipe is not None else EvalSpec()
+    opts = ControlNetOptions.model_validate(recipe.plugin) if recipe is not None else None
+    kind = args.kind or (control_kind(opts) if opts is not None else None)
+    if kind is None:
+        raise UserError("give --kind (mask, edges or canny): the control this ControlNet reads is not known.")
+    base = args.base or (recipe.model.pipeline if recipe is not None else None)
+    if not base:
+        raise UserError("give --base: the pipeline this ControlNet was trained for.")
+    try:
+        pipe = load_pipeline(base)
+        net = ControlNetModel.from_pretrained(net_dir)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load the base '{base}' or the ControlNet '{net_dir}' "
+                        f"({str(err).splitlines()[0][:200]}).") from None
+    if net.config.cross_attention_dim != pipe.unet.config.cross_attention_dim:
+        raise UserError(f"ControlNet '{net_dir}' was made for another base (cross_attention_dim "
+                        f"{net.config.cross_attention_dim}, '{base}' has {pipe.unet.config.cross_attention_dim}).")
+    sampler, steps = args.sampler or e.sampler, args.steps or e.steps
+    guidance = args.guidance if args.guidance is not None else e.guidance_scale
+    pipe.scheduler = make_sampler(sampler, pipe.scheduler.config)
+    cpipe = StableDiffusionControlNetPipeline.from_pipe(pipe, controlnet=net)
+    cpipe.set_progress_bar_config(disable=True)
+    low, high = (opts.canny_low, opts.canny_high) if opts is not None else (100, 200)
+
+    def control_for(image, mask):
+        return control_image(kind, image, mask, low, high)
+
+    def with_control(prompts, controls, seeds, guess_mode):
+        return generate(cpipe, prompts, seeds, steps, guidance, control=controls, guess_mode=guess_mode)
+
+    def without(prompts, controls, seeds):
+        return generate(pipe, prompts, seeds, steps, guidance)
+
+    n = args.n or (opts.eval_n if opts is not None else 64)
+    seed = args.seed if args.seed is not None else e.seed
+    resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    result = control_eval(with_control, without, control_for, Path(args.out), n, seed, resolution)
+    result["settings"] = {"controlnet": str(net_dir), "base": str(base), "kind": kind, "sampler": sampler,
+                          "steps": steps, "guidance": guidance}
+    ev.write_metrics(result, Path(args.out) / "metrics.json")
+    print(json.dumps(result, indent=2))
+    return 0

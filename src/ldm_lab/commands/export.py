@@ -1,0 +1,68 @@
+"""``ldm-lab export``: a LoRA rewritten in the diffusers, PEFT or kohya layout (``lora``), LoRAs
+fused into a base pipeline (``merge``), a pipeline as one original-layout checkpoint file
+(``single-file``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import lora_io, single_file
+from ..errors import UserError
+from .adapters import lora_args
+
+WRITERS = {"diffusers": lora_io.write_diffusers, "peft": lora_io.write_peft, "kohya": lora_io.write_kohya}
+
+
+def lora(args) -> int:
+    (src, _), = lora_args([args.source])
+    try:
+        w = lora_io.read_lora(src)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"cannot read LoRA weights from '{src}' ({str(e).splitlines()[0][:200]}).") from None
+    try:
+        out = WRITERS[args.format](w, Path(args.out))
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    print(f"wrote {args.format} LoRA ({len(w.modules())} adapted modules) to {out}")
+    return 0
+
+
+def merge(args) -> int:
+    loras = lora_args(args.lora, args.scale)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"--out '{out}' exists and is not empty; choose a new dir so nothing is overwritten.")
+    try:
+        lora_io.merge(args.base, loras, out)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot merge into '{args.base}' ({str(e).splitlines()[0][:200]}); give a pipeline "
+                        "dir, run dir or hub id and LoRAs trained for it.") from None
+    print(f"wrote fused pipeline to {out}")
+    return 0
+
+
+def single_file_checkpoint(args) -> int:
+    src, out = Path(args.source), Path(args.out)
+    if (src / "pipeline" / "model_index.json").exists():
+        src = src / "pipeline"  # a run dir
+    if out.suffix != ".safetensors":
+        raise UserError(f"--out '{out}' must end in .safetensors.")
+    if out.exists():
+        raise UserError(f"--out '{out}' exists; choose a new file name so nothing is overwritten.")
+    dtype = single_file.DTYPES[args.dtype]
+    try:
+        state = single_file.pipeline_state(src)
+    except single_file.SingleFileError as e:
+        raise UserError(f"cannot write '{args.source}' as one checkpoint: {e}.") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read a pipeline from '{args.source}' ({str(e).splitlines()[0][:200]}); give a "
+                        "diffusers pipeline dir (saved without a weight variant) or a run dir holding pipeline/.") from None
+    try:
+        single_file.save(state, out, dtype)
+    except OSError as e:
+        raise UserError(f"cannot write '{out}' ({e.strerror or e}); free space or choose another path.") from None
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.dtype}; original SD layout)")
+    differences = single_file.sd15_differences(src)
+    if differences:
+        print(single_file.not_sd15_note(differences, src))
+    return 0
