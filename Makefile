@@ -17,8 +17,10 @@ test:
 test-slow:
 	$(BIN)/pytest -q -m slow
 
+# ruff, and the import-linter layer contract in pyproject.toml ([tool.importlinter])
 lint:
 	$(BIN)/ruff check src tests
+	$(BIN)/lint-imports
 
 # Training throughput of the main job's recipe against the naive per-step pipeline (fresh processes,
 # same model, data and batch), then sampling latency and adherence per sampler on the shipped base.

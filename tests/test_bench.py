@@ -89,11 +89,15 @@ def test_flop_count_matches_a_hand_count():
 def test_unet_flops_counted_on_one_sample_equal_the_batch_count(tiny_parts):
     from conftest import TINY_UNET
     from ldm_lab.components import load_unet
-    from ldm_lab.perf import model_flops, unet_train_flops
+    from ldm_lab.components.denoiser import denoiser_for
+    from ldm_lab.components.record import Conditioning
+    from ldm_lab.perf import denoiser_train_flops, model_flops
     from ldm_lab.recipe.schema import UNetSpec
 
     unet = load_unet(UNetSpec(**TINY_UNET))
-    f4 = unet_train_flops(unet, (4, 4, 8, 8), (4, 20, 32), "cpu")  # counted on one sample, scaled
+    denoiser = denoiser_for(unet)
+    f4 = denoiser_train_flops(unet, lambda x, t, c: denoiser(unet, x, t, Conditioning(c)), (4, 4, 8, 8), (4, 20, 32),
+                              "cpu")  # counted on one sample, scaled
     assert all(p.grad is None for p in unet.parameters())
     x, c, t = torch.randn(4, 4, 8, 8), torch.randn(4, 20, 32), torch.tensor([1, 2, 3, 4])
     direct = model_flops(lambda: unet(x, t, encoder_hidden_states=c).sample.pow(2).mean().backward())

@@ -30,7 +30,7 @@ def test_clip_bpe_vocab_matches_open_clip_tokenizer(tmp_path):
 def test_clip_from_local_dir_and_pipeline_subfolder(tiny_parts):
     te = load_text_encoder(TextEncoderSpec(kind="clip", pretrained=str(tiny_parts["clip"]), subfolder="text_encoder"))
     out = te(["a red circle", ""])
-    assert out.hidden_states.shape == (2, 20, 32) and te.max_length == 20
+    assert out.states.shape == (2, 20, 32) and te.max_length == 20
     assert not any(p.requires_grad for p in te.parameters())
     trainable = load_text_encoder(TextEncoderSpec(kind="clip", pretrained=str(tiny_parts["clip"]),
                                                   subfolder="text_encoder", trainable=True))
@@ -42,7 +42,7 @@ def test_t5_from_config_with_a_tokenizer(tiny_parts):
         kind="t5", tokenizer=str(tiny_parts["clip"] / "tokenizer"), max_length=16,
         config={"d_model": 32, "d_ff": 64, "num_layers": 1, "num_heads": 2, "d_kv": 16, "vocab_size": 49408}))
     out = te(["a red circle"])
-    assert out.hidden_states.shape == (1, 16, 32) and te.hidden_size == 32
+    assert out.states.shape == (1, 16, 32) and te.hidden_size == 32
 
 
 def test_openclip_text_tower_penultimate_states():
@@ -50,15 +50,15 @@ def test_openclip_text_tower_penultimate_states():
         context_length=77, vocab_size=49408, width=32, heads=2, layers=2, output_dim=32)))
     ids = te.tokenize(["a red circle"])
     out = te.encode_ids(ids)
-    assert out.hidden_states.shape == (1, 77, 32)
+    assert out.states.shape == (1, 77, 32)
     # penultimate: dropping the last block must not change the result, dropping another must
     m = te.model
     saved = m.transformer.resblocks
     m.transformer.resblocks = torch.nn.ModuleList(list(saved)[:1])
     with torch.no_grad():
-        fewer = te.encode_ids(ids).hidden_states
+        fewer = te.encode_ids(ids).states
     m.transformer.resblocks = saved
-    assert not torch.allclose(fewer, out.hidden_states)
+    assert not torch.allclose(fewer, out.states)
 
 
 def test_autoencoder_from_dir_pipeline_dir_and_config(tiny_parts, tmp_path):

@@ -57,12 +57,14 @@ def test_zero_initialised_controlnet_leaves_the_base_unchanged(tiny_pipeline, sh
     batch = next(iter(t.train_dataloader()))
     assert batch["control"].min() >= 0 and batch["control"].max() <= 1 and batch["control"].max() > 0.5
     z, cond = t.latents_and_condition(batch)
-    noisy, ts, _, _ = t.diffusion_terms(z)
-    down, mid = t.residuals(noisy, ts, cond, batch["control"])
+    draw = t.objective.draw(z, t.rng)
+    noisy, ts = draw.x_t, draw.t
+    res = t.residuals(batch, draw, cond)
+    down, mid = res.down, res.mid
     assert all(torch.count_nonzero(d) == 0 for d in down) and torch.count_nonzero(mid) == 0
-    with torch.no_grad():
-        plain = t.unet(noisy, ts, encoder_hidden_states=cond).sample
-        controlled = t.unet(noisy, ts, encoder_hidden_states=cond, down_block_additional_residuals=down,
+    with torch.no_grad():  # the backbone called directly, as a stock pipeline does
+        plain = t.unet(noisy, ts, encoder_hidden_states=cond.states).sample
+        controlled = t.unet(noisy, ts, encoder_hidden_states=cond.states, down_block_additional_residuals=down,
                             mid_block_additional_residual=mid).sample
     assert torch.equal(plain, controlled)
     # and the control does reach the net: one step of training makes the residuals non-zero

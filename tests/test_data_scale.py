@@ -92,7 +92,7 @@ def test_cache_split_across_two_processes_equals_one(tiny_parts, tmp_path):
         a, b = one[i], two[i]
         assert torch.allclose(a["mean"], b["mean"], atol=1e-5) and torch.allclose(a["std"], b["std"], atol=1e-5)
         assert one.captions[int(a["caption_index"])] == two.captions[int(b["caption_index"])] == f"a {list(COLORS)[i % 4]} square, item {i}"
-        assert torch.allclose(one.embeddings[a["caption_index"]], two.embeddings[b["caption_index"]], atol=1e-5)
+        assert torch.allclose(one.conditioning.states[a["caption_index"]], two.conditioning.states[b["caption_index"]], atol=1e-5)
 
 
 def test_caption_variants_are_cached_and_picked_like_on_the_fly(tiny_parts, tmp_path):
@@ -115,9 +115,9 @@ def test_caption_variants_are_cached_and_picked_like_on_the_fly(tiny_parts, tmp_
         tags = [t.strip() for t in s.split(",")]
         assert tags[0] == "photo" and sorted(tags) == sorted(t.strip() for t in caps[0].split(","))
     # the cached embedding of each variant is the text encoder's encoding of that string
-    enc = tr.conditioner.encode(strings)
+    enc = tr.conditioner.encode(strings).states
     idx = row["variants"][:4]
-    assert torch.allclose(tr.cached.embeddings[idx], enc, atol=1e-5)
+    assert torch.allclose(tr.cached.conditioning.states[idx], enc, atol=1e-5)
     # a step picks among the variants of each row, all of them over many steps
     from torch.utils.data import default_collate
 

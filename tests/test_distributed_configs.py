@@ -75,15 +75,15 @@ def test_ema_is_refused_where_parameters_are_sharded(kind, stage, refused):
 
     from ldm_lab.errors import UserError
     from ldm_lab.recipe import load_recipe
-    from ldm_lab.trainers.engine import check_distributed as _check_distributed
+    from ldm_lab.trainers.engine import check_distributed
 
     recipe = load_recipe(REPO / "recipes/shapes/t2i.yaml", ["train.ema.enabled=true"])
     engine = SimpleNamespace(distributed_type=DistributedType[kind],
                              state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage)))
     if refused:
         with pytest.raises(UserError, match="train.ema"):
-            _check_distributed(engine, recipe)
+            check_distributed(engine, recipe)
     else:
-        _check_distributed(engine, recipe)
+        check_distributed(engine, recipe)
     recipe.train.ema.enabled = False
-    _check_distributed(engine, recipe)
+    check_distributed(engine, recipe)

@@ -139,8 +139,9 @@ def test_prior_loss_weight_enters_as_specified(tiny_pipeline, tmp_path):
         out[lam] = (loss.item(), logs)
     t.rng.generator.manual_seed(7)  # the same draws, per sample
     z, cond = t.latents_and_condition(batch)
-    noisy, ts, target, w = t.diffusion_terms(z)
-    per = diffusion_loss(t.unet(noisy, ts, encoder_hidden_states=cond).sample, target, w, reduction="none")
+    d = t.objective.draw(z, t.rng)
+    per = diffusion_loss(t.unet(d.x_t, d.t, encoder_hidden_states=cond.states).sample, d.target, d.weight,
+                         reduction="none")
     inst, prior = per[:2].mean().item(), per[2:].mean().item()
     for lam, (loss, logs) in out.items():
         assert loss == pytest.approx(inst + lam * prior, rel=1e-5)

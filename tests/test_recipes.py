@@ -134,7 +134,7 @@ def test_every_recipe_instantiates(path, tiny_parts, tiny_pipeline):
         unet = load_unet(m.unet)
         assert unet.config.cross_attention_dim == te.hidden_size
     if te is not None:
-        h = te(["a red circle"]).hidden_states
+        h = te(["a red circle"]).states
         assert h.shape[0] == 1 and h.shape[-1] == te.hidden_size
     if vae is not None:
         z = vae.encode(torch.randn(1, 3, 32, 32)).latent_dist.mean

@@ -74,11 +74,11 @@ def test_null_condition_is_the_same_in_training_and_in_the_stock_pipeline(tiny_r
     te = TextEncoder("clip", pipe.text_encoder, pipe.tokenizer, pipe.tokenizer.model_max_length)
     cond = Conditioner(te)
     _, neg = pipe.encode_prompt("x", "cpu", 1, True, negative_prompt="")
-    torch.testing.assert_close(cond.null(), neg, rtol=0, atol=0)
+    torch.testing.assert_close(cond.null().states, neg, rtol=0, atol=0)
     prompts = ["a small blue square at the top left on a black background"] * 2
     a = generate(pipe, prompts, [3, 4], steps=3, guidance=4.0)
-    b = generate(pipe, prompts, [3, 4], steps=3, guidance=4.0, prompt_embeds=cond.encode(prompts),
-                 negative_embeds=cond.null())
+    b = generate(pipe, prompts, [3, 4], steps=3, guidance=4.0, prompt_embeds=cond.encode(prompts).states,
+                 negative_embeds=cond.null().states)
     for x, y in zip(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     assert not np.array_equal(np.asarray(a[0]), np.asarray(a[1]))  # seeds matter

@@ -14,15 +14,25 @@ from __future__ import annotations
 
 import gc
 import json
+import multiprocessing as mp
+import resource
+import signal
 import statistics
 import time
+import traceback
 from contextlib import nullcontext
+from multiprocessing.connection import wait
 from pathlib import Path
 
 import torch
+from accelerate.state import AcceleratorState
 
+from .data import shapes
+from .evaluation.run import shapes_eval
 from .perf import PeakMemory, Phases, device_name, peak_tflops, precision_of, release_host_memory
-from .recipe import Recipe, choices, pipeline_defaults
+from .recipe import Recipe, choices, load_recipe, pipeline_defaults
+from .sampling import generate, load_pipeline, make_sampler
+from .trainers.loop import train
 
 NAIVE = ["data.cache_latents=false", "data.num_workers=0", "data.buckets.enabled=false", "train.channels_last=false",
          "train.compile=false", "train.optimizer_impl=torch", "train.ema.foreach=false", "train.host_allocator=system"]
@@ -71,14 +81,12 @@ class _WindowPhases(Phases):
 
 def _minor_faults() -> int:
     """Minor page faults of this process so far (every fresh page the allocator hands out)."""
-    import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def apply_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
     """``recipe`` with dotted overrides, validated like a recipe file (bad keys: UserError)."""
-    from .recipe import load_recipe
 
     return load_recipe(None, overrides, data=recipe.model_dump(mode="json"), check_paths=False)
 
@@ -91,9 +99,7 @@ def bench_recipe(recipe: Recipe, steps: int, warmup: int, out: Path) -> Recipe:
 
 
 def run_training(recipe: Recipe, name: str, steps: int, warmup: int, out: Path, peak: float | None, log=print) -> dict:
-    from accelerate.state import AcceleratorState
 
-    from .trainers.loop import train
 
     recipe = bench_recipe(recipe, steps, warmup, out / name)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -184,10 +190,8 @@ def run(recipe: Recipe, steps: int = 20, warmup: int = 3, compare: str | None = 
 
 def _row_child(conn, recipe_data: dict, name: str, steps: int, warmup: int, out: str, peak: float | None) -> None:
     """Entry point of a fresh benchmark process: one row, its result sent back through ``conn``."""
-    import traceback
 
     try:
-        from .recipe import load_recipe
 
         recipe = load_recipe(None, [], data=recipe_data, check_paths=False)
         conn.send(("ok", run_training(recipe, name, steps, warmup, Path(out), peak)))
@@ -198,14 +202,12 @@ def _row_child(conn, recipe_data: dict, name: str, steps: int, warmup: int, out:
 
 
 def _in_fresh_process(recipe: Recipe, name: str, steps: int, warmup: int, out: Path, peak: float | None) -> dict:
-    import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
     p = ctx.Process(target=_row_child, args=(child, recipe.model_dump(mode="json"), name, steps, warmup, str(out), peak))
     p.start()
     child.close()
-    from multiprocessing.connection import wait
 
     status, payload = "error", "the process ended without a result"
     # a result, or the process's end (killed, out of memory) without one: either wakes this wait
@@ -222,7 +224,6 @@ def _in_fresh_process(recipe: Recipe, name: str, steps: int, warmup: int, out: P
     if status != "ok":
         how = f"exit code {p.exitcode}"
         if p.exitcode is not None and p.exitcode < 0:
-            import signal
 
             sig = signal.Signals(-p.exitcode).name
             how = f"killed by {sig}" + (" (the kernel's out-of-memory killer sends it: lower train.batch_size)"
@@ -293,9 +294,6 @@ def run_sampling(source: str, n: int = 48, heldout_n: int = 0, guidance: float =
                  samplers=SAMPLERS, out: Path = Path("runs/bench/sampling"), seed: int = 1234, log=print) -> dict:
     """Latency per image of each (sampler, steps) at ``batch`` images per call, and the shapes
     adherence its ``n`` images reach (fixed prompts and seeds, the same for every sampler)."""
-    from .data import shapes
-    from .evaluation.run import shapes_eval
-    from .sampling import generate, load_pipeline, make_sampler
 
     pipe = load_pipeline(source)
     world = shapes.World()

@@ -8,7 +8,10 @@ forward pass) is subtracted from its parent, so the parts add up to the step.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import os
+import platform
 import sys
 import threading
 import time
@@ -16,6 +19,7 @@ from collections import defaultdict
 from contextlib import contextmanager, nullcontext
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 # Dense bf16/fp16 tensor-core peak (TFLOP/s) by device-name substring; fp32 peaks where the
 # device has no faster path. Sources: vendor data sheets (SXM parts).
@@ -84,7 +88,6 @@ OFF = Phases(enabled=False)
 def model_flops(fn, *args, **kwargs) -> int:
     """FLOPs of ``fn(*args, **kwargs)`` (forward and whatever backward it runs), counted by
     ``torch.utils.flop_counter.FlopCounterMode`` (matmuls and convolutions)."""
-    from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
     with counter:
@@ -92,10 +95,11 @@ def model_flops(fn, *args, **kwargs) -> int:
     return int(counter.get_total_flops())
 
 
-def unet_train_flops(unet, latent_shape: tuple[int, ...], cond_shape: tuple[int, ...], device, dtype=torch.float32,
-                     **unet_kwargs) -> int:
-    """FLOPs of one UNet forward + backward on a batch of ``latent_shape`` (B, C, h, w) with token
+def denoiser_train_flops(net, forward, latent_shape: tuple[int, ...], cond_shape: tuple[int, ...], device,
+                         dtype=torch.float32) -> int:
+    """FLOPs of one denoiser forward + backward on a batch of ``latent_shape`` (B, C, h, w) with token
     states ``cond_shape`` (B, L, D): the model FLOPs of a training step (weights untouched).
+    ``forward(x_t, t, states)`` calls the backbone ``net`` through its denoiser adapter.
     Counted on one sample and scaled (FLOPs are linear in the batch; one sample keeps the extra
     pass's memory small), without gradient checkpointing's recomputed forward."""
     batch = latent_shape[0]
@@ -104,12 +108,12 @@ def unet_train_flops(unet, latent_shape: tuple[int, ...], cond_shape: tuple[int,
     x = torch.randn(latent_shape, generator=g).to(device, dtype)
     c = torch.randn(cond_shape, generator=g).to(device, dtype)
     t = torch.randint(0, 1000, (1,), generator=g).to(device)
-    checkpointing = getattr(unet, "is_gradient_checkpointing", False)
+    checkpointing = getattr(net, "is_gradient_checkpointing", False)
     if checkpointing:
-        unet.disable_gradient_checkpointing()
+        net.disable_gradient_checkpointing()
 
     def step():
-        out = unet(x, t, encoder_hidden_states=c, **unet_kwargs).sample
+        out = forward(x, t, c)
         out.float().pow(2).mean().backward()
 
     # the global RNG (LoRA dropout draws from it) is left as it was, so a resumed run stays exact
@@ -118,9 +122,9 @@ def unet_train_flops(unet, latent_shape: tuple[int, ...], cond_shape: tuple[int,
         with torch.random.fork_rng(devices=devices):
             flops = model_flops(step)
     finally:
-        unet.zero_grad(set_to_none=True)
+        net.zero_grad(set_to_none=True)
         if checkpointing:
-            unet.enable_gradient_checkpointing()
+            net.enable_gradient_checkpointing()
     return flops * batch
 
 
@@ -145,7 +149,6 @@ def device_name() -> str:
     the same recipe ran 2.6x faster on an AVX-512/AMX host than on an AVX2 one)."""
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
-    import platform
 
     model, flags = "", set()
     try:
@@ -182,7 +185,6 @@ _host_allocator_tuned = False
 
 def _glibc():
     """The process's C library when it is glibc and no other allocator is preloaded, else None."""
-    import ctypes
 
     if not sys.platform.startswith("linux"):
         return None  # macOS/Windows: another C library (ctypes.CDLL(None) is refused on Windows)
@@ -235,7 +237,6 @@ def host_allocator(mode: str) -> str:
 
 def release_host_memory() -> None:
     """Return free heap memory to the kernel (between benchmark rows, so each starts trimmed)."""
-    import gc
 
     gc.collect()
     libc = _glibc()

@@ -17,9 +17,14 @@ encoders) and non-CLIP text encoders are refused with a message.
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from safetensors.torch import save_file
+from transformers import CLIPTextModel
 
 UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
 OPENCLIP_PREFIX = "cond_stage_model.model."  # SD 2.x: the text tower in open_clip's own names
@@ -149,9 +154,7 @@ def vae_to_original(state: dict[str, torch.Tensor], config: dict) -> dict[str, t
 
 
 def _pipeline_parts(root: Path):
-    import json
 
-    from diffusers import AutoencoderKL, UNet2DConditionModel
 
     index = root / "model_index.json"
     if not index.exists():
@@ -164,7 +167,6 @@ def _pipeline_parts(root: Path):
         raise SingleFileError(f"its text encoder is {te_class}, and the SD 1.x layout holds a CLIP text encoder")
     unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet")
     vae = AutoencoderKL.from_pretrained(root, subfolder="vae")
-    from transformers import CLIPTextModel
 
     te, info = CLIPTextModel.from_pretrained(root, subfolder="text_encoder", output_loading_info=True)
     if info.get("missing_keys"):
@@ -182,7 +184,6 @@ def check_models(unet, vae, text_encoder) -> None:
 def models_state(unet, vae, text_encoder) -> dict[str, torch.Tensor]:
     """The original-layout state dict of in-memory SD 1.x / 2.x-class models (the tensors
     themselves, renamed; q/k/v fused for an SD 2.x text tower)."""
-    from transformers import CLIPTextModel
 
     unet_config = unet.config
     if not isinstance(text_encoder, CLIPTextModel):
@@ -276,7 +277,6 @@ def sd15_differences(pipeline_dir: str | Path) -> list[str]:
     2.x one for an SD 2.x-class pipeline (empty: it loads there as it is); such a file still loads
     in diffusers with ``from_single_file(config=the pipeline dir)``, which reads the models' and
     scheduler's configs from that dir."""
-    import json
 
     root = Path(pipeline_dir)
     unet_cfg = root / "unet" / "config.json"
@@ -309,9 +309,7 @@ def not_sd15_note(differences: list[str], pipeline_dir) -> str:
 def save(state: dict[str, torch.Tensor], out: str | Path, dtype: torch.dtype = torch.float32) -> Path:
     """``state`` as one ``.safetensors`` checkpoint at ``out`` (atomically), every floating-point
     weight in ``dtype``."""
-    import os
 
-    from safetensors.torch import save_file
 
     state = {k: v.to(dtype).contiguous() if v.is_floating_point() else v.contiguous() for k, v in state.items()}
     out = Path(out)

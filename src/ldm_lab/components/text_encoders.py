@@ -8,19 +8,20 @@ cross-attends to plus a pooled vector.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from open_clip.tokenizer import SimpleTokenizer
 from torch import nn
+from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
 
 from ..recipe.schema import TextEncoderSpec
+from .record import Conditioning
 
 
 def write_clip_bpe_vocab(out_dir: str | Path, model_max_length: int = 77) -> Path:
     """Write the real CLIP BPE vocabulary (shipped inside open_clip_torch) as a transformers
     CLIPTokenizer dir: vocab.json, merges.txt and tokenizer_config.json. Works offline."""
-    from open_clip.tokenizer import SimpleTokenizer
 
     sp = SimpleTokenizer()
     out = Path(out_dir)
@@ -33,7 +34,6 @@ def write_clip_bpe_vocab(out_dir: str | Path, model_max_length: int = 77) -> Pat
         f.write("#version: 0.2\n")
         for (a, b), _ in merges:
             f.write(f"{a} {b}\n")
-    from transformers import CLIPTokenizer
 
     tok = CLIPTokenizer(str(out / "vocab.json"), str(out / "merges.txt"), model_max_length=model_max_length,
                         pad_token="<|endoftext|>")
@@ -41,14 +41,10 @@ def write_clip_bpe_vocab(out_dir: str | Path, model_max_length: int = 77) -> Pat
     return out
 
 
-@dataclass
-class Encoded:
-    hidden_states: torch.Tensor  # (B, L, D): what cross-attention reads
-    pooled: torch.Tensor  # (B, D')
-
-
 class TextEncoder(nn.Module):
-    """Prompts -> token states. ``kind`` is clip, t5 or openclip."""
+    """Prompts -> a conditioning record (token states, mask, pooled vector). ``kind`` is clip, t5
+    or openclip. T5 runs with its attention mask (padding is not attended to) and the record
+    carries it; CLIP and OpenCLIP read the whole padded sequence, as Stable Diffusion does."""
 
     def __init__(self, kind: str, model: nn.Module, tokenizer, max_length: int):
         super().__init__()
@@ -71,21 +67,22 @@ class TextEncoder(nn.Module):
         return self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
                               return_tensors="pt").input_ids
 
-    def encode_ids(self, ids: torch.Tensor) -> Encoded:
+    def encode_ids(self, ids: torch.Tensor) -> Conditioning:
         ids = ids.to(self.device)
         if self.kind == "clip":
             out = self.model(ids)
-            return Encoded(out.last_hidden_state, out.pooler_output)
+            return Conditioning(out.last_hidden_state, None, out.pooler_output)
         if self.kind == "t5":
-            out = self.model(ids)
-            h = out.last_hidden_state
-            return Encoded(h, h.mean(1))
+            mask = ids != self.tokenizer.pad_token_id
+            h = self.model(ids, attention_mask=mask.long()).last_hidden_state
+            m = mask[..., None].to(h.dtype)
+            return Conditioning(h, mask, (h * m).sum(1) / m.sum(1).clamp(min=1))
         return self._encode_openclip(ids)
 
-    def forward(self, prompts: list[str]) -> Encoded:
+    def forward(self, prompts: list[str]) -> Conditioning:
         return self.encode_ids(self.tokenize(prompts))
 
-    def _encode_openclip(self, ids: torch.Tensor) -> Encoded:
+    def _encode_openclip(self, ids: torch.Tensor) -> Conditioning:
         # Penultimate layer states, as Stable Diffusion 2.x conditions on them.
         m = self.model
         x = m.token_embedding(ids) + m.positional_embedding[: ids.shape[1]]
@@ -100,7 +97,7 @@ class TextEncoder(nn.Module):
             x = x.permute(1, 0, 2)
         h = m.ln_final(x)
         pooled = h[torch.arange(h.shape[0]), ids.argmax(dim=-1)]
-        return Encoded(h, pooled)
+        return Conditioning(h, None, pooled)
 
 
 def _load_openclip(spec: TextEncoderSpec):
@@ -136,13 +133,14 @@ def load_text_encoder(spec: TextEncoderSpec) -> TextEncoder:
         model, tokenizer, ctx = _load_openclip(spec)
         enc = TextEncoder("openclip", model, tokenizer, spec.max_length or ctx)
     else:
-        from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
         model_cls, cfg_cls = (CLIPTextModel, CLIPTextConfig) if spec.kind == "clip" else (T5EncoderModel, T5Config)
         if spec.config is not None:
             model = model_cls(cfg_cls(**spec.config))
         else:
             model = model_cls.from_pretrained(spec.pretrained, **sub, **rev)
+        if spec.kind == "t5":  # a stock pipeline holding this encoder passes the mask too, as training does
+            model.config.use_attention_mask = True
         tok_ref = spec.tokenizer or spec.pretrained
         tok_sub = {} if spec.tokenizer else ({"subfolder": "tokenizer"} if spec.subfolder == "text_encoder" else sub)
         if tok_ref is None:

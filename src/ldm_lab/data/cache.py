@@ -5,7 +5,9 @@ Layout of a cache dir (``ldm-lab cache RECIPE`` writes one; training finds or bu
     manifest.json                 what the contents depend on (see ``cache_inputs``) + the parts
     part-R-of-W/latents.json      per row: source row, latent shape, offset, caption variants
     part-R-of-W/mean.bin std.bin  float32, the autoencoder posterior's mean and std, row after row
-    part-R-of-W/embeddings.safetensors + captions.json   the part's distinct caption strings, encoded
+    part-R-of-W/embeddings.safetensors + captions.json   the part's distinct caption strings, encoded:
+                                  the conditioning record (token states, pooled vector, and the
+                                  attention mask of encoders that use one)
 
 Process R of W encodes rows [R*N/W, (R+1)*N/W) into its own part; process 0 writes the manifest
 when all parts are there and renames the build dir into place, so a half-built cache is never
@@ -26,21 +28,27 @@ trainer picks one per row and step.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import datasets
 import numpy as np
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
+from ..components.record import Conditioning
 from ..errors import UserError
+from .bucket_transforms import bucket_transform
 from .captions import caption_variants
 from .checks import to_rgb
+from .transforms import image_transform
 
-FORMAT = 2
+FORMAT = 3  # 3: the whole conditioning record (pooled vector, mask) beside the token states
 
 
 def module_digest(module: torch.nn.Module) -> str:
@@ -102,22 +110,23 @@ def check_manifest(path: Path, inputs: dict) -> dict:
 
 class LatentCache(Dataset):
     """Rows of a cache dir: ``{"mean", "std", "variants", "variant_count"}`` per row, with
-    ``embeddings`` (U, L, D) and ``captions`` (U strings) that ``variants`` index into."""
+    ``conditioning`` (a record of U rows: states (U, L, D), pooled, mask) and ``captions``
+    (U strings) that ``variants`` index into."""
 
     def __init__(self, root: Path):
         self.root = Path(root)
         self.manifest = json.loads((self.root / "manifest.json").read_text())
         self.parts = [self.root / p for p in self.manifest["parts"]]
-        embs, self.captions, rows = [], [], []
+        records, self.captions, rows = [], [], []
         for k, part in enumerate(self.parts):
             meta = json.loads((part / "latents.json").read_text())
             base = len(self.captions)
             self.captions += json.loads((part / "captions.json").read_text())
-            e = load_file(part / "embeddings.safetensors")["embeddings"]
-            embs.append(e)
+            f = load_file(part / "embeddings.safetensors")
+            records.append(Conditioning(f["embeddings"], f.get("mask"), f.get("pooled")))
             for r in meta["rows"]:
                 rows.append((k, r["offset"], tuple(r["shape"]), r["row"], [base + v for v in r["variants"]]))
-        self.embeddings = torch.cat(embs) if embs else torch.empty(0)
+        self.conditioning = Conditioning.cat(records) if records else Conditioning(torch.empty(0))
         self.rows = rows
         self._source_rows = [r[3] for r in rows]
         self.vmax = max((len(r[4]) for r in rows), default=1)
@@ -161,14 +170,12 @@ class LatentCache(Dataset):
 def _encode_part(rows, lo: int, hi: int, vae, conditioner, data, inputs: dict, image_column: str,
                  caption_column: str, out: Path, batch_size: int, bucket_of: Callable | None) -> dict:
     """Encode rows [lo, hi) into the part dir ``out`` (written to a temp dir, renamed at the end)."""
-    from .transforms import image_transform
 
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     device = next(vae.parameters()).device
     center = image_transform(data.resolution, center_crop=True, random_flip=False)
-    import datasets
 
     # images decoded one by one inside the try below, so one unreadable file is skipped, not fatal
     plain = rows.cast_column(image_column, datasets.Image(decode=False)).with_format(None)
@@ -190,7 +197,6 @@ def _encode_part(rows, lo: int, hi: int, vae, conditioner, data, inputs: dict, i
                     if b is None:
                         skipped.append({"row": row, "reason": "too small for its bucket", "size": list(im.size)})
                         continue
-                    from .bucket_transforms import bucket_transform
 
                     groups.setdefault(tuple(b), []).append((row, bucket_transform(b)(im), cap))
                 except Exception as e:  # noqa: BLE001 - a bad image is skipped and counted, never fatal
@@ -211,9 +217,10 @@ def _encode_part(rows, lo: int, hi: int, vae, conditioner, data, inputs: dict, i
                 meta.append({"row": row, "shape": list(mean.shape), "offset": offset, "variants": variants})
                 offset += mean.numel()
     captions = list(strings)
-    embs = [conditioner.encode(captions[i:i + 256]).float().cpu() for i in range(0, len(captions), 256)]
-    emb = torch.cat(embs) if embs else torch.empty(0)
-    save_file({"embeddings": emb.contiguous()}, str(tmp / "embeddings.safetensors"))
+    records = [conditioner.encode(captions[i:i + 256]).to("cpu", torch.float32) for i in range(0, len(captions), 256)]
+    tensors = Conditioning.cat(records).tensors() if records else {"states": torch.empty(0)}
+    tensors["embeddings"] = tensors.pop("states")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "embeddings.safetensors"))
     (tmp / "captions.json").write_text(json.dumps(captions))
     (tmp / "latents.json").write_text(json.dumps({"inputs": inputs, "range": [lo, hi], "rows": meta,
                                                   "skipped": skipped}))
@@ -223,9 +230,7 @@ def _encode_part(rows, lo: int, hi: int, vae, conditioner, data, inputs: dict, i
 
 
 def _open_image(value):
-    import io
 
-    from PIL import Image
 
     if isinstance(value, dict):
         im = Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else Image.open(value["path"])

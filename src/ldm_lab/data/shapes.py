@@ -14,9 +14,11 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 from PIL import Image, ImageDraw
 
@@ -195,7 +197,6 @@ def render(s: Shape, resolution: int = 64, rng: random.Random | None = None, pat
 
 def edges(image: Image.Image) -> Image.Image:
     """Canny edge map (OpenCV) of an image, as a 3-channel image."""
-    import cv2
 
     gray = cv2.cvtColor(np.asarray(image.convert("RGB")), cv2.COLOR_RGB2GRAY)
     e = cv2.Canny(gray, 50, 150)
@@ -276,7 +277,6 @@ def prompts(world: World, n: int, seed: int = 0, heldout: bool = False) -> list[
 
 def parse_caption(text: str) -> Shape | None:
     """The attributes a shapes caption states (the inverse of ``Shape.caption``), or None."""
-    import re
 
     m = re.fullmatch(r"a (\w+) (\w+) (\w+) at the ([\w ]+?) on a (\w+) background", text.strip().lower())
     if not m:

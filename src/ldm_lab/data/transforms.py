@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torchvision.transforms import v2
+from torchvision.transforms.functional import to_pil_image
 
 
 def image_transform(resolution: int, center_crop: bool = True, random_flip: bool = False,
@@ -21,6 +22,5 @@ def image_transform(resolution: int, center_crop: bool = True, random_flip: bool
 
 def to_pil(x: torch.Tensor):
     """A [-1, 1] CHW tensor back to a PIL image."""
-    from torchvision.transforms.functional import to_pil_image
 
     return to_pil_image((x.detach().float().cpu().clamp(-1, 1) + 1) / 2)

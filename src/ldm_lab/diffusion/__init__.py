@@ -1,13 +1,31 @@
-"""Latent-diffusion training maths on top of diffusers' DDPMScheduler and training utilities."""
+"""Latent-diffusion training objectives on top of diffusers' schedulers and training utilities.
 
-from ldm_lab.diffusion.objective import diffusion_loss, min_snr_weights, sample_noise, sample_timesteps, target_for
-from ldm_lab.diffusion.schedule import BETA_SCHEDULES, PREDICTION_TYPES, make_noise_scheduler
+``OBJECTIVES`` is the one place an objective plugs in; ``make_objective(recipe.noise)`` builds the
+run's objective.
+"""
+
+from .ddpm import DDPMObjective, min_snr_weights, sample_noise, sample_timesteps, target_for
+from .objective import Draw, Objective, diffusion_loss
+from .schedule import BETA_SCHEDULES, PREDICTION_TYPES, make_noise_scheduler
+
+OBJECTIVES: dict[str, type[Objective]] = {DDPMObjective.name: DDPMObjective}
+
+
+def make_objective(noise) -> Objective:
+    """The objective a recipe's ``noise:`` section describes."""
+    return OBJECTIVES[noise.objective].from_spec(noise)
+
 
 __all__ = [
     "BETA_SCHEDULES",
+    "DDPMObjective",
+    "Draw",
+    "OBJECTIVES",
+    "Objective",
     "PREDICTION_TYPES",
     "diffusion_loss",
     "make_noise_scheduler",
+    "make_objective",
     "min_snr_weights",
     "sample_noise",
     "sample_timesteps",

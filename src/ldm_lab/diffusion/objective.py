@@ -1,52 +1,50 @@
-"""The training objective: targets, min-SNR weights, the loss, and the noise/timestep draws."""
+"""The objective seam: what a diffusion training step draws and how its loss is weighed.
+
+Every training step is: clean latents -> ``objective.draw`` -> (x_t, t, target, weight) ->
+``denoiser(x_t, t, conditioning)`` -> ``objective.loss``. An objective owns its noise process (the
+forward process, which timesteps or noise levels are drawn and how, what the network should
+predict, the per-sample weights) and names the diffusers scheduler whose config the samplers are
+built from (``scheduler``), so sampling matches training. DDPM is ``ddpm.DDPMObjective``; a new
+objective (flow matching, EDM) is a second subclass registered in ``diffusion.OBJECTIVES``, never a
+branch in the plugins.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-from diffusers import DDPMScheduler
-from diffusers.training_utils import compute_snr
-from diffusers.utils.torch_utils import randn_tensor
-
-from ldm_lab.diffusion.schedule import PREDICTION_TYPES
 
 
-def _prediction_type(scheduler: DDPMScheduler) -> str:
-    kind = scheduler.config.prediction_type
-    if kind not in PREDICTION_TYPES:
-        raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}; got {kind!r}.")
-    return kind
+@dataclass
+class Draw:
+    """One step's draw for a batch of clean latents."""
+
+    x_t: torch.Tensor  # the network's noisy input
+    t: torch.Tensor  # what the network is told about the noise level (timesteps or scaled sigmas)
+    target: torch.Tensor  # what the network should predict
+    weight: torch.Tensor | None = None  # per-sample loss weights (B,), None for 1
 
 
-def target_for(
-    scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
-) -> torch.Tensor:
-    """What the model should predict: the noise, the velocity (Salimans & Ho 2022) or the clean latents.
+class Objective:
+    """The interface every objective implements (see the module docstring)."""
 
-    ``noise`` is the *target* noise (see :func:`sample_noise`).
-    """
-    kind = _prediction_type(scheduler)
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return scheduler.get_velocity(latents, noise, timesteps)
-    return latents
+    name = ""
+    scheduler = None  # a diffusers scheduler: its config is what sampling builds samplers from
 
+    @classmethod
+    def from_spec(cls, noise) -> Objective:
+        """The objective a recipe's ``noise:`` section describes."""
+        raise NotImplementedError
 
-def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Per-sample Min-SNR-gamma loss weights (Hang et al. 2023), float32, shape of ``timesteps``.
+    def draw(self, x0: torch.Tensor, rng) -> Draw:
+        """Noisy input, network timestep, target and weight for ``x0`` (B, C, h, w), drawing every
+        random number from ``rng`` (the run's BatchRNG: the same for any process count)."""
+        raise NotImplementedError
 
-    epsilon: min(SNR, g)/SNR; v_prediction: min(SNR, g)/(SNR + 1); sample: min(SNR, g).
-    At SNR = 0 (t = T-1 under zero terminal SNR) the epsilon weight takes its limit 1 rather than
-    NaN; the v and sample weights are 0 there, as their formulas give.
-    """
-    if not gamma > 0:
-        raise ValueError(f"Min-SNR gamma must be positive, got {gamma!r}.")
-    kind = _prediction_type(scheduler)
-    snr = compute_snr(scheduler, timesteps)
-    if kind == "epsilon":
-        return torch.clamp(gamma / snr, max=1.0)  # == min(SNR, g)/SNR; g/0 = inf -> 1
-    clipped = torch.clamp(snr, max=gamma)
-    return clipped / (snr + 1) if kind == "v_prediction" else clipped
+    def loss(self, prediction: torch.Tensor, draw: Draw) -> torch.Tensor:
+        """Per-sample losses (B,): the weighted MSE to the target."""
+        return diffusion_loss(prediction, draw.target, draw.weight, reduction="none")
 
 
 def diffusion_loss(
@@ -68,48 +66,3 @@ def diffusion_loss(
     if weights is not None:
         per_sample = per_sample * weights.float().reshape(-1).to(per_sample.device)
     return per_sample.mean() if reduction == "mean" else per_sample
-
-
-def sample_noise(
-    latents: torch.Tensor,
-    generator: torch.Generator | None = None,
-    noise_offset: float = 0.0,
-    input_perturbation: float = 0.0,
-    rng=None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw the training noise; returns ``(noise_for_target, noise_for_input)``.
-
-    noise_for_target = eps + noise_offset * randn(B, C, 1, ...)  (offset noise, Crosslabs 2023)
-    noise_for_input  = noise_for_target + input_perturbation * randn_like(eps)  (Ning et al. 2023)
-
-    Pass ``noise_for_input`` to ``scheduler.add_noise`` and ``noise_for_target`` to
-    :func:`target_for`; they are the same tensor when ``input_perturbation == 0``.
-    Draw order from ``generator``: eps, then the offset (if any), then the perturbation (if any).
-    ``rng`` (a :class:`ldm_lab.trainers.randomness.BatchRNG`) replaces ``generator`` in training.
-    """
-
-    def randn(shape: tuple[int, ...]) -> torch.Tensor:
-        if rng is not None:
-            return rng.randn(shape, latents.dtype).to(latents.device)
-        return randn_tensor(shape, generator=generator, device=latents.device, dtype=latents.dtype)
-
-    noise = randn(tuple(latents.shape))
-    if noise_offset:
-        noise = noise + noise_offset * randn(tuple(latents.shape[:2]) + (1,) * (latents.ndim - 2))
-    noisy_input = noise + input_perturbation * randn(tuple(latents.shape)) if input_perturbation else noise
-    return noise, noisy_input
-
-
-def sample_timesteps(
-    batch_size: int,
-    num_train_timesteps: int,
-    device: torch.device | str | None = None,
-    generator: torch.Generator | None = None,
-    rng=None,
-) -> torch.Tensor:
-    """Uniform integer timesteps in [0, num_train_timesteps), int64, shape (batch_size,)."""
-    if rng is not None:
-        return rng.randint(num_train_timesteps, batch_size).to(device)
-    draw_device = generator.device if generator is not None else device
-    t = torch.randint(0, num_train_timesteps, (batch_size,), generator=generator, device=draw_device)
-    return t.to(device) if device is not None else t

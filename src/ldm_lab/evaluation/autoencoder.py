@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import torch
 
+from ..data import shapes
+from ..data.transforms import image_transform, to_pil
+from .shapes import score
+
 
 @torch.no_grad()
 def reconstruction_adherence(vae, resolution: int = 64, n: int = 256, seed: int = 777) -> dict:
     """The shapes evaluator on reconstructions (posterior mode) of ``n`` fresh shapes rows."""
-    from ..data import shapes
-    from ..data.transforms import image_transform, to_pil
-    from .shapes import score
 
     world = shapes.World(resolution=resolution)
     rows = [shapes.row(world, seed, i) for i in range(n)]

@@ -25,6 +25,8 @@ import numpy as np
 from PIL import Image
 
 from ..data import shapes as sw
+from ..data.control import canny
+from ..sampling import grid
 from . import shapes as ev
 
 
@@ -42,8 +44,6 @@ def control_image(kind: str, image: Image.Image, mask, canny_low: int = 100, can
     if kind == "mask":
         return Image.fromarray((mask * 255).astype(np.uint8)).convert("RGB")
     if kind == "canny":
-        from ..trainers.controlnet import canny
-
         return canny(image, canny_low, canny_high)
     return sw.edges(image)
 
@@ -85,7 +85,6 @@ def control_eval(with_control: Callable, without: Callable, control_for: Callabl
 
 
 def _save(out: Path, images: list[Image.Image], prompts: list[str], seeds: list[int], controls, ious) -> None:
-    from ..sampling import grid
 
     (out / "samples").mkdir(parents=True, exist_ok=True)
     rows = []

@@ -11,6 +11,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..data import shapes
+from ..sampling import grid
 from . import shapes as ev
 
 SampleFn = Callable[[list[str], list[int], str, int, float], list[Image.Image]]
@@ -34,7 +35,6 @@ def shapes_eval(sample: SampleFn, world: shapes.World, out: Path, n: int, heldou
         rows.append({"file_name": name, "text": s.caption(), **s.__dict__, "heldout": i >= len(seen), "seed": seeds[i]})
     (out / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (out / "world.json").write_text(json.dumps({"world": world.to_json()}))
-    from ..sampling import grid
 
     grid(images[:32], [s.caption() for s in targets[:32]]).save(out / "grid.png")
     result = ev.evaluate_dir(out, world)

@@ -15,12 +15,14 @@ fixed prompt sets on every (position, background) context, same seeds for every 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
 from PIL import Image
 
 from ..data import shapes as sw
+from ..sampling import grid
 from . import shapes as ev
 
 SampleFn = Callable[[list[str], list[int], str, int, float], list[Image.Image]]
@@ -84,7 +86,6 @@ def subject_eval(sample: SampleFn, identifier: str, subject: dict, instance_cont
 
 def _sample_to(sample: SampleFn, prompts: list[str], seeds: list[int], sampler: str, steps: int, guidance: float,
                out: Path) -> list[Image.Image]:
-    from ..sampling import grid
 
     images = sample(prompts, seeds, sampler, steps, guidance)
     (out / "samples").mkdir(parents=True, exist_ok=True)
@@ -101,7 +102,6 @@ def _sample_to(sample: SampleFn, prompts: list[str], seeds: list[int], sampler: 
 def instance_subject(rows: list[dict]) -> tuple[dict, set[tuple[str, str]]] | None:
     """The subject (most common shape, colour, size) and the (position, background) contexts of
     instance rows written by ``ldm-lab data shapes``; None when the rows carry no attributes."""
-    from collections import Counter
 
     if not rows or not all(k in rows[0] for k in ("shape", "color", "position", "background")):
         return None

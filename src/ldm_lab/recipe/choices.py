@@ -33,6 +33,10 @@ SAMPLERS: dict[str, SamplerEntry] = {
 SAMPLER_NAMES: tuple[str, ...] = tuple(SAMPLERS)
 SamplerName = Literal[SAMPLER_NAMES]  # type: ignore[valid-type]  # the schema's type for a sampler key
 
+# Training objectives (``noise.objective``): each name is one class in ``diffusion.OBJECTIVES``.
+OBJECTIVE_NAMES: tuple[str, ...] = ("ddpm",)
+ObjectiveName = Literal[OBJECTIVE_NAMES]  # type: ignore[valid-type]
+
 
 # Shapes-world palettes. The default world trains on the first entries; the extra entries (pink, heart,
 # sparkle) exist so fine-tuning demos can teach the base a concept it has never seen.

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .choices import COLORS, SHAPES, SamplerName
+from .choices import COLORS, SHAPES, ObjectiveName, SamplerName
 
 
 class Strict(BaseModel):
@@ -62,6 +62,7 @@ class ModelSpec(Strict):
 
 
 class NoiseSpec(Strict):
+    objective: ObjectiveName = "ddpm"  # the training objective (diffusion.OBJECTIVES); the keys below are DDPM's
     num_train_timesteps: int = Field(1000, ge=2)
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "scaled_linear"
     beta_start: float = Field(0.00085, gt=0, lt=1)

@@ -20,13 +20,15 @@ import json
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, default_collate
+from PIL import Image
 
 from ..components import load_autoencoder
 from ..data.checks import to_rgb
+from ..data.loader import make_loader
 from ..data.sources import load_rows
 from ..data.transforms import image_transform, to_pil
 from ..errors import UserError
+from ..evaluation.autoencoder import reconstruction_adherence
 from ..recipe.plugins import AutoencoderOptions
 from .base import TrainerPlugin
 from .registry import register
@@ -76,8 +78,7 @@ class AutoencoderTrainer(TrainerPlugin):
         return {"model": self.model}
 
     def train_dataloader(self):
-        return DataLoader(self.rows, batch_size=self.recipe.train.batch_size, shuffle=True, drop_last=True,
-                          collate_fn=default_collate, num_workers=self.recipe.data.num_workers)
+        return make_loader(self.rows, self.recipe.data, self.recipe.train.batch_size)
 
     def loss(self, batch):
         x = batch["pixel_values"]
@@ -104,7 +105,6 @@ class AutoencoderTrainer(TrainerPlugin):
         rec = vae.decode(vae.encode(x).latent_dist.mode()).sample
         vae.train()
         if self.accelerator.is_main_process:
-            from PIL import Image
 
             out = self.run_dir / "samples"
             out.mkdir(parents=True, exist_ok=True)
@@ -134,7 +134,6 @@ class AutoencoderTrainer(TrainerPlugin):
         vae.save_pretrained(out_dir / "autoencoder")
         self.metrics = {"scaling_factor": scale, "reconstruction_l1": sum(errs) / len(errs)}
         if self.recipe.data.source == "shapes":
-            from ..evaluation.autoencoder import reconstruction_adherence
 
             self.metrics["reconstruction_adherence"] = reconstruction_adherence(vae, self.recipe.data.resolution)
         (out_dir / "metrics.json").write_text(json.dumps(self.metrics, indent=2))

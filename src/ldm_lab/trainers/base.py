@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -9,9 +13,23 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+from .. import single_file
 from ..errors import UserError
 from ..perf import OFF
 from ..recipe.schema import Recipe
+
+
+@contextmanager
+def eval_mode(*modules: nn.Module) -> Iterator[None]:
+    """Modules in eval mode while inside (sampling during training), each back in the mode it had."""
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, was in zip(modules, modes):
+            m.train(was)
 
 
 class TrainerPlugin:
@@ -96,7 +114,6 @@ class TrainerPlugin:
         precision = self.recipe.output.single_file
         if precision is None:
             return
-        from .. import single_file
 
         state = single_file.models_state(pipe.unet, pipe.vae, pipe.text_encoder)
         out = single_file.save(state, pipeline_dir.with_suffix(".safetensors"), single_file.DTYPES[precision])
@@ -110,8 +127,6 @@ class TrainerPlugin:
         step (where the file departs from SD 1.5 for A1111 / ComfyUI is said when it is written)."""
         if self.recipe.output.single_file is None:
             return
-        from .. import single_file
-        from ..errors import UserError
 
         try:
             single_file.check_models(unet, vae, text_encoder_model)
@@ -121,7 +136,6 @@ class TrainerPlugin:
     def refuse_single_file(self, what: str, adapters: bool = False) -> None:
         """``output.single_file`` is for trainers that write a whole pipeline: refused up front elsewhere."""
         if self.recipe.output.single_file is not None:
-            from ..errors import UserError
 
             hint = (" (after training, ldm-lab export merge and then ldm-lab export single-file make one file of the "
                     "base with the adapters fused)") if adapters else ""
@@ -132,8 +146,6 @@ class TrainerPlugin:
         ``output.export_to`` (when set): copied next to the target first and swapped in, so an
         interrupted export leaves the old copy intact. A file goes into the ``export_to`` dir
         under its own name, or to ``export_to`` itself when that ends with the file's suffix."""
-        import os
-        import shutil
 
         if not self.recipe.output.export_to:
             return
@@ -158,3 +170,4 @@ class TrainerPlugin:
         """``ldm-lab cache``: the set-up that builds this trainer's latent cache (``self.cached``),
         written to ``out`` when given (else where runs of the recipe look it up), and no training."""
         raise UserError(f"the {self.name} trainer does not use cached latents.")
+

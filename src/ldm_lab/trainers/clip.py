@@ -16,10 +16,11 @@ import shutil
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, default_collate
+from transformers import CLIPConfig, CLIPModel, CLIPTextModel, CLIPTokenizer
 
 from ..components import write_clip_bpe_vocab
 from ..data.checks import to_rgb
+from ..data.loader import make_loader
 from ..data.sources import load_rows
 from ..data.transforms import image_transform
 from ..recipe.plugins import CLIPOptions
@@ -32,7 +33,6 @@ class ClipTrainer(TrainerPlugin):
     name = "clip"
 
     def setup(self) -> None:
-        from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
         self.refuse_single_file("a CLIP run writes a text encoder")
 
@@ -67,8 +67,7 @@ class ClipTrainer(TrainerPlugin):
         return {"clip": self.clip}
 
     def train_dataloader(self):
-        return DataLoader(self.rows, batch_size=self.recipe.train.batch_size, shuffle=True, drop_last=True,
-                          collate_fn=default_collate, num_workers=self.recipe.data.num_workers)
+        return make_loader(self.rows, self.recipe.data, self.recipe.train.batch_size)
 
     def loss(self, batch):
         out = self.clip(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], return_loss=True)
@@ -98,7 +97,6 @@ class ClipTrainer(TrainerPlugin):
 
     def save(self, out_dir: Path) -> None:
         clip = self.unwrap(self.clip)
-        from transformers import CLIPTextModel
 
         text = CLIPTextModel(clip.config.text_config)
         getattr(text, "text_model", text).load_state_dict(clip.text_model.state_dict())  # transformers 4 and 5 layouts

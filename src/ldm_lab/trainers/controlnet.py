@@ -23,25 +23,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import ControlNetModel
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from ..components.autoencoder import latent_factor
 from ..data.checks import to_rgb
-from ..diffusion import diffusion_loss
+from ..data.control import canny
+from ..data.loader import make_loader
 from ..errors import UserError
+from ..evaluation.control import control_eval, control_image, control_kind
 from ..recipe.plugins import ControlNetOptions
+from ..sampling import build_controlnet_pipeline, generate, grid
+from .base import eval_mode
 from .registry import register
 from .text_to_image import TextToImageTrainer
-
-
-def canny(image: Image.Image, low: int = 100, high: int = 200) -> Image.Image:
-    """OpenCV Canny edges of ``image`` as a 3-channel image."""
-    import cv2
-
-    gray = cv2.cvtColor(np.asarray(image.convert("RGB")), cv2.COLOR_RGB2GRAY)
-    return Image.fromarray(cv2.Canny(gray, low, high)).convert("RGB")
 
 
 def paired_transform(resolution: int, center_crop: bool = True, random_flip: bool = False) -> v2.Compose:
@@ -86,7 +83,6 @@ class ControlNetTrainer(TextToImageTrainer):
     name = "controlnet"
 
     def setup(self) -> None:
-        from diffusers import ControlNetModel
 
         self.opts = o = ControlNetOptions.model_validate(self.recipe.plugin)
         self.refuse_single_file("a ControlNet run writes a ControlNet, which loads beside a base")
@@ -136,7 +132,7 @@ class ControlNetTrainer(TextToImageTrainer):
             self.prepare_rows(rows, d.image_column, d.caption_column)
         else:
             self.cached = None
-        self.raw_rows = rows
+        self.control_rows = rows
         self.tf = paired_transform(d.resolution, d.center_crop or d.cache_latents, d.random_flip and not d.cache_latents)
 
     def control_of(self, row: dict, image: Image.Image) -> Image.Image:
@@ -154,27 +150,21 @@ class ControlNetTrainer(TextToImageTrainer):
 
     def train_dataloader(self):
         d, t = self.recipe.data, self.recipe.train
-        rows = self.raw_rows
+        rows = self.control_rows
         if self.cached is not None and self.opts.preprocessor is None:
             rows = rows.select_columns([self.cond_col])  # latents are cached: decode only the control image
         ds = ControlRows(rows, self.control_of, self.tf, self.cached, self.text_encoder.tokenize,
                          d.image_column, d.caption_column)
-        return DataLoader(ds, batch_size=t.batch_size, shuffle=True, drop_last=True, collate_fn=default_collate,
-                          num_workers=d.num_workers, persistent_workers=d.num_workers > 0)
+        return make_loader(ds, d, t.batch_size)
 
-    def residuals(self, noisy, t, cond, control):
-        down, mid = self.controlnet(noisy, t, encoder_hidden_states=cond, controlnet_cond=control, return_dict=False)
-        return list(down), mid
+    def condition(self, batch, cond):
+        """The loss-path hook: prompt dropout (the paper's 50%), the empty prompt's record."""
+        return self.conditioner.drop(cond, self.opts.prompt_dropout, rng=self.rng)
 
-    def loss(self, batch):
-        z, cond = self.latents_and_condition(batch)
-        cond = self.conditioner.drop(cond, self.opts.prompt_dropout, rng=self.rng)
-        noisy, t, target, weights = self.diffusion_terms(z)
-        control = batch["control"].to(noisy.device, noisy.dtype)
-        down, mid = self.residuals(noisy, t, cond, control)
-        pred = self.unet(noisy, t, encoder_hidden_states=cond, down_block_additional_residuals=down,
-                         mid_block_additional_residual=mid).sample
-        return diffusion_loss(pred, target, weights), {}
+    def residuals(self, batch, draw, cond):
+        """The loss-path hook: the ControlNet's residuals for the frozen UNet."""
+        control = batch["control"].to(draw.x_t.device, draw.x_t.dtype)
+        return self.denoiser.control_residuals(self.controlnet, draw.x_t, draw.t, cond, control)
 
     def ema_module(self):
         return self.controlnet
@@ -184,33 +174,23 @@ class ControlNetTrainer(TextToImageTrainer):
 
     # -- sampling, artifact, evaluation --------------------------------------------------
     def control_pipeline(self, sampler: str):
-        from ..sampling import build_controlnet_pipeline
-
         te = self.text_encoder
         te.tokenizer.model_max_length = te.max_length
         return build_controlnet_pipeline(self.vae, te.model, te.tokenizer, self.unet, self.unwrap(self.controlnet),
-                                         self.noise_scheduler, sampler)
+                                         self.objective.scheduler, sampler)
 
     def sample_control(self, prompts, controls, seeds, sampler, steps, guidance, guess_mode: bool = False):
-        from ..sampling import generate
-
-        net = self.unwrap(self.controlnet)
-        was = net.training
-        net.eval()
-        images = generate(self.control_pipeline(sampler), prompts, seeds, steps, guidance,
-                          prompt_embeds=self.conditioner.encode(prompts), negative_embeds=self.conditioner.null(),
-                          control=controls, guess_mode=guess_mode)
-        net.train(was)
-        return images
+        with eval_mode(self.unwrap(self.controlnet)):
+            return generate(self.control_pipeline(sampler), prompts, seeds, steps, guidance,
+                            prompt_embeds=self.conditioner.encode(prompts).states,
+                            negative_embeds=self.conditioner.null().states, control=controls, guess_mode=guess_mode)
 
     def validate(self, step: int) -> dict[str, float]:
         v = self.recipe.validation
         if not v.every or not self.accelerator.is_main_process:
             return {}
-        from ..sampling import grid
-
-        n = min(self.opts.validation_n, len(self.raw_rows))
-        rows = [self.raw_rows[i] for i in range(n)]
+        n = min(self.opts.validation_n, len(self.control_rows))
+        rows = [self.control_rows[i] for i in range(n)]
         prompts = [r[self.recipe.data.caption_column] or "" for r in rows]
         controls = [self._eval_control(r) for r in rows]
         seeds = [v.seed + i for i in range(n)]
@@ -245,7 +225,6 @@ class ControlNetTrainer(TextToImageTrainer):
         e = self.recipe.eval
         if not e.shapes or not self.accelerator.is_main_process:
             return {}
-        from ..evaluation.control import control_eval, control_image, control_kind
 
         kind = control_kind(self.opts)
         if kind is None:

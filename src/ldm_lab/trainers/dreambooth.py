@@ -33,11 +33,14 @@ import hashlib
 import json
 from pathlib import Path
 
+import datasets
 import torch
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import Dataset, default_collate
 
 from ..data import cache as latent_cache
+from ..data.loader import make_loader
 from ..errors import UserError
+from ..evaluation.subject import instance_subject, subject_eval
 from ..identifiers import choose_identifier
 from ..recipe.plugins import DreamBoothOptions
 from .lora import LoRATrainer
@@ -258,7 +261,6 @@ class DreamBoothTrainer(LoRATrainer):
             self.base_eval = self._subject_eval(self.run_dir / "eval-base") if acc.is_main_process else None
 
         self.recipe.validation.prompts = [p.replace("{id}", self.identifier) for p in self.recipe.validation.prompts]
-        import datasets
 
         paths = [r["image"] for r in inst] + [p for p, _ in cls]
         texts = captions + [c for _, c in cls]
@@ -299,20 +301,14 @@ class DreamBoothTrainer(LoRATrainer):
         base = self.cached if self.cached is not None else self.rows
         t, d = self.recipe.train, self.recipe.data
         ds = PairedRows(base, self.n_instance, self.n_class, t.batch_size * self.accelerator.num_processes)
-        return DataLoader(ds, batch_size=t.batch_size, shuffle=True, drop_last=True, collate_fn=collate_paired,
-                          num_workers=d.num_workers, persistent_workers=d.num_workers > 0)
+        return make_loader(ds, d, t.batch_size, collate_paired)
 
-    def loss(self, batch):
-        from ..diffusion import diffusion_loss
-
-        z, cond = self.latents_and_condition(batch)
-        noisy, t, target, weights = self.diffusion_terms(z)
-        pred = self.unet(noisy, t, encoder_hidden_states=cond).sample
-        per = diffusion_loss(pred, target, weights, reduction="none")
-        prior = batch["prior"].to(per.device)
+    def reduce(self, per_sample, batch):
+        """The loss-path hook: mean instance loss + ``prior_loss_weight`` x mean prior loss."""
+        prior = batch["prior"].to(per_sample.device)
         if not prior.any():
-            return per.mean(), {}
-        inst, pl = per[~prior].mean(), per[prior].mean()
+            return per_sample.mean(), {}
+        inst, pl = per_sample[~prior].mean(), per_sample[prior].mean()
         return inst + self.opts.prior_loss_weight * pl, {"instance_loss": inst.detach(), "prior_loss": pl.detach()}
 
     def checkpoint_hooks(self):
@@ -339,7 +335,6 @@ class DreamBoothTrainer(LoRATrainer):
     def _subject_eval(self, out: Path) -> dict | None:
         """Subject fidelity, prompt control and class drift in the shapes world (``eval.shapes``
         with ``plugin.eval_subject_prompt`` / ``eval_class_prompt`` and shapes instance data)."""
-        from ..evaluation.subject import instance_subject, subject_eval
 
         o, e = self.opts, self.recipe.eval
         subj = instance_subject(self.instance)

@@ -17,21 +17,26 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import diffusers
 import torch
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
 from ..lora_io import add_metadata
 from ..recipe.plugins import LoRAOptions
+from ..sampling import generate
+from .base import eval_mode
 from .registry import register
-from .text_to_image import TextToImageTrainer
+from .text_to_image import TextToImageTrainer, evaluate_shapes
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 CKPT_NAME = "lora_adapters.safetensors"
 
 
 def lora_config(rank: int, alpha: float | None, targets: list[str], dropout: float, init: str, dora: bool):
-    from peft import LoraConfig
 
     return LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, target_modules=targets,
                       lora_dropout=dropout, init_lora_weights=True if init == "default" else init,
@@ -39,7 +44,6 @@ def lora_config(rank: int, alpha: float | None, targets: list[str], dropout: flo
 
 
 def _adapter_state(module) -> dict[str, torch.Tensor]:
-    from peft.utils import get_peft_model_state_dict
 
     return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(module).items()}
 
@@ -121,24 +125,17 @@ class LoRATrainer(TextToImageTrainer):
             ids = torch.where(drop[:, None].to(ids.device), self.null_ids.to(ids.device), ids)
         self.text_encoder.model = self.te_model  # the prepared (possibly wrapped) module
         with self.prof.phase("text_encoder"):
-            cond = self.text_encoder.encode_ids(ids).hidden_states
+            cond = self.text_encoder.encode_ids(ids)
         return z, cond
 
     def sample(self, prompts, seeds, sampler, steps, guidance):
         if self.te_model is None:
             return super().sample(prompts, seeds, sampler, steps, guidance)
-        from ..sampling import generate
-
         unet, te = self.unwrap(self.unet), self.unwrap(self.te_model)
-        modes = unet.training, te.training
-        unet.eval()
-        te.eval()
-        pipe = self.pipeline(sampler)
-        pipe.text_encoder = te
-        images = generate(pipe, prompts, seeds, steps, guidance)  # the pipeline encodes through the adapters
-        unet.train(modes[0])
-        te.train(modes[1])
-        return images
+        with eval_mode(unet, te):
+            pipe = self.pipeline(sampler)
+            pipe.text_encoder = te
+            return generate(pipe, prompts, seeds, steps, guidance)  # the pipeline encodes through the adapters
 
     # -- checkpoints: adapters only ------------------------------------------------------
     def checkpoint_hooks(self):
@@ -165,7 +162,6 @@ class LoRATrainer(TextToImageTrainer):
                 save_file(state, str(Path(output_dir) / CKPT_NAME))
 
         def load_hook(models, input_dir):
-            from peft.utils import set_peft_model_state_dict
 
             state = load_file(str(Path(input_dir) / CKPT_NAME))
             for i in reversed(range(len(models))):
@@ -182,8 +178,6 @@ class LoRATrainer(TextToImageTrainer):
 
     # -- artifact ------------------------------------------------------------------------
     def save(self, out_dir: Path) -> None:
-        from diffusers import StableDiffusionPipeline
-        from diffusers.utils import convert_state_dict_to_diffusers
 
         unet = self.unwrap(self.unet)
         layers, cfg = self.plain_lora(unet, "unet")
@@ -192,7 +186,8 @@ class LoRATrainer(TextToImageTrainer):
             layers, cfg = self.plain_lora(self.unwrap(self.te_model), "text_encoder")
             kw.update(text_encoder_lora_layers=convert_state_dict_to_diffusers(layers),
                       text_encoder_lora_adapter_metadata=cfg)
-        StableDiffusionPipeline.save_lora_weights(out_dir, safe_serialization=True, **kw)
+        # the stock pipeline of the backbone's family writes the file its load_lora_weights reads
+        getattr(diffusers, self.denoiser.pipeline_class).save_lora_weights(out_dir, safe_serialization=True, **kw)
         add_metadata(out_dir / WEIGHT_NAME, self.lora_metadata())
         self.export(out_dir / WEIGHT_NAME)
 
@@ -237,14 +232,12 @@ class LoRATrainer(TextToImageTrainer):
         e = self.recipe.eval
         if not e.shapes or not self.accelerator.is_main_process:
             return {}
-        from .text_to_image import evaluate_shapes
 
         after = evaluate_shapes(self, self.run_dir / "eval", e)
         mods = {"unet": self.unwrap(self.unet)}
         if self.te_model is not None:
             mods["text_encoder"] = self.unwrap(self.te_model)
         if self.initial_adapters:  # PiSSA / OLoRA: the base is W_res + the initial adapters, not W_res
-            from peft.utils import set_peft_model_state_dict
 
             trained = {n: {k: v.clone() for k, v in _adapter_state(m).items()} for n, m in mods.items()}
             for n, m in mods.items():

@@ -1,0 +1,258 @@
+"""The data side of the latent text-to-image plugins: rows from the recipe's source, checked
+(unusable rows skipped and reported), cached as latents + conditioning records or decoded on the
+fly, cut into aspect-ratio buckets, and batched by the one loader builder. A batch holds either
+cached posteriors + caption indices (``data.cache_latents``, the default) or images + token ids;
+the caption variant a row uses this step is picked here, from the run's BatchRNG.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import datasets
+import torch
+from torch.utils.data import Dataset
+
+from ..data import cache as latent_cache
+from ..data.bucket_report import bucket_report, format_report
+from ..data.bucket_sampler import BucketBatchSampler
+from ..data.bucket_transforms import bucket_transform
+from ..data.buckets import assign, make_buckets, parse_buckets
+from ..data.captions import caption_variants
+from ..data.checks import check_rows, to_rgb
+from ..data.loader import make_loader
+from ..data.sizes import image_sizes
+from ..data.skip_report import summary
+from ..data.sources import load_rows
+from ..data.stream_checks import safe_rows
+from ..data.transforms import image_transform
+from ..errors import UserError
+from .base import TrainerPlugin
+
+
+class TextImageData(TrainerPlugin):
+    """Rows, cache, buckets and batches of a text-to-image plugin (the models it encodes with,
+    ``self.vae`` / ``self.conditioner`` / ``self.text_encoder`` / ``self.unet``, are built by the
+    plugin before ``build_data``)."""
+
+    stream = None  # this process's share of a streamed dataset (data.streaming)
+    buckets = None  # aspect-ratio buckets (data.buckets.enabled)
+
+    # -- data --------------------------------------------------------------------------
+    def build_data(self, cache_out: Path | None = None) -> None:
+        d = self.recipe.data
+        rows = self.load_checked_rows()
+        if self.stream is not None:
+            return
+        self.prepare_rows(rows, d.image_column, d.caption_column, cache_out=cache_out)
+
+    def load_checked_rows(self):
+        """The recipe's rows (this process's share when streaming), with unusable rows (corrupt or
+        too small images, empty captions, duplicates) skipped and reported in RUN/data_report.json.
+        A stream is checked lazily (``self.stream_skips`` counts) and its loader set up here."""
+        d, acc = self.recipe.data, self.accelerator
+        with acc.main_process_first():
+            rows = load_rows(d, acc.process_index, acc.num_processes, seed=self.recipe.seed)
+        self.stream = None
+        if d.streaming:
+            if d.buckets.enabled:
+                raise UserError("aspect-ratio buckets need the image sizes up front, which a stream does not give; "
+                                  "set data.buckets.enabled=false or data.streaming=false.")
+            if d.check_rows:
+                rows, self.stream_skips = safe_rows(rows, d.image_column, d.caption_column, d.min_image_size,
+                                                    d.skip_empty_captions)
+            self.stream = rows
+            return rows
+        if d.check_rows and d.source != "shapes":
+            with acc.main_process_first():
+                big = len(rows) > 20000  # datasets' map in several processes (cached on disk for the other ranks)
+                rows, report = check_rows(rows, d.image_column, d.caption_column, d.min_image_size,
+                                          d.skip_empty_captions, d.drop_duplicates,
+                                          num_proc=min(8, os.cpu_count() or 1) if big else None)
+            if acc.is_main_process:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                (self.run_dir / "data_report.json").write_text(json.dumps(report, indent=1))
+                acc.print(summary(report))
+        return rows
+
+    def prepare_rows(self, rows, image_column: str, caption_column: str, fingerprint: str | None = None,
+                     cache_out: Path | None = None) -> None:
+        """``rows`` -> ``self.cached`` (latents and caption embeddings, encoded once, split across
+        processes) when ``data.cache_latents``, else ``self.rows`` with a transform that decodes and
+        tokenizes. With ``data.buckets.enabled`` each row is cropped to its aspect-ratio bucket."""
+        d = self.recipe.data
+        self.rows, self.cached, self.bucket_of_row = rows, None, None
+        self.buckets = self.bucket_list() if d.buckets.enabled else None
+        dropped: dict[str, list] = {}
+        if d.cache_latents:
+            bucket_of = (lambda hw: (lambda i: None if i is None else self.buckets[i])(
+                assign(hw, self.buckets, d.buckets.max_upscale))) if self.buckets else None
+            self.cached = latent_cache.build_or_load(
+                rows, self.vae, self.conditioner, d, image_column, caption_column, self.accelerator,
+                fingerprint=fingerprint, buckets=self.buckets, bucket_of=bucket_of, log=self.accelerator.print,
+                out=cache_out)
+            self.cached_conditioning = self.cached.conditioning.to(self.accelerator.device)
+            if self.buckets:
+                index = {tuple(b): i for i, b in enumerate(self.buckets)}
+                f = self.vae_factor
+                self.bucket_of_row = [index[(s[1] * f, s[2] * f)] for s in self.cached.shapes]
+                small = self.cached.manifest.get("too_small_rows", [])
+                n_small = self.cached.manifest.get("skipped_reasons", {}).get("too small for its bucket", len(small))
+                dropped = {"too small for its bucket": [f"row {x['row']} ({x['size'][0]}x{x['size'][1]})" for x in small]}
+                dropped["too small for its bucket"] += [""] * (n_small - len(small))  # counted beyond the listed ones
+        else:
+            self.rows = self.raw_rows(rows, image_column, caption_column)
+        if self.buckets:
+            self.write_bucket_report(dropped)
+
+    @property
+    def vae_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def bucket_list(self) -> list[tuple[int, int]]:
+        """The recipe's aspect-ratio buckets (pixels): sides a multiple of one latent cell of the
+        UNet's deepest level unless ``data.buckets.step`` says otherwise."""
+        b, d = self.recipe.data.buckets, self.recipe.data
+        step = b.step or self.vae_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        if step % self.vae_factor:
+            raise UserError(f"data.buckets.step is {step}, which is not a multiple of the autoencoder's downsampling "
+                              f"factor {self.vae_factor}; choose a multiple of it.")
+        if b.sizes:
+            try:
+                return parse_buckets(b.sizes, step)
+            except ValueError as e:
+                raise UserError(f"data.buckets.sizes: {e}") from None
+        budget = b.pixel_budget or d.resolution ** 2
+        if budget < step * step:
+            raise UserError(f"data.buckets.pixel_budget {budget} is smaller than one {step}x{step} bucket; raise it.")
+        return make_buckets(budget, step, b.max_aspect)
+
+    def raw_rows(self, rows, image_column: str, caption_column: str):
+        """On-the-fly rows: decoded, cropped (centre/random, or to the row's bucket), flipped, and
+        every caption variant tokenized (one is picked per step, as in the cached path)."""
+        d = self.recipe.data
+        te = self.text_encoder
+        caps = d.captions
+        vmax = max((len(caption_variants(c, caps)) for c in rows.with_format(None)[caption_column]), default=1) \
+            if (caps.shuffle_tags and caps.variants > 1) or _has_lists(rows, caption_column) else 1
+
+        def tokens(captions) -> dict:
+            if vmax == 1:
+                return {"input_ids": list(te.tokenize([caption_variants(c, caps)[0] for c in captions]))}
+            out, counts = [], []
+            for c in captions:
+                v = caption_variants(c, caps)
+                ids = te.tokenize(v + [v[0]] * (vmax - len(v)))
+                out.append(ids)
+                counts.append(torch.tensor(len(v)))
+            return {"variant_ids": out, "variant_count": counts}
+
+        if not self.buckets:
+            tf = image_transform(d.resolution, d.center_crop, d.random_flip)
+
+            def transform(b):
+                return {"pixel_values": [tf(to_rgb(im)) for im in b[image_column]], **tokens(b[caption_column])}
+
+            rows.set_transform(transform)
+            return rows
+
+        with self.accelerator.main_process_first():  # the other ranks read datasets' cached result
+            sizes = image_sizes(rows.with_format(None), image_column,
+                                num_proc=min(8, os.cpu_count() or 1) if len(rows) > 20000 else None)
+        self.bucket_of_row = [assign(hw, self.buckets, d.buckets.max_upscale) if hw else None for hw in sizes]
+        tfs = [bucket_transform(b, d.random_flip, d.center_crop) for b in self.buckets]
+        self._dropped_raw = [i for i, b in enumerate(self.bucket_of_row) if b is None]
+        return _BucketRows(rows, self.bucket_of_row, tfs, image_column, caption_column, tokens)
+
+    def end_of_training(self) -> None:
+        """Called on every process after the last step: a stream's skipped rows, per process."""
+        counter = getattr(self, "stream_skips", None)
+        if counter is None:
+            return
+
+        report = counter.report()
+        rank = self.accelerator.process_index
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / f"data_report-rank{rank}.json").write_text(json.dumps(report, indent=1))
+        print(f"[process {rank}] {summary(report)}", flush=True)
+
+    def stream_collate(self):
+        """Collate streamed rows (decoded PIL images + captions) into an on-the-fly batch."""
+        d = self.recipe.data
+        tf = image_transform(d.resolution, d.center_crop, d.random_flip)
+        te = self.text_encoder
+
+        def collate(rows: list[dict]) -> dict:
+            caps = [caption_variants(r[d.caption_column], d.captions) for r in rows]
+            vmax = max(len(v) for v in caps)
+            out = {"pixel_values": torch.stack([tf(to_rgb(r[d.image_column])) for r in rows])}
+            if vmax == 1:
+                out["input_ids"] = te.tokenize([v[0] for v in caps])
+            else:
+                out["variant_ids"] = torch.stack([te.tokenize(v + [v[0]] * (vmax - len(v))) for v in caps])
+                out["variant_count"] = torch.tensor([len(v) for v in caps])
+            return out
+
+        return collate
+
+    def write_bucket_report(self, dropped: dict) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        if self.cached is None:
+            dropped = {"too small for its bucket": [f"row {i}" for i in getattr(self, "_dropped_raw", [])]}
+        # batches are cut per process (accelerate deals them out: batch k to process k mod W)
+        report = bucket_report([b if b is not None else -1 for b in self.bucket_of_row], self.buckets,
+                               self.recipe.train.batch_size, dropped={k: v for k, v in dropped.items() if v})
+        report["processes"] = self.accelerator.num_processes
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "buckets.json").write_text(json.dumps(report, indent=1))
+        self.accelerator.print(format_report(report))
+
+    def train_dataloader(self):
+        d = self.recipe.data
+        if self.stream is not None:  # already this process's share: the loop does not shard it again
+            return make_loader(self.stream, d, self.recipe.train.batch_size, self.stream_collate())
+        ds = self.cached if self.cached is not None else self.rows
+        if self.buckets:
+            sampler = BucketBatchSampler(self.bucket_of_row, self.recipe.train.batch_size, seed=self.recipe.seed)
+            return make_loader(ds, d, self.recipe.train.batch_size, batch_sampler=sampler)
+        return make_loader(ds, d, self.recipe.train.batch_size)
+
+    def caption_choice(self, batch) -> torch.Tensor:
+        """Index (into the cache's captions) of the caption variant each cached row uses this step."""
+        v = batch["variants"]
+        if v.shape[1] == 1:
+            return v[:, 0]
+        k = (self.rng.rand(v.shape[0]).cpu() * batch["variant_count"].cpu()).long()
+        return v.cpu()[torch.arange(v.shape[0]), k]
+
+    def token_choice(self, batch) -> torch.Tensor:
+        """Token ids (B, L) of the caption variant each on-the-fly row uses this step."""
+        if "variant_ids" not in batch:
+            return batch["input_ids"]
+        v = batch["variant_ids"]
+        k = (self.rng.rand(v.shape[0]).cpu() * batch["variant_count"].cpu()).long()
+        return v[torch.arange(v.shape[0]), k.to(v.device)]
+
+
+class _BucketRows(Dataset):
+    """On-the-fly rows cropped to their aspect-ratio bucket (rows without one are never sampled)."""
+
+    def __init__(self, rows, bucket_of_row, transforms, image_column, caption_column, tokens):
+        self.rows, self.bucket_of_row, self.tfs = rows, bucket_of_row, transforms
+        self.icol, self.ccol, self.tokens = image_column, caption_column, tokens
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.rows[i]
+        tok = {k: v[0] for k, v in self.tokens([row[self.ccol]]).items()}
+        return {"pixel_values": self.tfs[self.bucket_of_row[i]](to_rgb(row[self.icol])), **tok}
+
+
+def _has_lists(rows, column: str) -> bool:
+    f = rows.features.get(column)
+    return isinstance(f, (datasets.Sequence, list)) or type(f).__name__ == "List"
