@@ -101,7 +101,7 @@ class TextEncoder(nn.Module):
 
 
 def _load_openclip(spec: TextEncoderSpec):
-    import open_clip
+    import open_clip  # here: only the openclip kind needs it, and it takes seconds to import
 
     if spec.config is not None:
         cfg = dict(spec.config)
