@@ -99,8 +99,6 @@ def bench_recipe(recipe: Recipe, steps: int, warmup: int, out: Path) -> Recipe:
 
 
 def run_training(recipe: Recipe, name: str, steps: int, warmup: int, out: Path, peak: float | None, log=print) -> dict:
-
-
     recipe = bench_recipe(recipe, steps, warmup, out / name)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     passes = [False, True] if device == "cuda" else [True]  # GPU: throughput unsynchronised, then the breakdown
@@ -202,7 +200,6 @@ def _row_child(conn, recipe_data: dict, name: str, steps: int, warmup: int, out:
 
 
 def _in_fresh_process(recipe: Recipe, name: str, steps: int, warmup: int, out: Path, peak: float | None) -> dict:
-
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
     p = ctx.Process(target=_row_child, args=(child, recipe.model_dump(mode="json"), name, steps, warmup, str(out), peak))

@@ -154,8 +154,6 @@ def vae_to_original(state: dict[str, torch.Tensor], config: dict) -> dict[str, t
 
 
 def _pipeline_parts(root: Path):
-
-
     index = root / "model_index.json"
     if not index.exists():
         raise SingleFileError(f"'{root}' is not a diffusers pipeline dir (no model_index.json)")
@@ -309,7 +307,6 @@ def not_sd15_note(differences: list[str], pipeline_dir) -> str:
 def save(state: dict[str, torch.Tensor], out: str | Path, dtype: torch.dtype = torch.float32) -> Path:
     """``state`` as one ``.safetensors`` checkpoint at ``out`` (atomically), every floating-point
     weight in ``dtype``."""
-
 
     state = {k: v.to(dtype).contiguous() if v.is_floating_point() else v.contiguous() for k, v in state.items()}
     out = Path(out)

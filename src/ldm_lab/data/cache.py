@@ -230,8 +230,6 @@ def _encode_part(rows, lo: int, hi: int, vae, conditioner, data, inputs: dict, i
 
 
 def _open_image(value):
-
-
     if isinstance(value, dict):
         im = Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else Image.open(value["path"])
     else:

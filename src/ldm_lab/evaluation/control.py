@@ -85,7 +85,6 @@ def control_eval(with_control: Callable, without: Callable, control_for: Callabl
 
 
 def _save(out: Path, images: list[Image.Image], prompts: list[str], seeds: list[int], controls, ious) -> None:
-
     (out / "samples").mkdir(parents=True, exist_ok=True)
     rows = []
     for i, (im, p, s, iou) in enumerate(zip(images, prompts, seeds, ious)):

@@ -33,7 +33,6 @@ class ClipTrainer(TrainerPlugin):
     name = "clip"
 
     def setup(self) -> None:
-
         self.refuse_single_file("a CLIP run writes a text encoder")
 
         self.opts = CLIPOptions.model_validate(self.recipe.plugin)

@@ -83,7 +83,6 @@ class ControlNetTrainer(TextToImageTrainer):
     name = "controlnet"
 
     def setup(self) -> None:
-
         self.opts = o = ControlNetOptions.model_validate(self.recipe.plugin)
         self.refuse_single_file("a ControlNet run writes a ControlNet, which loads beside a base")
         if self.recipe.data.streaming or self.recipe.data.buckets.enabled:

@@ -37,14 +37,12 @@ CKPT_NAME = "lora_adapters.safetensors"
 
 
 def lora_config(rank: int, alpha: float | None, targets: list[str], dropout: float, init: str, dora: bool):
-
     return LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, target_modules=targets,
                       lora_dropout=dropout, init_lora_weights=True if init == "default" else init,
                       use_dora=dora)
 
 
 def _adapter_state(module) -> dict[str, torch.Tensor]:
-
     return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(module).items()}
 
 
@@ -162,7 +160,6 @@ class LoRATrainer(TextToImageTrainer):
                 save_file(state, str(Path(output_dir) / CKPT_NAME))
 
         def load_hook(models, input_dir):
-
             state = load_file(str(Path(input_dir) / CKPT_NAME))
             for i in reversed(range(len(models))):
                 name = owner(models[i])
@@ -178,7 +175,6 @@ class LoRATrainer(TextToImageTrainer):
 
     # -- artifact ------------------------------------------------------------------------
     def save(self, out_dir: Path) -> None:
-
         unet = self.unwrap(self.unet)
         layers, cfg = self.plain_lora(unet, "unet")
         kw = dict(unet_lora_layers=convert_state_dict_to_diffusers(layers), unet_lora_adapter_metadata=cfg)
