@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from diffusers import ControlNetModel, UNet2DConditionModel
+from diffusers import UNet2DConditionModel
 
 from ..errors import UserError
 from .record import Conditioning
@@ -67,7 +67,7 @@ class UNetDenoiser(Denoiser):
         return Residuals(list(down), mid)
 
 
-ADAPTERS: dict[type, type[Denoiser]] = {UNet2DConditionModel: UNetDenoiser, ControlNetModel: UNetDenoiser}
+ADAPTERS: dict[type, type[Denoiser]] = {UNet2DConditionModel: UNetDenoiser}
 
 
 def denoiser_for(module: torch.nn.Module) -> Denoiser:
