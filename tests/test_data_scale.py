@@ -115,9 +115,12 @@ def test_caption_variants_are_cached_and_picked_like_on_the_fly(tiny_parts, tmp_
         tags = [t.strip() for t in s.split(",")]
         assert tags[0] == "photo" and sorted(tags) == sorted(t.strip() for t in caps[0].split(","))
     # the cached embedding of each variant is the text encoder's encoding of that string
-    enc = tr.conditioner.encode(strings).states
+    enc = tr.conditioner.encode(strings)
     idx = row["variants"][:4]
-    assert torch.allclose(tr.cached.conditioning.states[idx], enc, atol=1e-5)
+    assert torch.allclose(tr.cached.conditioning.states[idx], enc.states, atol=1e-5)
+    # the cache holds the whole record: the pooled vector too (CLIP reads the states whole: no mask)
+    assert torch.allclose(tr.cached.conditioning.pooled[idx], enc.pooled, atol=1e-5)
+    assert tr.cached.conditioning.mask is None and enc.mask is None
     # a step picks among the variants of each row, all of them over many steps
     from torch.utils.data import default_collate
 

@@ -29,7 +29,7 @@ class Conditioning:
         """Rows ``index`` (an index tensor, a slice or an int kept as one row) of every field."""
         if isinstance(index, int):
             index = slice(index, index + 1)
-        return Conditioning(self.states[index], _pick(self.mask, index), _pick(self.pooled, index))
+        return Conditioning(_pick(self.states, index), _pick(self.mask, index), _pick(self.pooled, index))
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> Conditioning:
         """On ``device``; ``dtype`` applies to the floating fields (the mask stays bool)."""
