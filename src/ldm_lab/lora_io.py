@@ -23,9 +23,9 @@ from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_
 from diffusers.utils.state_dict_utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
 from peft import LoraConfig
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .sampling import load_pipeline
+from .safetensors_file import save_file
 
 COMPONENTS = ("unet", "text_encoder")
 META_KEY = "ldm_lab"  # our own safetensors metadata entry (base model, rank, alpha, targets)

@@ -23,8 +23,9 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from safetensors.torch import save_file
 from transformers import CLIPTextModel
+
+from .safetensors_file import save_file
 
 UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
 OPENCLIP_PREFIX = "cond_stage_model.model."  # SD 2.x: the text tower in open_clip's own names
