@@ -5,20 +5,23 @@ run's objective.
 """
 
 from .ddpm import DDPMObjective, min_snr_weights, sample_noise, sample_timesteps, target_for
+from .flow import FlowMatchingObjective
 from .objective import Draw, Objective, diffusion_loss
 from .schedule import BETA_SCHEDULES, PREDICTION_TYPES, make_noise_scheduler
 
-OBJECTIVES: dict[str, type[Objective]] = {DDPMObjective.name: DDPMObjective}
+OBJECTIVES: dict[str, type[Objective]] = {DDPMObjective.name: DDPMObjective,
+                                          FlowMatchingObjective.name: FlowMatchingObjective}
 
 
-def make_objective(noise) -> Objective:
-    """The objective a recipe's ``noise:`` section describes."""
-    return OBJECTIVES[noise.objective].from_spec(noise)
+def make_objective(noise, patch_size: int = 1) -> Objective:
+    """The objective a recipe's ``noise:`` section describes, for a denoiser with ``patch_size``."""
+    return OBJECTIVES[noise.objective].from_spec(noise, patch_size=patch_size)
 
 
 __all__ = [
     "BETA_SCHEDULES",
     "DDPMObjective",
+    "FlowMatchingObjective",
     "Draw",
     "OBJECTIVES",
     "Objective",

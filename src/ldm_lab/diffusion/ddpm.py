@@ -111,21 +111,23 @@ class DDPMObjective(Objective):
     def __init__(self, num_train_timesteps: int = 1000, beta_schedule: str = "scaled_linear",
                  beta_start: float = 0.00085, beta_end: float = 0.012, prediction_type: str = "epsilon",
                  zero_terminal_snr: bool = False, min_snr_gamma: float | None = None, noise_offset: float = 0.0,
-                 input_perturbation: float = 0.0):
+                 input_perturbation: float = 0.0, min_timestep: int = 0, max_timestep: int | None = None):
+        self.bounds = (min_timestep, num_train_timesteps if max_timestep is None else max_timestep)
         self.scheduler = make_noise_scheduler(num_train_timesteps, beta_schedule, beta_start, beta_end,
                                               prediction_type, zero_terminal_snr)
         self.min_snr_gamma, self.noise_offset, self.input_perturbation = min_snr_gamma, noise_offset, input_perturbation
 
     @classmethod
-    def from_spec(cls, noise) -> DDPMObjective:
+    def from_spec(cls, noise, patch_size: int = 1) -> DDPMObjective:
         return cls(noise.num_train_timesteps, noise.beta_schedule, noise.beta_start, noise.beta_end,
                    noise.prediction_type, noise.zero_terminal_snr, noise.min_snr_gamma, noise.noise_offset,
-                   noise.input_perturbation)
+                   noise.input_perturbation, noise.min_timestep, noise.max_timestep)
 
     def draw(self, x0: torch.Tensor, rng) -> Draw:
         # draw order (fixed: checkpoints resume bit-exactly): noise, offset, perturbation, timesteps
         noise, noise_in = sample_noise(x0, None, self.noise_offset, self.input_perturbation, rng=rng)
-        t = sample_timesteps(x0.shape[0], self.scheduler.config.num_train_timesteps, x0.device, rng=rng)
+        lo, hi = self.bounds  # timesteps in [lo, hi): lo + uniform [0, hi - lo), the same draw for the default
+        t = lo + sample_timesteps(x0.shape[0], hi - lo, x0.device, rng=rng)
         x_t = self.scheduler.add_noise(x0, noise_in, t)
         target = target_for(self.scheduler, x0, noise, t)
         weight = min_snr_weights(self.scheduler, t, self.min_snr_gamma) if self.min_snr_gamma else None

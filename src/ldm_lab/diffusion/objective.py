@@ -33,8 +33,9 @@ class Objective:
     scheduler = None  # a diffusers scheduler: its config is what sampling builds samplers from
 
     @classmethod
-    def from_spec(cls, noise) -> Objective:
-        """The objective a recipe's ``noise:`` section describes."""
+    def from_spec(cls, noise, patch_size: int = 1) -> Objective:
+        """The objective a recipe's ``noise:`` section describes (``patch_size``: the denoiser's
+        patch, for objectives that depend on the latent's token count)."""
         raise NotImplementedError
 
     def draw(self, x0: torch.Tensor, rng) -> Draw:

@@ -34,7 +34,7 @@ SAMPLER_NAMES: tuple[str, ...] = tuple(SAMPLERS)
 SamplerName = Literal[SAMPLER_NAMES]  # type: ignore[valid-type]  # the schema's type for a sampler key
 
 # Training objectives (``noise.objective``): each name is one class in ``diffusion.OBJECTIVES``.
-OBJECTIVE_NAMES: tuple[str, ...] = ("ddpm",)
+OBJECTIVE_NAMES: tuple[str, ...] = ("ddpm", "flow")
 ObjectiveName = Literal[OBJECTIVE_NAMES]  # type: ignore[valid-type]
 
 

@@ -62,8 +62,15 @@ class ModelSpec(Strict):
 
 
 class NoiseSpec(Strict):
-    objective: ObjectiveName = "ddpm"  # the training objective (diffusion.OBJECTIVES); the keys below are DDPM's
+    """The training objective and its keys: ``ddpm`` (the DDPM keys) or ``flow`` (flow matching: the
+    flow keys). Keys of the other objective are refused, so a recipe never sets one that does
+    nothing."""
+
+    objective: ObjectiveName = "ddpm"  # the training objective (diffusion.OBJECTIVES)
     num_train_timesteps: int = Field(1000, ge=2)
+    min_timestep: int = Field(0, ge=0)  # training timesteps (σ·T for flow) lie in [min, max)
+    max_timestep: int | None = Field(None, ge=1)
+    # ddpm
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "scaled_linear"
     beta_start: float = Field(0.00085, gt=0, lt=1)
     beta_end: float = Field(0.012, gt=0, lt=1)
@@ -72,6 +79,39 @@ class NoiseSpec(Strict):
     min_snr_gamma: float | None = Field(None, gt=0)
     noise_offset: float = Field(0.0, ge=0)
     input_perturbation: float = Field(0.0, ge=0)
+    # flow
+    timestep_density: Literal["logit_normal", "mode", "uniform"] = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = Field(1.0, gt=0)
+    mode_scale: float = 1.29
+    loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"
+    shift: float = Field(1.0, gt=0)
+    dynamic_shift: bool = False  # shift from the latent's token count instead of ``shift``
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    base_image_seq_len: int = Field(256, ge=1)
+    max_image_seq_len: int = Field(4096, ge=2)
+
+    @model_validator(mode="after")
+    def _keys_of_the_objective(self):
+        other = FLOW_KEYS if self.objective == "ddpm" else DDPM_KEYS
+        stray = sorted(set(self.model_fields_set) & other)
+        if stray:
+            raise ValueError(f"{stray[0]} is a key of the {'flow' if self.objective == 'ddpm' else 'ddpm'} objective, "
+                             f"not of {self.objective!r}; remove it or set noise.objective")
+        hi = self.num_train_timesteps if self.max_timestep is None else self.max_timestep
+        if not self.min_timestep < hi <= self.num_train_timesteps:
+            raise ValueError(f"timestep bounds need 0 <= min_timestep < max_timestep <= num_train_timesteps; got "
+                             f"{self.min_timestep}, {hi}, {self.num_train_timesteps}")
+        if self.dynamic_shift and "shift" in self.model_fields_set:
+            raise ValueError("give either shift or dynamic_shift, not both")
+        return self
+
+
+DDPM_KEYS = {"beta_schedule", "beta_start", "beta_end", "prediction_type", "zero_terminal_snr", "min_snr_gamma",
+             "noise_offset", "input_perturbation"}
+FLOW_KEYS = {"timestep_density", "logit_mean", "logit_std", "mode_scale", "loss_weighting", "shift", "dynamic_shift",
+             "base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len"}
 
 
 class ShapesSourceSpec(Strict):

@@ -44,6 +44,11 @@ class BatchRNG:
         full = torch.randint(0, high, (n * self.world_size,), generator=self.generator, device=self.generator.device)
         return self._mine(full, n)
 
+    def draw(self, fn, n: int) -> torch.Tensor:
+        """This process's ``n`` values of ``fn(total, generator)``, a draw of ``total`` values for the
+        global batch from the shared generator (a library's sampler, e.g. a timestep density)."""
+        return self._mine(fn(n * self.world_size, self.generator), n)
+
     # accelerate's register_for_checkpointing protocol
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state(), "world_size": self.world_size}
