@@ -111,6 +111,8 @@ def substitute(path: Path, parts: dict[str, Path], pipeline: Path | None = None)
                 ov += ["model.text_encoder.config=null", "model.text_encoder.tokenizer=null",
                        "model.text_encoder.max_length=null"]
             ov += [f"model.text_encoder.pretrained={parts['clip']}", "model.text_encoder.subfolder=text_encoder"]
+    for k, te in enumerate(model.get("text_encoders") or []):
+        ov += [f"model.text_encoders.{k}.pretrained={parts['clip']}", f"model.text_encoders.{k}.subfolder=text_encoder"]
     if model.get("autoencoder", {}).get("pretrained"):
         ov += [f"model.autoencoder.pretrained={parts['vae']}", "model.autoencoder.subfolder=null"]
     if "unet" in model:
@@ -133,6 +135,17 @@ def test_every_recipe_instantiates(path, tiny_parts, tiny_pipeline):
     if m.unet is not None:
         unet = load_unet(m.unet)
         assert unet.config.cross_attention_dim == te.hidden_size
+    if m.denoiser is not None:  # a transformer family: its backbone, and the text encoders it reads
+        from ldm_lab.components.backbones import load_backbone
+        from ldm_lab.components.denoiser import denoiser_for
+        from ldm_lab.trainers.text_to_image import check_backbone
+
+        spec = m.denoiser.model_copy(update={"overrides": {**m.denoiser.overrides, "num_layers": 1}})
+        net = load_backbone(spec)
+        encs = [load_text_encoder(s) for s in m.encoder_specs()]
+        check_backbone(spec.family, net, encs)
+        cond = denoiser_for(net).combine([e(["a red circle"]) for e in encs])
+        assert cond.states.shape[-1] == net.config.joint_attention_dim
     if te is not None:
         h = te(["a red circle"]).states
         assert h.shape[0] == 1 and h.shape[-1] == te.hidden_size

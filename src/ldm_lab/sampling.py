@@ -13,14 +13,23 @@ from pathlib import Path
 
 import diffusers
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionControlNetPipeline, StableDiffusionPipeline
+from diffusers import (DiffusionPipeline, StableDiffusion3Pipeline, StableDiffusionControlNetPipeline,
+                       StableDiffusionPipeline)
 from PIL import Image, ImageDraw, ImageFont
 
-from .recipe.choices import SAMPLERS
+from .recipe.choices import FLOW_SAMPLERS, SAMPLERS
+
+
+def is_flow(config) -> bool:
+    """Whether a scheduler config is a flow-matching one (FlowMatchEuler, or a flow DPM-Solver)."""
+    return config.get("prediction_type") == "flow_prediction" or ("shift" in config and "beta_schedule" not in config)
 
 
 def make_sampler(name: str, noise_config) -> object:
-    """The scheduler of sampler ``name`` (a ``recipe.choices.SAMPLERS`` key) from ``noise_config``."""
+    """The scheduler of sampler ``name`` (a ``recipe.choices.SAMPLERS`` key) from ``noise_config``
+    (a flow-matching config: ``FLOW_SAMPLERS``)."""
+    if is_flow(noise_config):
+        return _flow_sampler(name, noise_config)
     entry = SAMPLERS.get(name)
     if entry is None:
         raise ValueError(f"unknown sampler '{name}'; choose from {', '.join(SAMPLERS)}")
@@ -28,6 +37,22 @@ def make_sampler(name: str, noise_config) -> object:
     if noise_config.get("timestep_spacing", "leading") == "leading":
         extra["steps_offset"] = 1  # Stable Diffusion's convention for leading spacing
     return getattr(diffusers, entry.scheduler).from_config(noise_config, **extra)
+
+
+def _flow_sampler(name: str, cfg) -> object:
+    entry = FLOW_SAMPLERS.get(name)
+    if entry is None:
+        raise ValueError(f"sampler '{name}' does not sample a flow-matching model; choose from {', '.join(FLOW_SAMPLERS)}")
+    shift = cfg.get("shift", cfg.get("flow_shift", 1.0))
+    dynamic = bool(cfg.get("use_dynamic_shifting", False))
+    keys = ("num_train_timesteps", "base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len")
+    if entry.scheduler == "FlowMatchEulerDiscreteScheduler":
+        return diffusers.FlowMatchEulerDiscreteScheduler(shift=shift, use_dynamic_shifting=dynamic,
+                                                         **{k: cfg[k] for k in keys if k in cfg})
+    if dynamic:
+        raise ValueError(f"sampler '{name}' has no resolution-dependent shift; sample with euler")
+    return getattr(diffusers, entry.scheduler)(num_train_timesteps=cfg.get("num_train_timesteps", 1000),
+                                               flow_shift=shift, **entry.kwargs)
 
 
 def default_steps(name: str) -> int:
@@ -48,24 +73,51 @@ def build_pipeline(vae, text_encoder, tokenizer, unet, noise_scheduler, sampler:
     return pipe
 
 
+def build_family_pipeline(family: str, vae, text_encoders, backbone, noise_scheduler, sampler: str = "dpm++"):
+    """The stock pipeline of the backbone's family around in-memory modules: StableDiffusionPipeline
+    (unet) or StableDiffusion3Pipeline (sd3: CLIP, CLIP, T5 or none). Each tokenizer's
+    ``model_max_length`` becomes its encoder's training length, so the pipeline pads as training did."""
+    for te in text_encoders:
+        te.tokenizer.model_max_length = te.max_length
+    if family == "unet":
+        te = text_encoders[0]
+        return build_pipeline(vae, te.model, te.tokenizer, backbone, noise_scheduler, sampler)
+    t5 = text_encoders[2] if len(text_encoders) == 3 else None
+    if getattr(vae.config, "shift_factor", None) is None:  # the SD3 pipeline adds it when decoding
+        vae.register_to_config(shift_factor=0.0)
+    pipe = StableDiffusion3Pipeline(
+        transformer=backbone, scheduler=make_sampler(sampler, noise_scheduler.config), vae=vae,
+        text_encoder=text_encoders[0].model, tokenizer=text_encoders[0].tokenizer,
+        text_encoder_2=text_encoders[1].model, tokenizer_2=text_encoders[1].tokenizer,
+        text_encoder_3=t5.model if t5 else None, tokenizer_3=t5.tokenizer if t5 else None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 @torch.no_grad()
 def generate(pipe: StableDiffusionPipeline, prompts: list[str], seeds: list[int], steps: int, guidance: float,
              batch_size: int = 64, prompt_embeds: torch.Tensor | None = None,
-             negative_embeds: torch.Tensor | None = None, control: list | None = None, **pipe_kwargs) -> list[Image.Image]:
+             negative_embeds: torch.Tensor | None = None, control: list | None = None,
+             pooled: torch.Tensor | None = None, negative_pooled: torch.Tensor | None = None,
+             **pipe_kwargs) -> list[Image.Image]:
     """One image per (prompt, seed). Each image depends only on its own seed, not on batching.
 
     With ``prompt_embeds`` (one row per prompt) and ``negative_embeds`` (1 row) the pipeline
-    skips its own text encoding: that is how in-training sampling uses the conditioner.
+    skips its own text encoding: that is how in-training sampling uses the conditioner (with
+    ``pooled`` / ``negative_pooled`` for families that read a pooled vector, SD3).
     ``control`` (ControlNet pipelines): per prompt, a control image, or a list of them (one per
     ControlNet of a multi-ControlNet pipeline); ``pipe_kwargs`` go to the pipeline call
     (``controlnet_conditioning_scale``, ``guess_mode``).
     """
     images: list[Image.Image] = []
-    device = pipe.unet.device
+    device = (pipe.unet if hasattr(pipe, "unet") else pipe.transformer).device
+    if isinstance(pipe, StableDiffusion3Pipeline) and prompt_embeds is None:
+        # as many T5 tokens as training read (none without a T5)
+        pipe_kwargs.setdefault("max_sequence_length", pipe.tokenizer_3.model_max_length if pipe.text_encoder_3 else 0)
     with _offset_fits(pipe, steps):
         for s in range(0, len(prompts), batch_size):
             images += _generate_batch(pipe, prompts, seeds, steps, guidance, s, batch_size, device, prompt_embeds,
-                                      negative_embeds, control, pipe_kwargs)
+                                      negative_embeds, control, pipe_kwargs, pooled, negative_pooled)
     return images
 
 
@@ -92,12 +144,15 @@ class _offset_fits:
 
 
 def _generate_batch(pipe, prompts, seeds, steps, guidance, s, batch_size, device, prompt_embeds, negative_embeds,
-                    control, pipe_kwargs) -> list[Image.Image]:
+                    control, pipe_kwargs, pooled=None, negative_pooled=None) -> list[Image.Image]:
     gens = [torch.Generator(device="cpu").manual_seed(int(x)) for x in seeds[s:s + batch_size]]
     kw = dict(num_inference_steps=steps, guidance_scale=guidance, generator=gens, output_type="pil", **pipe_kwargs)
     if prompt_embeds is not None:
         pe = prompt_embeds[s:s + batch_size].to(device)
         kw.update(prompt_embeds=pe, negative_prompt_embeds=negative_embeds.to(device).expand(len(pe), -1, -1))
+        if pooled is not None:
+            kw.update(pooled_prompt_embeds=pooled[s:s + batch_size].to(device),
+                      negative_pooled_prompt_embeds=negative_pooled.to(device).expand(len(pe), -1))
     else:
         kw.update(prompt=prompts[s:s + batch_size], negative_prompt=[""] * len(prompts[s:s + batch_size]))
     if control is not None:
@@ -143,9 +198,12 @@ def load_pipeline(source: str | Path) -> DiffusionPipeline:
     if p.exists() and not (p / "model_index.json").exists():
         raise ValueError(f"'{source}' is neither a run dir with a pipeline nor a diffusers pipeline dir.")
     where = str(p) if p.exists() else str(source)
-    cls = getattr(diffusers, DiffusionPipeline.load_config(where).get("_class_name", ""), None)
+    index = DiffusionPipeline.load_config(where)
+    cls = getattr(diffusers, index.get("_class_name", ""), None)
     takes = inspect.signature(cls.__init__).parameters if isinstance(cls, type) else {}
     no_checker = {k: v for k, v in (("safety_checker", None), ("requires_safety_checker", False)) if k in takes}
-    pipe = DiffusionPipeline.from_pretrained(where, **no_checker)
+    # components saved as absent (an SD3 pipeline without its T5) are passed as None, as diffusers asks
+    absent = {k: None for k, v in index.items() if isinstance(v, list) and v == [None, None] and k in takes}
+    pipe = DiffusionPipeline.from_pretrained(where, **{**absent, **no_checker})
     pipe.set_progress_bar_config(disable=True)
     return pipe

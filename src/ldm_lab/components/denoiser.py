@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import SD3Transformer2DModel, UNet2DConditionModel
 
 from ..errors import UserError
 from .record import Conditioning
@@ -36,6 +36,19 @@ class Denoiser:
     family = ""
     pipeline_class = ""  # the stock diffusers pipeline that holds this backbone
     controlnet_pipeline_class = ""
+    component = "unet"  # the backbone's subfolder in that pipeline
+    patch_size = 1  # latent pixels per token side (the token count of resolution-dependent shifts)
+
+    def __init__(self, net: torch.nn.Module | None = None):
+        """``net``: the bare backbone the adapter serves (its config sets sizes the adapter needs)."""
+
+    def combine(self, parts: list[Conditioning]) -> Conditioning:
+        """The record this backbone reads from the records of the text encoders, in recipe order
+        (one encoder: its record)."""
+        if len(parts) != 1:
+            raise UserError(f"the {self.family} backbone reads one text encoder; give model.text_encoder, "
+                            f"not {len(parts)} text_encoders.")
+        return parts[0]
 
     def __call__(self, net, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning,
                  residuals: Residuals | None = None) -> torch.Tensor:
@@ -67,13 +80,48 @@ class UNetDenoiser(Denoiser):
         return Residuals(list(down), mid)
 
 
-ADAPTERS: dict[type, type[Denoiser]] = {UNet2DConditionModel: UNetDenoiser}
+class SD3Denoiser(Denoiser):
+    """diffusers ``SD3Transformer2DModel`` (the MMDiT of Stable Diffusion 3 / 3.5): joint attention
+    over the latent patches and the token states, the pooled vector through adaLN. ``combine`` is
+    ``StableDiffusion3Pipeline.encode_prompt``'s rule, so training conditions as the stock pipeline
+    does: the two CLIPs' states side by side, zero-padded to the T5 width, then the T5 tokens
+    after them; the pooled vector is the two CLIP projections side by side. Without a T5 there are
+    no T5 tokens (the stock pipeline matches with ``max_sequence_length=0``); the CLIP states are
+    padded to ``joint_attention_dim`` either way, as the pipeline pads them."""
+
+    family = "sd3"
+    pipeline_class = "StableDiffusion3Pipeline"
+    component = "transformer"
+
+    def __init__(self, net):
+        self.patch_size = int(net.config.patch_size)
+        self.width = int(net.config.joint_attention_dim)  # the token-state width the states are padded to
+
+    def combine(self, parts):
+        if len(parts) not in (2, 3) or any(p.pooled is None for p in parts[:2]):
+            raise UserError("the sd3 backbone reads two CLIP text encoders with projection (model.text_encoders: "
+                            "clip with projection: true and hidden_layer: -2, twice), then optionally a T5.")
+        clip = torch.cat([parts[0].states, parts[1].states], dim=-1)
+        pooled = torch.cat([parts[0].pooled, parts[1].pooled], dim=-1)
+        clip = torch.nn.functional.pad(clip, (0, self.width - clip.shape[-1]))
+        if len(parts) == 2:
+            return Conditioning(clip, None, pooled)
+        return Conditioning(torch.cat([clip, parts[2].states.to(clip.dtype)], dim=-2), None, pooled)
+
+    def __call__(self, net, x_t, t, cond, residuals=None):
+        if residuals is not None:
+            raise UserError("ControlNet residuals on the sd3 backbone are not supported yet.")
+        return net(hidden_states=x_t, timestep=t, encoder_hidden_states=cond.states, pooled_projections=cond.pooled,
+                   return_dict=False)[0]
+
+
+ADAPTERS: dict[type, type[Denoiser]] = {UNet2DConditionModel: UNetDenoiser, SD3Transformer2DModel: SD3Denoiser}
 
 
 def denoiser_for(module: torch.nn.Module) -> Denoiser:
     """The adapter for ``module`` (a bare backbone, before ``accelerator.prepare``)."""
     for cls, adapter in ADAPTERS.items():
         if isinstance(module, cls):
-            return adapter()
+            return adapter(module)
     raise UserError(f"no denoiser adapter for {type(module).__name__}; the backbones this version trains are "
                     f"{', '.join(c.__name__ for c in ADAPTERS)}.")

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from open_clip.tokenizer import SimpleTokenizer
 from torch import nn
-from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
+from transformers import (AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer,
+                          T5Config, T5EncoderModel)
 
 from ..recipe.schema import TextEncoderSpec
 from .record import Conditioning
@@ -46,9 +47,12 @@ class TextEncoder(nn.Module):
     or openclip. T5 runs with its attention mask (padding is not attended to) and the record
     carries it; CLIP and OpenCLIP read the whole padded sequence, as Stable Diffusion does."""
 
-    def __init__(self, kind: str, model: nn.Module, tokenizer, max_length: int):
+    def __init__(self, kind: str, model: nn.Module, tokenizer, max_length: int, hidden_layer: int = -1,
+                 use_mask: bool | None = None):
         super().__init__()
         self.kind, self.model, self.tokenizer, self.max_length = kind, model, tokenizer, max_length
+        self.hidden_layer = hidden_layer  # -1: the last state (after the final norm); -k: hidden_states[-k]
+        self.use_mask = kind == "t5" if use_mask is None else use_mask  # T5 reads its mask (SD3's does not)
 
     @property
     def hidden_size(self) -> int:
@@ -70,13 +74,18 @@ class TextEncoder(nn.Module):
     def encode_ids(self, ids: torch.Tensor) -> Conditioning:
         ids = ids.to(self.device)
         if self.kind == "clip":
-            out = self.model(ids)
-            return Conditioning(out.last_hidden_state, None, out.pooler_output)
+            deep = self.hidden_layer != -1
+            out = self.model(ids, output_hidden_states=True) if deep else self.model(ids)
+            states = out.hidden_states[self.hidden_layer] if deep else out.last_hidden_state
+            # the projected end-of-text state with a projection head (SD3), else CLIP's pooler output
+            return Conditioning(states, None, out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output)
         if self.kind == "t5":
             mask = ids != self.tokenizer.pad_token_id
-            h = self.model(ids, attention_mask=mask.long()).last_hidden_state
+            out = self.model(ids, attention_mask=mask.long() if self.use_mask else None,
+                             output_hidden_states=self.hidden_layer != -1)
+            h = out.last_hidden_state if self.hidden_layer == -1 else out.hidden_states[self.hidden_layer]
             m = mask[..., None].to(h.dtype)
-            return Conditioning(h, mask, (h * m).sum(1) / m.sum(1).clamp(min=1))
+            return Conditioning(h, mask if self.use_mask else None, (h * m).sum(1) / m.sum(1).clamp(min=1))
         return self._encode_openclip(ids)
 
     def forward(self, prompts: list[str]) -> Conditioning:
@@ -125,8 +134,9 @@ def _load_openclip(spec: TextEncoderSpec):
     return holder, tokenizer, clip.context_length
 
 
-def load_text_encoder(spec: TextEncoderSpec) -> TextEncoder:
-    """Build the text encoder a recipe names (hub id, local dir or config)."""
+def load_text_encoder(spec: TextEncoderSpec, use_mask: bool | None = None) -> TextEncoder:
+    """Build the text encoder a recipe names (hub id, local dir or config). ``use_mask``: whether a
+    T5 runs with its attention mask (the denoiser family decides; default yes)."""
     sub = {"subfolder": spec.subfolder} if spec.subfolder else {}
     rev = {"revision": spec.revision} if spec.revision else {}
     if spec.kind == "openclip":
@@ -135,11 +145,13 @@ def load_text_encoder(spec: TextEncoderSpec) -> TextEncoder:
     else:
 
         model_cls, cfg_cls = (CLIPTextModel, CLIPTextConfig) if spec.kind == "clip" else (T5EncoderModel, T5Config)
+        if spec.kind == "clip" and spec.projection:
+            model_cls = CLIPTextModelWithProjection  # a missing projection head starts from the run's seed
         if spec.config is not None:
             model = model_cls(cfg_cls(**spec.config))
         else:
             model = model_cls.from_pretrained(spec.pretrained, **sub, **rev)
-        if spec.kind == "t5":  # a stock pipeline holding this encoder passes the mask too, as training does
+        if spec.kind == "t5" and use_mask is not False:  # a stock pipeline holding it passes the mask too
             model.config.use_attention_mask = True
         tok_ref = spec.tokenizer or spec.pretrained
         tok_sub = {} if spec.tokenizer else ({"subfolder": "tokenizer"} if spec.subfolder == "text_encoder" else sub)
@@ -147,7 +159,7 @@ def load_text_encoder(spec: TextEncoderSpec) -> TextEncoder:
             raise ValueError("a text encoder built from a config needs 'tokenizer' (a tokenizer dir or hub id)")
         tokenizer = AutoTokenizer.from_pretrained(tok_ref, **tok_sub, **rev)
         max_len = spec.max_length or min(tokenizer.model_max_length, getattr(model.config, "max_position_embeddings", 512))
-        enc = TextEncoder(spec.kind, model, tokenizer, int(max_len))
+        enc = TextEncoder(spec.kind, model, tokenizer, int(max_len), spec.hidden_layer, use_mask)
     if not spec.trainable:
         enc.requires_grad_(False)
         enc.eval()

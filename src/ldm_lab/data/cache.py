@@ -7,7 +7,7 @@ Layout of a cache dir (``ldm-lab cache RECIPE`` writes one; training finds or bu
     part-R-of-W/mean.bin std.bin  float32, the autoencoder posterior's mean and std, row after row
     part-R-of-W/embeddings.safetensors + captions.json   the part's distinct caption strings, encoded:
                                   the conditioning record (token states, pooled vector, and the
-                                  attention mask of encoders that use one)
+                                  attention mask of encoders that use one) of each text encoder
 
 Process R of W encodes rows [R*N/W, (R+1)*N/W) into its own part; process 0 writes the manifest
 when all parts are there and renames the build dir into place, so a half-built cache is never
@@ -68,12 +68,12 @@ def cache_inputs(vae, conditioner, rows, data, image_column: str, caption_column
     """Everything the cached contents depend on (the manifest's ``inputs``). ``fingerprint``
     stands for the rows' contents when the dataset's own fingerprint does not (a dataset built
     from file paths hashes the paths, not the images)."""
-    te = conditioner.text_encoder
     b = data.buckets
+    encoders = [_encoder_inputs(te) for te in conditioner.encoders]
     return {
         "format": FORMAT,
         "autoencoder": module_digest(vae),
-        "text_encoder": {"weights": module_digest(te), "kind": te.kind, "max_length": te.max_length},
+        **({"text_encoder": encoders[0]} if len(encoders) == 1 else {"text_encoders": encoders}),
         "resolution": data.resolution,
         "geometry": ({"buckets": [list(x) for x in buckets], "max_upscale": b.max_upscale} if buckets
                      else "center-crop"),
@@ -81,6 +81,15 @@ def cache_inputs(vae, conditioner, rows, data, image_column: str, caption_column
                     "rows": len(rows), "image_column": image_column, "caption_column": caption_column},
         "captions": data.captions.model_dump(),
     }
+
+
+def _encoder_inputs(te) -> dict:
+    out = {"weights": module_digest(te), "kind": te.kind, "max_length": te.max_length}
+    if te.hidden_layer != -1:
+        out["hidden_layer"] = te.hidden_layer
+    if te.kind == "t5" and not te.use_mask:
+        out["mask"] = False
+    return out
 
 
 def cache_key(inputs: dict) -> str:
@@ -110,27 +119,34 @@ def check_manifest(path: Path, inputs: dict) -> dict:
 
 class LatentCache(Dataset):
     """Rows of a cache dir: ``{"mean", "std", "variants", "variant_count"}`` per row, with
-    ``conditioning`` (a record of U rows: states (U, L, D), pooled, mask) and ``captions``
-    (U strings) that ``variants`` index into."""
+    ``encodings`` (per text encoder, a record of U rows: states (U, L, D), pooled, mask) and
+    ``captions`` (U strings) that ``variants`` index into."""
 
     def __init__(self, root: Path):
         self.root = Path(root)
         self.manifest = json.loads((self.root / "manifest.json").read_text())
         self.parts = [self.root / p for p in self.manifest["parts"]]
-        records, self.captions, rows = [], [], []
+        records, self.captions, rows = [], [], []  # records: per cache part, one record per text encoder
         for k, part in enumerate(self.parts):
             meta = json.loads((part / "latents.json").read_text())
             base = len(self.captions)
             self.captions += json.loads((part / "captions.json").read_text())
-            f = load_file(part / "embeddings.safetensors")
-            records.append(Conditioning(f["embeddings"], f.get("mask"), f.get("pooled")))
+            records.append(_read_encodings(load_file(part / "embeddings.safetensors")))
             for r in meta["rows"]:
                 rows.append((k, r["offset"], tuple(r["shape"]), r["row"], [base + v for v in r["variants"]]))
-        self.conditioning = Conditioning.cat(records) if records else Conditioning(torch.empty(0))
+        # one record (U rows: states (U, L, D), pooled, mask) per text encoder
+        self.encodings = [Conditioning.cat(list(r)) for r in zip(*records)] if records else [Conditioning(torch.empty(0))]
         self.rows = rows
         self._source_rows = [r[3] for r in rows]
         self.vmax = max((len(r[4]) for r in rows), default=1)
         self._maps: list | None = None
+
+    @property
+    def conditioning(self) -> Conditioning:
+        """The record of the one text encoder (several: ``encodings``)."""
+        if len(self.encodings) != 1:
+            raise ValueError("this cache holds several text encoders' records; read .encodings")
+        return self.encodings[0]
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -217,9 +233,10 @@ def _encode_part(rows, lo: int, hi: int, vae, conditioner, data, inputs: dict, i
                 meta.append({"row": row, "shape": list(mean.shape), "offset": offset, "variants": variants})
                 offset += mean.numel()
     captions = list(strings)
-    records = [conditioner.encode(captions[i:i + 256]).to("cpu", torch.float32) for i in range(0, len(captions), 256)]
-    tensors = Conditioning.cat(records).tensors() if records else {"states": torch.empty(0)}
-    tensors["embeddings"] = tensors.pop("states")
+    chunks = [[p.to("cpu", torch.float32) for p in conditioner.encode_parts(captions[i:i + 256])]
+              for i in range(0, len(captions), 256)]
+    tensors = _encodings_tensors([Conditioning.cat(list(c)) for c in zip(*chunks)] if chunks else
+                                 [Conditioning(torch.empty(0))] * len(conditioner.encoders))
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "embeddings.safetensors"))
     (tmp / "captions.json").write_text(json.dumps(captions))
     (tmp / "latents.json").write_text(json.dumps({"inputs": inputs, "range": [lo, hi], "rows": meta,
@@ -227,6 +244,24 @@ def _encode_part(rows, lo: int, hi: int, vae, conditioner, data, inputs: dict, i
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return {"rows": len(meta), "skipped": skipped}
+
+
+def _encodings_tensors(encodings: list[Conditioning]) -> dict[str, torch.Tensor]:
+    """One text encoder: ``embeddings`` (the token states), ``pooled``, ``mask``; several: the same
+    names with the encoder's index, ``embeddings.0``, ``pooled.0``, ..."""
+    out = {}
+    for k, rec in enumerate(encodings):
+        suffix = "" if len(encodings) == 1 else f".{k}"
+        for name, t in rec.tensors().items():
+            out[("embeddings" if name == "states" else name) + suffix] = t
+    return out
+
+
+def _read_encodings(f: dict[str, torch.Tensor]) -> list[Conditioning]:
+    if "embeddings" in f:
+        return [Conditioning(f["embeddings"], f.get("mask"), f.get("pooled"))]
+    n = len([k for k in f if k.startswith("embeddings.")])
+    return [Conditioning(f[f"embeddings.{k}"], f.get(f"mask.{k}"), f.get(f"pooled.{k}")) for k in range(n)]
 
 
 def _open_image(value):

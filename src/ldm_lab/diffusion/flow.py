@@ -61,6 +61,7 @@ class FlowMatchingObjective(Objective):
     ``max_image_seq_len``), ``min_timestep``, ``max_timestep``, ``loss_weighting``)."""
 
     name = "flow"
+    artifact_sampler = "euler"  # FlowMatchEulerDiscreteScheduler, as SD3 pipelines ship
 
     def __init__(self, num_train_timesteps: int = 1000, timestep_density: str = "logit_normal",
                  logit_mean: float = 0.0, logit_std: float = 1.0, mode_scale: float = 1.29,

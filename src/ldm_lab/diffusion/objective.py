@@ -31,6 +31,7 @@ class Objective:
 
     name = ""
     scheduler = None  # a diffusers scheduler: its config is what sampling builds samplers from
+    artifact_sampler = "dpm++"  # the sampler a saved pipeline ships with
 
     @classmethod
     def from_spec(cls, noise, patch_size: int = 1) -> Objective:

@@ -30,6 +30,14 @@ SAMPLERS: dict[str, SamplerEntry] = {
     "euler": SamplerEntry("EulerDiscreteScheduler", {}, 30),
     "unipc": SamplerEntry("UniPCMultistepScheduler", {}, 20),
 }
+# Samplers of a flow-matching objective (the velocity it predicts): the same names where a flow
+# variant exists; each is built with the objective's shift.
+FLOW_SAMPLERS: dict[str, SamplerEntry] = {
+    "euler": SamplerEntry("FlowMatchEulerDiscreteScheduler", {}, 28),
+    "dpm++": SamplerEntry("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
+                                                         "use_flow_sigmas": True, "prediction_type": "flow_prediction"}, 20),
+    "unipc": SamplerEntry("UniPCMultistepScheduler", {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}, 20),
+}
 SAMPLER_NAMES: tuple[str, ...] = tuple(SAMPLERS)
 SamplerName = Literal[SAMPLER_NAMES]  # type: ignore[valid-type]  # the schema's type for a sampler key
 

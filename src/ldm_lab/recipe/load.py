@@ -79,19 +79,34 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """``a.b.c=value`` into nested sections; an integer key indexes a list (``model.text_encoders.1.dropout=0``)."""
     for ov in overrides:
         keys, value = parse_override(ov)
         cur = data
         for k in keys[:-1]:
+            if isinstance(cur, list):
+                cur = cur[_index(cur, k, ov)]
+                if not isinstance(cur, (dict, list)):
+                    raise UserError(f"override '{ov}': '{k}' is a value, not a section.")
+                continue
             nxt = cur.get(k)
-            if not isinstance(nxt, dict):
+            if not isinstance(nxt, (dict, list)):
                 nxt = {} if nxt is None else nxt
                 if not isinstance(nxt, dict):
                     raise UserError(f"override '{ov}': '{k}' is a value, not a section.")
                 cur[k] = nxt
             cur = nxt
-        cur[keys[-1]] = value
+        if isinstance(cur, list):
+            cur[_index(cur, keys[-1], ov)] = value
+        else:
+            cur[keys[-1]] = value
     return data
+
+
+def _index(items: list, key: str, ov: str) -> int:
+    if not (key.isdigit() and int(key) < len(items)):
+        raise UserError(f"override '{ov}': '{key}' is not an index of that list (0 to {len(items) - 1}).")
+    return int(key)
 
 
 def read_yaml(path: str | Path) -> dict:

@@ -39,6 +39,13 @@ class TextEncoderSpec(PretrainedSpec):
     tokenizer: str | None = None  # tokenizer dir or hub id when it differs from ``pretrained``
     max_length: int | None = None
     trainable: bool = False
+    # clip: CLIPTextModelWithProjection, its projected end-of-text state as the pooled vector (SD3)
+    projection: bool = False
+    # the hidden state read as token states: -1 the last (after the final norm), -2 the penultimate
+    # (SDXL / SD3 CLIPs), ...
+    hidden_layer: int = Field(-1, le=-1)
+    # caption dropout of this encoder alone (several encoders: each drops on its own); None: data.caption_dropout
+    dropout: float | None = Field(None, ge=0, le=1)
 
 
 class AutoencoderSpec(PretrainedSpec):
@@ -50,15 +57,51 @@ class UNetSpec(PretrainedSpec):
     overrides: dict[str, Any] = Field(default_factory=dict)
 
 
+class DenoiserSpec(PretrainedSpec):
+    """The network being trained, by family: ``unet`` (UNet2DConditionModel), ``sd3`` (the MMDiT,
+    SD3Transformer2DModel). ``preset`` names an architecture of the family (``components.backbones``)."""
+
+    family: Literal["unet", "sd3"] = "unet"
+    preset: str | None = None
+    overrides: dict[str, Any] = Field(default_factory=dict)
+
+
 class ModelSpec(Strict):
     # A diffusers pipeline (hub id or dir) to start from: text_encoder, autoencoder and unet not
     # given below come from its subfolders, and noise keys not given come from its scheduler.
     pipeline: str | None = None
     text_encoder: TextEncoderSpec | None = None
+    # several frozen text encoders, in the order the denoiser family combines them (SD3: CLIP-L,
+    # CLIP-G, then T5 if any); instead of text_encoder
+    text_encoders: list[TextEncoderSpec] | None = None
     autoencoder: AutoencoderSpec | None = None
     unet: UNetSpec | None = None
+    denoiser: DenoiserSpec | None = None  # instead of unet: any family
     # stage-one trainers: a CLIP vision tower (clip trainer) and loss options
     vision: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _one_of_each(self):
+        if self.text_encoder is not None and self.text_encoders is not None:
+            raise ValueError("give either text_encoder or text_encoders, not both")
+        if self.text_encoders is not None and not self.text_encoders:
+            raise ValueError("text_encoders is empty; list at least one text encoder")
+        if self.unet is not None and self.denoiser is not None:
+            raise ValueError("give either unet or denoiser, not both (denoiser: {family: unet, ...} is the same)")
+        return self
+
+    def encoder_specs(self) -> list[TextEncoderSpec]:
+        """The text encoders, in order (one for ``text_encoder``)."""
+        return list(self.text_encoders) if self.text_encoders is not None else \
+            [self.text_encoder] if self.text_encoder is not None else []
+
+    def denoiser_spec(self) -> DenoiserSpec:
+        """The network being trained: ``denoiser``, else ``unet`` as the unet family (tiny preset by default)."""
+        if self.denoiser is not None:
+            return self.denoiser
+        u = self.unet or UNetSpec(preset="tiny")
+        return DenoiserSpec(family="unet", pretrained=u.pretrained, subfolder=u.subfolder, revision=u.revision,
+                            config=u.config, preset=u.preset, overrides=u.overrides)
 
 
 class NoiseSpec(Strict):
@@ -95,7 +138,9 @@ class NoiseSpec(Strict):
     @model_validator(mode="after")
     def _keys_of_the_objective(self):
         other = FLOW_KEYS if self.objective == "ddpm" else DDPM_KEYS
-        stray = sorted(set(self.model_fields_set) & other)
+        # a dumped recipe (RUN/recipe.yaml) holds every key at its default: only a changed one is stray
+        stray = sorted(k for k in set(self.model_fields_set) & other
+                       if getattr(self, k) != type(self).model_fields[k].default)
         if stray:
             raise ValueError(f"{stray[0]} is a key of the {'flow' if self.objective == 'ddpm' else 'ddpm'} objective, "
                              f"not of {self.objective!r}; remove it or set noise.objective")
@@ -103,7 +148,7 @@ class NoiseSpec(Strict):
         if not self.min_timestep < hi <= self.num_train_timesteps:
             raise ValueError(f"timestep bounds need 0 <= min_timestep < max_timestep <= num_train_timesteps; got "
                              f"{self.min_timestep}, {hi}, {self.num_train_timesteps}")
-        if self.dynamic_shift and "shift" in self.model_fields_set:
+        if self.dynamic_shift and self.shift != 1.0:
             raise ValueError("give either shift or dynamic_shift, not both")
         return self
 

@@ -93,7 +93,7 @@ class TextImageData(TrainerPlugin):
                 rows, self.vae, self.conditioner, d, image_column, caption_column, self.accelerator,
                 fingerprint=fingerprint, buckets=self.buckets, bucket_of=bucket_of, log=self.accelerator.print,
                 out=cache_out)
-            self.cached_conditioning = self.cached.conditioning.to(self.accelerator.device)
+            self.cached_encodings = [e.to(self.accelerator.device) for e in self.cached.encodings]
             if self.buckets:
                 index = {tuple(b): i for i, b in enumerate(self.buckets)}
                 f = self.vae_factor
@@ -133,21 +133,22 @@ class TextImageData(TrainerPlugin):
         """On-the-fly rows: decoded, cropped (centre/random, or to the row's bucket), flipped, and
         every caption variant tokenized (one is picked per step, as in the cached path)."""
         d = self.recipe.data
-        te = self.text_encoder
+        encs = self.conditioner.encoders
         caps = d.captions
         vmax = max((len(caption_variants(c, caps)) for c in rows.with_format(None)[caption_column]), default=1) \
             if (caps.shuffle_tags and caps.variants > 1) or _has_lists(rows, caption_column) else 1
 
         def tokens(captions) -> dict:
             if vmax == 1:
-                return {"input_ids": list(te.tokenize([caption_variants(c, caps)[0] for c in captions]))}
-            out, counts = [], []
+                texts = [caption_variants(c, caps)[0] for c in captions]
+                return {key: list(te.tokenize(texts)) for key, te in zip(id_keys("input_ids", encs), encs)}
+            out, counts = {key: [] for key in id_keys("variant_ids", encs)}, []
             for c in captions:
                 v = caption_variants(c, caps)
-                ids = te.tokenize(v + [v[0]] * (vmax - len(v)))
-                out.append(ids)
+                for key, te in zip(out, encs):
+                    out[key].append(te.tokenize(v + [v[0]] * (vmax - len(v))))
                 counts.append(torch.tensor(len(v)))
-            return {"variant_ids": out, "variant_count": counts}
+            return {**out, "variant_count": counts}
 
         if not self.buckets:
             tf = image_transform(d.resolution, d.center_crop, d.random_flip)
@@ -182,16 +183,17 @@ class TextImageData(TrainerPlugin):
         """Collate streamed rows (decoded PIL images + captions) into an on-the-fly batch."""
         d = self.recipe.data
         tf = image_transform(d.resolution, d.center_crop, d.random_flip)
-        te = self.text_encoder
+        encs = self.conditioner.encoders
 
         def collate(rows: list[dict]) -> dict:
             caps = [caption_variants(r[d.caption_column], d.captions) for r in rows]
             vmax = max(len(v) for v in caps)
             out = {"pixel_values": torch.stack([tf(to_rgb(r[d.image_column])) for r in rows])}
             if vmax == 1:
-                out["input_ids"] = te.tokenize([v[0] for v in caps])
+                out.update({key: te.tokenize([v[0] for v in caps]) for key, te in zip(id_keys("input_ids", encs), encs)})
             else:
-                out["variant_ids"] = torch.stack([te.tokenize(v + [v[0]] * (vmax - len(v))) for v in caps])
+                out.update({key: torch.stack([te.tokenize(v + [v[0]] * (vmax - len(v))) for v in caps])
+                            for key, te in zip(id_keys("variant_ids", encs), encs)})
                 out["variant_count"] = torch.tensor([len(v) for v in caps])
             return out
 
@@ -229,12 +231,23 @@ class TextImageData(TrainerPlugin):
         return v.cpu()[torch.arange(v.shape[0]), k]
 
     def token_choice(self, batch) -> torch.Tensor:
-        """Token ids (B, L) of the caption variant each on-the-fly row uses this step."""
+        """Token ids (B, L) of the caption variant each on-the-fly row uses this step (first encoder)."""
+        return self.token_choices(batch)[0]
+
+    def token_choices(self, batch) -> list[torch.Tensor]:
+        """Per text encoder, the token ids (B, L) of the caption variant each on-the-fly row uses this
+        step (one draw: every encoder reads the same variant)."""
+        encs = self.conditioner.encoders
         if "variant_ids" not in batch:
-            return batch["input_ids"]
+            return [batch[key] for key in id_keys("input_ids", encs)]
         v = batch["variant_ids"]
         k = (self.rng.rand(v.shape[0]).cpu() * batch["variant_count"].cpu()).long()
-        return v[torch.arange(v.shape[0]), k.to(v.device)]
+        return [batch[key][torch.arange(v.shape[0]), k.to(v.device)] for key in id_keys("variant_ids", encs)]
+
+
+def id_keys(name: str, encoders) -> list[str]:
+    """Batch keys of the token ids per text encoder: ``name`` for the first, ``name_k`` after it."""
+    return [name] + [f"{name}_{k}" for k in range(1, len(encoders))]
 
 
 class _BucketRows(Dataset):

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from ..components import load_autoencoder, load_text_encoder, load_unet
+from ..components import load_autoencoder, load_text_encoder
+from ..components.backbones import load_backbone
 from ..components.denoiser import Residuals, denoiser_for
 from ..components.record import Conditioning
 from ..conditioning import Conditioner
@@ -22,8 +23,7 @@ from ..diffusion import Draw, make_objective
 from ..errors import UserError
 from ..evaluation.run import shapes_eval
 from ..perf import denoiser_train_flops
-from ..recipe.schema import TextEncoderSpec, UNetSpec
-from ..sampling import build_pipeline, generate, grid
+from ..sampling import build_family_pipeline, generate, grid
 from .base import eval_mode
 from .randomness import BatchRNG
 from .registry import register
@@ -37,24 +37,21 @@ class TextToImageTrainer(TextImageData):
     # -- models ------------------------------------------------------------------------
     def build_models(self) -> None:
         m = self.recipe.model
-        if m.text_encoder is None or m.autoencoder is None:
-            raise UserError("model.text_encoder and model.autoencoder are required for this trainer")
+        specs = m.encoder_specs()
+        if not specs or m.autoencoder is None:
+            raise UserError("model.text_encoder (or model.text_encoders) and model.autoencoder are required for "
+                            "this trainer")
         device = self.accelerator.device
-        self.text_encoder = load_text_encoder(m.text_encoder or TextEncoderSpec()).to(device)
+        spec = m.denoiser_spec()
+        # built in this order (text encoders, autoencoder, backbone): a random init draws from the seed
+        self.text_encoders = [load_text_encoder(s, use_mask=spec.family != "sd3").to(device) for s in specs]
+        self.text_encoder = self.text_encoders[0]
         self.vae = load_autoencoder(m.autoencoder).to(device)
-        self.unet = load_unet(m.unet or UNetSpec(preset="tiny"))
-        cad = self.unet.config.cross_attention_dim
-        if cad != self.text_encoder.hidden_size:
-            raise UserError(
-                f"model.unet cross_attention_dim is {cad} but the text encoder's hidden size is "
-                f"{self.text_encoder.hidden_size}; set model.unet.overrides.cross_attention_dim={self.text_encoder.hidden_size}")
-        if self.text_encoder.kind == "openclip":
-            raise UserError("the text_to_image trainer exports a stock StableDiffusionPipeline, which cannot hold "
-                              "an OpenCLIP text tower; use kind clip (SD 2.x's OpenCLIP weights load as CLIPTextModel "
-                              "from the pipeline's text_encoder subfolder).")
-        self.conditioner = Conditioner(self.text_encoder)
-        self.objective = make_objective(self.recipe.noise)
+        self.unet = load_backbone(spec)  # the backbone being trained, of any family (the name is historical)
         self.denoiser = denoiser_for(self.unet)
+        check_backbone(spec.family, self.unet, self.text_encoders)
+        self.conditioner = Conditioner(self.text_encoders, self.denoiser.combine, [s.dropout for s in specs])
+        self.objective = make_objective(self.recipe.noise, patch_size=self.denoiser.patch_size)
         self.scaling_factor = float(self.vae.config.scaling_factor)
         self.shift_factor = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
         # Noise, timesteps, posterior samples and caption dropout: one stream for the global batch,
@@ -76,12 +73,13 @@ class TextToImageTrainer(TextImageData):
         caption dropout applied."""
         z = self.posterior_sample(batch)
         if "mean" in batch:
-            cond = self.cached_conditioning[self.caption_choice(batch)]
+            index = self.caption_choice(batch)
+            parts = [e[index] for e in self.cached_encodings]
         else:
             with torch.no_grad(), self.prof.phase("text_encoder"):
-                cond = self.conditioner.encode_ids(self.token_choice(batch))
-        cond = self.conditioner.drop(cond, self.recipe.data.caption_dropout, rng=self.rng)
-        return z, cond
+                parts = self.conditioner.encode_ids_parts(self.token_choices(batch))
+        parts = self.conditioner.drop_parts(parts, self.recipe.data.caption_dropout, rng=self.rng)
+        return z, self.conditioner.combine(parts)
 
     def posterior_sample(self, batch) -> torch.Tensor:
         """Scaled latents (B, C, h, w): a draw from the autoencoder's posterior, cached (mean, std)
@@ -122,27 +120,32 @@ class TextToImageTrainer(TextImageData):
         shape = getattr(self, "latent_shape", None)
         if shape is None:
             return None
-        te = self.text_encoder
+        null = self.conditioner.null()
         net = self.accelerator.unwrap_model(self.unet, keep_torch_compile=False)
-        flops = denoiser_train_flops(net, lambda x, t, c: self.denoiser(net, x, t, Conditioning(c)), shape,
-                                     (shape[0], te.max_length, te.hidden_size), self.accelerator.device,
-                                     next(net.parameters()).dtype)
+        dtype = next(net.parameters()).dtype
+        pooled = None if null.pooled is None else null.pooled.to(self.accelerator.device, dtype)
+
+        def forward(x, t, c):
+            return self.denoiser(net, x, t, Conditioning(c, None, None if pooled is None else pooled.expand(len(c), -1)))
+
+        flops = denoiser_train_flops(net, forward, shape, (shape[0], *null.states.shape[1:]), self.accelerator.device,
+                                     dtype)
         return flops / shape[0]
 
     # -- sampling, artifact, evaluation ------------------------------------------------
     def pipeline(self, sampler: str):
-        te = self.text_encoder
-        te.tokenizer.model_max_length = te.max_length  # the stock pipeline pads to this length
-        return build_pipeline(self.vae, te.model, te.tokenizer, self.unwrap(self.unet), self.objective.scheduler,
-                              sampler)
+        """The family's stock pipeline around the modules in memory."""
+        return build_family_pipeline(self.denoiser.family, self.vae, self.text_encoders, self.unwrap(self.unet),
+                                     self.objective.scheduler, sampler)
 
     def sample(self, prompts: list[str], seeds: list[int], sampler: str, steps: int, guidance: float):
         """Images from the stock pipeline around the modules in memory, conditioned through the
         conditioner (the null condition as the negative)."""
         with eval_mode(self.unwrap(self.unet)):
             pipe = self.pipeline(sampler)
-            return generate(pipe, prompts, seeds, steps, guidance, prompt_embeds=self.conditioner.encode(prompts).states,
-                            negative_embeds=self.conditioner.null().states)
+            cond, null = self.conditioner.encode(prompts), self.conditioner.null()
+            return generate(pipe, prompts, seeds, steps, guidance, prompt_embeds=cond.states, negative_embeds=null.states,
+                            pooled=cond.pooled if self.denoiser.family == "sd3" else None, negative_pooled=null.pooled)
 
     def validate(self, step: int) -> dict[str, float]:
         v = self.recipe.validation
@@ -162,10 +165,11 @@ class TextToImageTrainer(TextImageData):
         return {}
 
     def save(self, out_dir: Path) -> None:
-        pipe = self.pipeline("dpm++")
+        pipe = self.pipeline(self.objective.artifact_sampler)
         pipe.save_pretrained(out_dir / "pipeline")
         self.export(out_dir / "pipeline")
-        self.write_single_file(pipe, out_dir / "pipeline")
+        if self.denoiser.family == "unet":
+            self.write_single_file(pipe, out_dir / "pipeline")
 
     def evaluate(self) -> dict:
         e = self.recipe.eval
@@ -178,6 +182,36 @@ class TextToImageTrainer(TextImageData):
         when given, else where runs of the recipe look it up)."""
         self.build_models()
         self.build_data(cache_out=out)
+
+
+def check_backbone(family: str, net, encoders) -> None:
+    """One sentence for a backbone that cannot read what the text encoders give."""
+    if family == "unet":
+        cad = net.config.cross_attention_dim
+        if len(encoders) == 1 and cad != encoders[0].hidden_size:
+            raise UserError(
+                f"model.unet cross_attention_dim is {cad} but the text encoder's hidden size is "
+                f"{encoders[0].hidden_size}; set model.unet.overrides.cross_attention_dim={encoders[0].hidden_size}")
+        if encoders[0].kind == "openclip":
+            raise UserError("the text_to_image trainer exports a stock StableDiffusionPipeline, which cannot hold "
+                            "an OpenCLIP text tower; use kind clip (SD 2.x's OpenCLIP weights load as CLIPTextModel "
+                            "from the pipeline's text_encoder subfolder).")
+    if family == "sd3":
+        clips = encoders[:2]
+        if len(encoders) not in (2, 3) or any(te.kind != "clip" or te.hidden_layer != -2 or
+                                              not hasattr(te.model, "text_projection") for te in clips) \
+                or (len(encoders) == 3 and encoders[2].kind != "t5"):
+            raise UserError("the sd3 backbone reads what StableDiffusion3Pipeline encodes: model.text_encoders "
+                            "lists two CLIPs with projection: true and hidden_layer: -2, then optionally a t5.")
+        width = sum(te.hidden_size for te in clips)
+        cfg = net.config
+        t5 = encoders[2].hidden_size if len(encoders) == 3 else cfg.joint_attention_dim
+        pooled = sum(int(te.model.config.projection_dim) for te in clips)
+        if width > cfg.joint_attention_dim or t5 != cfg.joint_attention_dim or pooled != cfg.pooled_projection_dim:
+            raise UserError(f"the sd3 backbone has joint_attention_dim {cfg.joint_attention_dim} and "
+                            f"pooled_projection_dim {cfg.pooled_projection_dim}, but its text encoders give states "
+                            f"{width} wide (T5: {t5}) and a pooled vector of {pooled}; set "
+                            f"model.denoiser.overrides to match.")
 
 
 def evaluate_shapes(trainer, out: Path, e) -> dict:

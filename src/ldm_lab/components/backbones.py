@@ -1,0 +1,59 @@
+"""The network being trained, by family: the cross-attention UNet (``unet.py``) or the SD3 MMDiT
+(diffusers ``SD3Transformer2DModel``), from pretrained weights or from an architecture preset plus
+overrides. A new family is one builder and its presets here, and one adapter in ``denoiser.py``.
+
+The transformer presets are the published sizes (random weights: for GPU benchmarks and
+from-scratch runs) and ``tiny``, which trains on the shapes world on a laptop CPU.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import SD3Transformer2DModel
+
+from ..recipe.schema import DenoiserSpec, UNetSpec
+from .unet import load_unet
+
+SD3_PRESETS: dict[str, dict[str, Any]] = {
+    # the shapes world: 8x8 latents of 4 channels, one token per latent pixel; two 64-wide shapes
+    # CLIPs side by side (128) and their two 512-wide projections (1024) as the pooled vector
+    "tiny": dict(sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=4, attention_head_dim=32,
+                 num_attention_heads=4, joint_attention_dim=128, caption_projection_dim=128,
+                 pooled_projection_dim=1024, pos_embed_max_size=16),
+    # Stable Diffusion 3 medium (2B) and 3.5 large (8B), as published
+    "sd3-medium": dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+                       attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+                       caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=192),
+    "sd35-large": dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=38,
+                       attention_head_dim=64, num_attention_heads=38, joint_attention_dim=4096,
+                       caption_projection_dim=2432, pooled_projection_dim=2048, pos_embed_max_size=192,
+                       qk_norm="rms_norm"),
+}
+
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {"sd3": SD3_PRESETS}
+CLASSES: dict[str, type] = {"sd3": SD3Transformer2DModel}
+COMPONENT = {"unet": "unet", "sd3": "transformer"}  # the backbone's subfolder in the family's pipeline
+
+
+def backbone_config(spec: DenoiserSpec) -> dict[str, Any]:
+    if spec.config is not None:
+        return {**spec.config, **spec.overrides}
+    presets = PRESETS[spec.family]
+    if spec.preset not in presets:
+        raise ValueError(f"unknown {spec.family} preset {spec.preset!r}; choose from {', '.join(presets)}")
+    return {**presets[spec.preset], **spec.overrides}
+
+
+def load_backbone(spec: DenoiserSpec) -> torch.nn.Module:
+    """The backbone a recipe's ``model.denoiser`` (or ``model.unet``) names."""
+    if spec.family == "unet":
+        return load_unet(UNetSpec(pretrained=spec.pretrained, subfolder=spec.subfolder, revision=spec.revision,
+                                  config=spec.config, preset=spec.preset if spec.pretrained is None and spec.config
+                                  is None else None, overrides=spec.overrides))
+    cls = CLASSES[spec.family]
+    if spec.pretrained is not None:
+        kw = {k: v for k, v in (("subfolder", spec.subfolder), ("revision", spec.revision)) if v}
+        return cls.from_pretrained(spec.pretrained, **kw, **spec.overrides)
+    return cls(**backbone_config(spec))

@@ -1,0 +1,154 @@
+"""The SD3 family (MMDiT, flow matching) through the seams: the combine rule against the stock
+pipeline's own prompt encoding, per-encoder dropout, the adapter against a direct call, and a
+tiny run whose artifact loads with stock StableDiffusion3Pipeline in a process that never imports
+ldm_lab and reproduces the in-training sample."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+from PIL import Image
+
+from conftest import REPO
+from ldm_lab.cli import main as cli_main
+from ldm_lab.components.backbones import SD3_PRESETS
+from ldm_lab.components.denoiser import SD3Denoiser, denoiser_for
+from ldm_lab.components.record import Conditioning
+from ldm_lab.components.text_encoders import load_text_encoder
+from ldm_lab.conditioning import Conditioner
+from ldm_lab.errors import UserError
+from ldm_lab.recipe.schema import TextEncoderSpec
+from ldm_lab.sampling import build_family_pipeline
+from ldm_lab.trainers.randomness import BatchRNG
+
+RECIPE = REPO / "recipes/shapes/sd3.yaml"
+PROMPT = "a large red circle at the center on a white background"
+
+
+def _clip(parts, **kw):
+    return load_text_encoder(TextEncoderSpec(kind="clip", pretrained=str(parts["clip"]), subfolder="text_encoder",
+                                             projection=True, hidden_layer=-2, **kw))
+
+
+def _t5(parts):
+    return load_text_encoder(TextEncoderSpec(kind="t5", tokenizer=str(parts["clip"] / "tokenizer"), max_length=12, config=dict(
+        d_model=48, d_ff=64, num_layers=1, num_heads=2, d_kv=16, vocab_size=49408)), use_mask=False)
+
+
+def _net(joint=128):
+    torch.manual_seed(0)
+    return SD3Transformer2DModel(**{**SD3_PRESETS["tiny"], "num_layers": 1, "joint_attention_dim": joint})
+
+
+@pytest.mark.parametrize("with_t5", [False, True])
+def test_combine_is_the_stock_pipelines_prompt_encoding(tiny_parts, with_t5):
+    torch.manual_seed(1)
+    encs = [_clip(tiny_parts), _clip(tiny_parts)] + ([_t5(tiny_parts)] if with_t5 else [])
+    net = _net(48 if with_t5 else 128)
+    den = denoiser_for(net)
+    cond = Conditioner(encs, den.combine)
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from ldm_lab.components import load_autoencoder
+    from ldm_lab.recipe.schema import AutoencoderSpec
+    vae = load_autoencoder(AutoencoderSpec(pretrained=str(tiny_parts["vae"])))
+    pipe = build_family_pipeline("sd3", vae, encs, net, FlowMatchEulerDiscreteScheduler(), "euler")
+    L = encs[2].max_length if with_t5 else 0
+    pe, npe, pooled, npooled = pipe.encode_prompt([PROMPT, "a blue star"], None, None, do_classifier_free_guidance=True,
+                                                  negative_prompt=["", ""], max_sequence_length=L)
+    ours, null = cond.encode([PROMPT, "a blue star"]), cond.null()
+    torch.testing.assert_close(ours.states, pe, rtol=0, atol=0)
+    torch.testing.assert_close(ours.pooled, pooled)  # float rounding of the projection only (~5e-7)
+    torch.testing.assert_close(null.states.expand_as(npe), npe, rtol=0, atol=0)
+    torch.testing.assert_close(null.pooled.expand_as(npooled), npooled)
+    assert ours.states.shape[1] == encs[0].max_length + L
+
+
+def test_the_adapter_is_the_direct_call(tiny_parts):
+    net = _net()
+    g = torch.Generator().manual_seed(0)
+    x, c, p = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 20, 128, generator=g), torch.randn(2, 1024, generator=g)
+    t = torch.tensor([10.0, 900.0])
+    want = net(hidden_states=x, timestep=t, encoder_hidden_states=c, pooled_projections=p).sample
+    assert torch.equal(SD3Denoiser(net)(net, x, t, Conditioning(c, None, p)), want)
+
+
+def test_each_encoder_drops_on_its_own(tiny_parts):
+    encs = [_clip(tiny_parts), _clip(tiny_parts)]
+    cond = Conditioner(encs, denoiser_for(_net()).combine, dropouts=[1.0, None])
+    parts = cond.encode_parts([PROMPT] * 64)
+    out = cond.drop_parts(parts, 0.5, rng=BatchRNG(0))
+    null0, null1 = cond.null_parts()
+    assert torch.equal(out[0].states, null0.states.expand_as(out[0].states))  # always dropped
+    dropped = (out[1].pooled == null1.pooled).all(1)
+    assert 16 < int(dropped.sum()) < 48  # about half, drawn on its own
+    assert torch.equal(out[1].pooled[~dropped], parts[1].pooled[~dropped])
+
+
+def test_sd3_needs_two_projected_clips(tiny_parts, tmp_path, capsys):
+    rc = cli_main(["train", str(RECIPE), f"model.text_encoders=[{{kind: clip, pretrained: {tiny_parts['clip']}, "
+                   "subfolder: text_encoder}]", f"model.autoencoder.pretrained={tiny_parts['vae']}",
+                   f"output.dir={tmp_path / 'run'}", "train.max_steps=1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "two CLIPs with projection: true" in err and "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def sd3_run(tiny_parts, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("sd3")
+    te = f"{{kind: clip, pretrained: {tiny_parts['clip']}, subfolder: text_encoder, projection: true, hidden_layer: -2}}"
+    ov = [f"model.text_encoders=[{te}, {te}]", f"model.autoencoder.pretrained={tiny_parts['vae']}",
+          "model.denoiser.overrides={num_layers: 2}",
+          "data.shapes.n=64", "data.shapes.resolution=32", "data.resolution=32", f"data.cache_dir={root / 'data'}",
+          "train.batch_size=8", "train.max_steps=6", "train.checkpoint_every=6", "validation.every=6",
+          "train.ema.enabled=false", f"validation.prompts=[{PROMPT}]", "validation.steps=3",
+          "eval.n=4", "eval.heldout_n=2", "eval.steps=2", "logging.tracker=none", "logging.log_every=3",
+          f"output.dir={root / 'run'}"]
+    assert cli_main(["train", str(RECIPE), *ov]) == 0
+    return root / "run"
+
+
+def test_stock_sd3_pipeline_reproduces_the_in_training_sample(sd3_run):
+    assert json.loads((sd3_run / "pipeline" / "scheduler" / "scheduler_config.json").read_text())["_class_name"] \
+        == "FlowMatchEulerDiscreteScheduler"
+    seed = json.loads((sd3_run / "samples" / "step-000006" / "samples.jsonl").read_text().splitlines()[0])["seed"]
+    code = f"""
+import sys, numpy as np, torch
+from diffusers import StableDiffusion3Pipeline
+# no T5 in this pipeline: passed as None, as diffusers documents for SD3 without its T5
+pipe = StableDiffusion3Pipeline.from_pretrained({str(sd3_run / 'pipeline')!r}, text_encoder_3=None, tokenizer_3=None)
+img = pipe({PROMPT!r}, negative_prompt="", num_inference_steps=3, guidance_scale=2.5, max_sequence_length=0,
+           generator=torch.Generator().manual_seed({seed}), output_type="np").images[0]
+np.save(sys.argv[1], (img * 255).round().astype(np.uint8))
+assert not any(m.startswith("ldm_lab") for m in sys.modules), "ldm_lab was imported"
+"""
+    out = sd3_run.parent / "stock.npy"
+    r = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=300,
+                       env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    stock = np.load(out).astype(int)
+    ours = np.asarray(Image.open(sd3_run / "samples" / "step-000006" / "00.png").convert("RGB")).astype(int)
+    assert stock.shape == ours.shape == (32, 32, 3)
+    assert np.abs(stock - ours).max() <= 1
+
+
+def test_sd3_run_evaluates_and_logs(sd3_run):
+    m = json.loads((sd3_run / "metrics.json").read_text())["shapes_eval"]
+    assert m["n"] == 6
+    hist = [json.loads(x) for x in (sd3_run / "history.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(h["loss"]) for h in hist)
+
+
+def test_overrides_index_the_text_encoders():
+    from ldm_lab.recipe import load_recipe
+
+    r = load_recipe(RECIPE, ["model.text_encoders.1.dropout=0.3"], check_paths=False)
+    assert r.model.text_encoders[1].dropout == 0.3 and r.model.text_encoders[0].dropout is None
+    with pytest.raises(UserError, match="'5' is not an index of that list"):
+        load_recipe(RECIPE, ["model.text_encoders.5.dropout=0"], check_paths=False)
