@@ -152,3 +152,13 @@ def test_overrides_index_the_text_encoders():
     assert r.model.text_encoders[1].dropout == 0.3 and r.model.text_encoders[0].dropout is None
     with pytest.raises(UserError, match="'5' is not an index of that list"):
         load_recipe(RECIPE, ["model.text_encoders.5.dropout=0"], check_paths=False)
+
+
+@pytest.mark.parametrize("trainer", ["lora", "dreambooth", "controlnet"])
+def test_plugins_not_yet_on_sd3_say_so(tiny_parts, tmp_path, capsys, trainer):
+    te = f"{{kind: clip, pretrained: {tiny_parts['clip']}, subfolder: text_encoder, projection: true, hidden_layer: -2}}"
+    rc = cli_main(["train", str(RECIPE), f"trainer={trainer}", f"model.text_encoders=[{te}, {te}]",
+                   f"model.autoencoder.pretrained={tiny_parts['vae']}", f"output.dir={tmp_path / 'run'}",
+                   "data.caption_dropout=0"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"the {trainer} trainer runs on the unet denoiser family so far" in err, err[-500:]

@@ -142,6 +142,8 @@ def _check_paths(recipe: Recipe, source: str) -> None:
         ("model.text_encoder", recipe.model.text_encoder),
         ("model.autoencoder", recipe.model.autoencoder),
         ("model.unet", recipe.model.unet),
+        ("model.denoiser", recipe.model.denoiser),
+        *((f"model.text_encoders.{k}", te) for k, te in enumerate(recipe.model.text_encoders or [])),
     ]
     for key, spec in specs:
         if spec is None or spec.pretrained is None:

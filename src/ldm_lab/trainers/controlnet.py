@@ -81,6 +81,7 @@ class ControlRows(Dataset):
 @register
 class ControlNetTrainer(TextToImageTrainer):
     name = "controlnet"
+    families = ("unet",)
 
     def setup(self) -> None:
         self.opts = o = ControlNetOptions.model_validate(self.recipe.plugin)

@@ -207,6 +207,7 @@ def collate_paired(items: list[list[dict]]) -> dict:
 @register
 class DreamBoothTrainer(LoRATrainer):
     name = "dreambooth"
+    families = ("unet",)
 
     def setup(self) -> None:
         self.opts = o = DreamBoothOptions.model_validate(self.recipe.plugin)

@@ -49,6 +49,7 @@ def _adapter_state(module) -> dict[str, torch.Tensor]:
 @register
 class LoRATrainer(TextToImageTrainer):
     name = "lora"
+    families = ("unet",)
 
     def setup(self) -> None:
         self.opts = LoRAOptions.model_validate(self.recipe.plugin)

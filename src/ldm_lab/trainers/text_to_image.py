@@ -33,6 +33,7 @@ from .text_image_data import TextImageData
 @register
 class TextToImageTrainer(TextImageData):
     name = "text_to_image"
+    families = ("unet", "sd3")  # the denoiser families this trainer (and its artifact) handles
 
     # -- models ------------------------------------------------------------------------
     def build_models(self) -> None:
@@ -43,6 +44,9 @@ class TextToImageTrainer(TextImageData):
                             "this trainer")
         device = self.accelerator.device
         spec = m.denoiser_spec()
+        if spec.family not in self.families:
+            raise UserError(f"the {self.name} trainer runs on the {' / '.join(self.families)} denoiser family so far, "
+                            f"not {spec.family}; train {spec.family} with trainer: text_to_image.")
         # built in this order (text encoders, autoencoder, backbone): a random init draws from the seed
         self.text_encoders = [load_text_encoder(s, use_mask=spec.family != "sd3").to(device) for s in specs]
         self.text_encoder = self.text_encoders[0]
