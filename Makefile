@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 RUN := $(BIN)/python
 
-.PHONY: setup test test-slow lint bench bench-gpu demo demo-lora demo-dreambooth demo-controlnet subject pretrained clean
+.PHONY: setup test test-slow lint bench bench-gpu demo demo-sd3 demo-pixart demo-lora demo-dreambooth demo-controlnet subject pretrained clean
 
 setup:
 	$(PY) -m venv $(VENV)
@@ -43,6 +43,14 @@ demo:
 		--mixed_precision no --dynamo_backend no -m ldm_lab.train recipes/shapes/t2i.yaml
 
 # LoRA demo: teach the shipped base (data/pretrained/shapes-t2i) the shape "heart".
+# The transformer families on the same world: an SD3-class MMDiT with flow matching, a PixArt-class
+# DiT with DDPM and a learned variance.
+demo-sd3:
+	$(BIN)/ldm-lab train recipes/shapes/sd3.yaml
+
+demo-pixart:
+	$(BIN)/ldm-lab train recipes/shapes/pixart.yaml
+
 demo-lora:
 	$(BIN)/ldm-lab train recipes/shapes/lora.yaml
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import diffusers
 import torch
-from diffusers import (DiffusionPipeline, StableDiffusion3Pipeline, StableDiffusionControlNetPipeline,
-                       StableDiffusionPipeline)
+from diffusers import (DiffusionPipeline, PixArtAlphaPipeline, PixArtSigmaPipeline, StableDiffusion3Pipeline,
+                       StableDiffusionControlNetPipeline, StableDiffusionPipeline)
 from PIL import Image, ImageDraw, ImageFont
 
 from .recipe.choices import FLOW_SAMPLERS, SAMPLERS
@@ -75,13 +75,21 @@ def build_pipeline(vae, text_encoder, tokenizer, unet, noise_scheduler, sampler:
 
 def build_family_pipeline(family: str, vae, text_encoders, backbone, noise_scheduler, sampler: str = "dpm++"):
     """The stock pipeline of the backbone's family around in-memory modules: StableDiffusionPipeline
-    (unet) or StableDiffusion3Pipeline (sd3: CLIP, CLIP, T5 or none). Each tokenizer's
+    (unet), PixArtSigmaPipeline (pixart; PixArtAlphaPipeline for a backbone with the resolution
+    condition) or StableDiffusion3Pipeline (sd3: CLIP, CLIP, T5 or none). Each tokenizer's
     ``model_max_length`` becomes its encoder's training length, so the pipeline pads as training did."""
     for te in text_encoders:
         te.tokenizer.model_max_length = te.max_length
     if family == "unet":
         te = text_encoders[0]
         return build_pipeline(vae, te.model, te.tokenizer, backbone, noise_scheduler, sampler)
+    if family == "pixart":
+        te = text_encoders[0]
+        cls = PixArtAlphaPipeline if backbone.use_additional_conditions else PixArtSigmaPipeline
+        pipe = cls(tokenizer=te.tokenizer, text_encoder=te.model, vae=vae, transformer=backbone,
+                   scheduler=make_sampler(sampler, noise_scheduler.config))
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
     t5 = text_encoders[2] if len(text_encoders) == 3 else None
     if getattr(vae.config, "shift_factor", None) is None:  # the SD3 pipeline adds it when decoding
         vae.register_to_config(shift_factor=0.0)
@@ -99,12 +107,14 @@ def generate(pipe: StableDiffusionPipeline, prompts: list[str], seeds: list[int]
              batch_size: int = 64, prompt_embeds: torch.Tensor | None = None,
              negative_embeds: torch.Tensor | None = None, control: list | None = None,
              pooled: torch.Tensor | None = None, negative_pooled: torch.Tensor | None = None,
+             mask: torch.Tensor | None = None, negative_mask: torch.Tensor | None = None,
              **pipe_kwargs) -> list[Image.Image]:
     """One image per (prompt, seed). Each image depends only on its own seed, not on batching.
 
     With ``prompt_embeds`` (one row per prompt) and ``negative_embeds`` (1 row) the pipeline
     skips its own text encoding: that is how in-training sampling uses the conditioner (with
-    ``pooled`` / ``negative_pooled`` for families that read a pooled vector, SD3).
+    ``pooled`` / ``negative_pooled`` for families that read a pooled vector, SD3, and ``mask`` /
+    ``negative_mask`` for those that read the token mask, PixArt).
     ``control`` (ControlNet pipelines): per prompt, a control image, or a list of them (one per
     ControlNet of a multi-ControlNet pipeline); ``pipe_kwargs`` go to the pipeline call
     (``controlnet_conditioning_scale``, ``guess_mode``).
@@ -114,10 +124,16 @@ def generate(pipe: StableDiffusionPipeline, prompts: list[str], seeds: list[int]
     if isinstance(pipe, StableDiffusion3Pipeline) and prompt_embeds is None:
         # as many T5 tokens as training read (none without a T5)
         pipe_kwargs.setdefault("max_sequence_length", pipe.tokenizer_3.model_max_length if pipe.text_encoder_3 else 0)
+    if isinstance(pipe, (PixArtAlphaPipeline, PixArtSigmaPipeline)):
+        # the prompt as given, padded to the training length, at the model's own size (no size bins)
+        pipe_kwargs.setdefault("clean_caption", False)
+        pipe_kwargs.setdefault("use_resolution_binning", False)
+        if prompt_embeds is None:
+            pipe_kwargs.setdefault("max_sequence_length", pipe.tokenizer.model_max_length)
     with _offset_fits(pipe, steps):
         for s in range(0, len(prompts), batch_size):
             images += _generate_batch(pipe, prompts, seeds, steps, guidance, s, batch_size, device, prompt_embeds,
-                                      negative_embeds, control, pipe_kwargs, pooled, negative_pooled)
+                                      negative_embeds, control, pipe_kwargs, pooled, negative_pooled, mask, negative_mask)
     return images
 
 
@@ -144,15 +160,20 @@ class _offset_fits:
 
 
 def _generate_batch(pipe, prompts, seeds, steps, guidance, s, batch_size, device, prompt_embeds, negative_embeds,
-                    control, pipe_kwargs, pooled=None, negative_pooled=None) -> list[Image.Image]:
+                    control, pipe_kwargs, pooled=None, negative_pooled=None, mask=None,
+                    negative_mask=None) -> list[Image.Image]:
     gens = [torch.Generator(device="cpu").manual_seed(int(x)) for x in seeds[s:s + batch_size]]
     kw = dict(num_inference_steps=steps, guidance_scale=guidance, generator=gens, output_type="pil", **pipe_kwargs)
     if prompt_embeds is not None:
         pe = prompt_embeds[s:s + batch_size].to(device)
-        kw.update(prompt_embeds=pe, negative_prompt_embeds=negative_embeds.to(device).expand(len(pe), -1, -1))
+        kw.update(prompt_embeds=pe, negative_prompt_embeds=negative_embeds.to(device).expand(len(pe), -1, -1),
+                  negative_prompt=None)  # PixArt's default negative prompt is "", refused beside the embeds
         if pooled is not None:
             kw.update(pooled_prompt_embeds=pooled[s:s + batch_size].to(device),
                       negative_pooled_prompt_embeds=negative_pooled.to(device).expand(len(pe), -1))
+        if mask is not None:
+            kw.update(prompt_attention_mask=mask[s:s + batch_size].to(device).long(),
+                      negative_prompt_attention_mask=negative_mask.to(device).long().expand(len(pe), -1))
     else:
         kw.update(prompt=prompts[s:s + batch_size], negative_prompt=[""] * len(prompts[s:s + batch_size]))
     if control is not None:

@@ -1,5 +1,5 @@
-"""The network being trained, by family: the cross-attention UNet (``unet.py``) or the SD3 MMDiT
-(diffusers ``SD3Transformer2DModel``), from pretrained weights or from an architecture preset plus
+"""The network being trained, by family: the cross-attention UNet (``unet.py``), the PixArt text DiT
+(diffusers ``PixArtTransformer2DModel``) or the SD3 MMDiT (``SD3Transformer2DModel``), from pretrained weights or from an architecture preset plus
 overrides. A new family is one builder and its presets here, and one adapter in ``denoiser.py``.
 
 The transformer presets are the published sizes (random weights: for GPU benchmarks and
@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from diffusers import SD3Transformer2DModel
+from diffusers import PixArtTransformer2DModel, SD3Transformer2DModel
 
 from ..recipe.schema import DenoiserSpec, UNetSpec
 from .unet import load_unet
@@ -32,9 +32,23 @@ SD3_PRESETS: dict[str, dict[str, Any]] = {
                        qk_norm="rms_norm"),
 }
 
-PRESETS: dict[str, dict[str, dict[str, Any]]] = {"sd3": SD3_PRESETS}
-CLASSES: dict[str, type] = {"sd3": SD3Transformer2DModel}
-COMPONENT = {"unet": "unet", "sd3": "transformer"}  # the backbone's subfolder in the family's pipeline
+PIXART_PRESETS: dict[str, dict[str, Any]] = {
+    # the shapes world: 8x8 latents of 4 channels, one token per latent pixel, cross-attention to the
+    # 64-wide shapes CLIP; out_channels 8 = a learned variance beside the prediction (4 without one)
+    "tiny": dict(sample_size=8, patch_size=1, in_channels=4, out_channels=8, num_layers=4, attention_head_dim=32,
+                 num_attention_heads=4, cross_attention_dim=128, caption_channels=64,
+                 use_additional_conditions=False),
+    # PixArt-α XL/2 (512 px, 600M) and PixArt-Σ XL/2 (1024 px), as published: T5-XXL states (4096)
+    "pixart-alpha-512": dict(sample_size=64, patch_size=2, in_channels=4, out_channels=8, num_layers=28,
+                             attention_head_dim=72, num_attention_heads=16, cross_attention_dim=1152,
+                             caption_channels=4096, use_additional_conditions=False),
+    "pixart-sigma-1024": dict(sample_size=128, patch_size=2, in_channels=4, out_channels=8, num_layers=28,
+                              attention_head_dim=72, num_attention_heads=16, cross_attention_dim=1152,
+                              caption_channels=4096, use_additional_conditions=False, interpolation_scale=2),
+}
+
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {"pixart": PIXART_PRESETS, "sd3": SD3_PRESETS}
+CLASSES: dict[str, type] = {"pixart": PixArtTransformer2DModel, "sd3": SD3Transformer2DModel}
 
 
 def backbone_config(spec: DenoiserSpec) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from diffusers import SD3Transformer2DModel, UNet2DConditionModel
+from diffusers import PixArtTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
 
 from ..errors import UserError
 from .record import Conditioning
@@ -38,6 +38,8 @@ class Denoiser:
     controlnet_pipeline_class = ""
     component = "unet"  # the backbone's subfolder in that pipeline
     patch_size = 1  # latent pixels per token side (the token count of resolution-dependent shifts)
+    learned_variance = False  # the output holds a variance beside the prediction (2×C channels)
+    reads_mask = False  # the text encoders' attention masks matter to this backbone (its pipeline passes them)
 
     def __init__(self, net: torch.nn.Module | None = None):
         """``net``: the bare backbone the adapter serves (its config sets sizes the adapter needs)."""
@@ -80,6 +82,37 @@ class UNetDenoiser(Denoiser):
         return Residuals(list(down), mid)
 
 
+class PixArtDenoiser(Denoiser):
+    """diffusers ``PixArtTransformer2DModel`` (PixArt-α / Σ, DiT with adaLN-single): patches of the
+    latent, cross-attention to the token states *with their mask* (as the stock PixArt pipelines
+    pass it). With ``out_channels`` = 2 × ``in_channels`` the output is the prediction and a learned
+    variance (IDDPM), which the DDPM objective trains with its hybrid loss and the pipeline discards."""
+
+    family = "pixart"
+    component = "transformer"
+    reads_mask = True
+
+    def __init__(self, net):
+        cfg = net.config
+        self.patch_size = int(cfg.patch_size)
+        self.learned_variance = cfg.out_channels == 2 * cfg.in_channels
+        self.extra = bool(net.use_additional_conditions)  # PixArt-α 1024: resolution and aspect ratio
+        self.pipeline_class = "PixArtAlphaPipeline" if self.extra else "PixArtSigmaPipeline"
+        self.latent_factor = 8  # pixels per latent pixel (for the resolution condition); set by the trainer
+
+    def __call__(self, net, x_t, t, cond, residuals=None):
+        if residuals is not None:
+            raise UserError("ControlNet residuals on the pixart backbone are not supported.")
+        extra = {"resolution": None, "aspect_ratio": None}
+        if self.extra:
+            h, w = x_t.shape[-2] * self.latent_factor, x_t.shape[-1] * self.latent_factor
+            extra = {"resolution": x_t.new_tensor([[h, w]]).expand(len(x_t), 2),
+                     "aspect_ratio": x_t.new_tensor([[h / w]]).expand(len(x_t), 1)}
+        mask = None if cond.mask is None else cond.mask.to(x_t.dtype)
+        return net(x_t, encoder_hidden_states=cond.states, encoder_attention_mask=mask,
+                   timestep=t.expand(len(x_t)) if t.ndim == 0 else t, added_cond_kwargs=extra, return_dict=False)[0]
+
+
 class SD3Denoiser(Denoiser):
     """diffusers ``SD3Transformer2DModel`` (the MMDiT of Stable Diffusion 3 / 3.5): joint attention
     over the latent patches and the token states, the pooled vector through adaLN. ``combine`` is
@@ -115,7 +148,8 @@ class SD3Denoiser(Denoiser):
                    return_dict=False)[0]
 
 
-ADAPTERS: dict[type, type[Denoiser]] = {UNet2DConditionModel: UNetDenoiser, SD3Transformer2DModel: SD3Denoiser}
+ADAPTERS: dict[type, type[Denoiser]] = {UNet2DConditionModel: UNetDenoiser, PixArtTransformer2DModel: PixArtDenoiser,
+                                        SD3Transformer2DModel: SD3Denoiser}
 
 
 def denoiser_for(module: torch.nn.Module) -> Denoiser:

@@ -52,7 +52,9 @@ class TextEncoder(nn.Module):
         super().__init__()
         self.kind, self.model, self.tokenizer, self.max_length = kind, model, tokenizer, max_length
         self.hidden_layer = hidden_layer  # -1: the last state (after the final norm); -k: hidden_states[-k]
-        self.use_mask = kind == "t5" if use_mask is None else use_mask  # T5 reads its mask (SD3's does not)
+        # T5 reads its mask by default (SD3's does not); a CLIP reads one where the backbone's pipeline
+        # passes the tokenizer's mask (PixArt)
+        self.use_mask = kind == "t5" if use_mask is None else use_mask
 
     @property
     def hidden_size(self) -> int:
@@ -74,11 +76,16 @@ class TextEncoder(nn.Module):
     def encode_ids(self, ids: torch.Tensor) -> Conditioning:
         ids = ids.to(self.device)
         if self.kind == "clip":
-            deep = self.hidden_layer != -1
-            out = self.model(ids, output_hidden_states=True) if deep else self.model(ids)
+            deep, kw = self.hidden_layer != -1, {}
+            if self.use_mask:  # the tokenizer's mask: every token up to the first end-of-text (= padding)
+                eos = ids == self.tokenizer.eos_token_id
+                mask = (eos.long().cumsum(1) - eos.long()) == 0
+                kw["attention_mask"] = mask.long()
+            out = self.model(ids, output_hidden_states=True, **kw) if deep else self.model(ids, **kw)
             states = out.hidden_states[self.hidden_layer] if deep else out.last_hidden_state
             # the projected end-of-text state with a projection head (SD3), else CLIP's pooler output
-            return Conditioning(states, None, out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output)
+            return Conditioning(states, mask if self.use_mask else None,
+                                out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output)
         if self.kind == "t5":
             mask = ids != self.tokenizer.pad_token_id
             out = self.model(ids, attention_mask=mask.long() if self.use_mask else None,

@@ -87,8 +87,8 @@ def _encoder_inputs(te) -> dict:
     out = {"weights": module_digest(te), "kind": te.kind, "max_length": te.max_length}
     if te.hidden_layer != -1:
         out["hidden_layer"] = te.hidden_layer
-    if te.kind == "t5" and not te.use_mask:
-        out["mask"] = False
+    if te.use_mask != (te.kind == "t5"):  # a T5 without its mask (SD3), a CLIP with one (PixArt)
+        out["mask"] = te.use_mask
     return out
 
 

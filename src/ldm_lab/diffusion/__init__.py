@@ -13,9 +13,10 @@ OBJECTIVES: dict[str, type[Objective]] = {DDPMObjective.name: DDPMObjective,
                                           FlowMatchingObjective.name: FlowMatchingObjective}
 
 
-def make_objective(noise, patch_size: int = 1) -> Objective:
-    """The objective a recipe's ``noise:`` section describes, for a denoiser with ``patch_size``."""
-    return OBJECTIVES[noise.objective].from_spec(noise, patch_size=patch_size)
+def make_objective(noise, patch_size: int = 1, learned_variance: bool = False) -> Objective:
+    """The objective a recipe's ``noise:`` section describes, for a denoiser with ``patch_size``
+    whose output does (or not) carry a learned variance."""
+    return OBJECTIVES[noise.objective].from_spec(noise, patch_size=patch_size, learned_variance=learned_variance)
 
 
 __all__ = [

@@ -12,8 +12,9 @@ from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 from diffusers.utils.torch_utils import randn_tensor
 
-from .objective import Draw, Objective
+from .objective import Draw, Objective, diffusion_loss
 from .schedule import PREDICTION_TYPES, make_noise_scheduler
+from .vlb import vlb_terms
 
 
 def _prediction_type(scheduler: DDPMScheduler) -> str:
@@ -102,7 +103,8 @@ def sample_timesteps(
 
 class DDPMObjective(Objective):
     """Discrete-time DDPM on the recipe's beta schedule: epsilon / v / x0 prediction, min-SNR-γ,
-    offset noise, input perturbation and zero-terminal-SNR (``noise:`` in the recipe). The network
+    offset noise, input perturbation and zero-terminal-SNR (``noise:`` in the recipe), and a learned
+    variance (IDDPM's hybrid loss) for backbones that output one. The network
     gets integer timesteps; ``scheduler`` (the training DDPMScheduler) is what the samplers are
     built from, so they inherit the betas, prediction type and timestep spacing."""
 
@@ -111,17 +113,20 @@ class DDPMObjective(Objective):
     def __init__(self, num_train_timesteps: int = 1000, beta_schedule: str = "scaled_linear",
                  beta_start: float = 0.00085, beta_end: float = 0.012, prediction_type: str = "epsilon",
                  zero_terminal_snr: bool = False, min_snr_gamma: float | None = None, noise_offset: float = 0.0,
-                 input_perturbation: float = 0.0, min_timestep: int = 0, max_timestep: int | None = None):
+                 input_perturbation: float = 0.0, min_timestep: int = 0, max_timestep: int | None = None,
+                 learned_variance: bool = False, vlb_weight: float = 0.001):
+        self.learned_variance, self.vlb_weight = learned_variance, vlb_weight
         self.bounds = (min_timestep, num_train_timesteps if max_timestep is None else max_timestep)
         self.scheduler = make_noise_scheduler(num_train_timesteps, beta_schedule, beta_start, beta_end,
                                               prediction_type, zero_terminal_snr)
         self.min_snr_gamma, self.noise_offset, self.input_perturbation = min_snr_gamma, noise_offset, input_perturbation
 
     @classmethod
-    def from_spec(cls, noise, patch_size: int = 1) -> DDPMObjective:
+    def from_spec(cls, noise, patch_size: int = 1, learned_variance: bool = False) -> DDPMObjective:
         return cls(noise.num_train_timesteps, noise.beta_schedule, noise.beta_start, noise.beta_end,
                    noise.prediction_type, noise.zero_terminal_snr, noise.min_snr_gamma, noise.noise_offset,
-                   noise.input_perturbation, noise.min_timestep, noise.max_timestep)
+                   noise.input_perturbation, noise.min_timestep, noise.max_timestep, learned_variance,
+                   noise.vlb_weight)
 
     def draw(self, x0: torch.Tensor, rng) -> Draw:
         # draw order (fixed: checkpoints resume bit-exactly): noise, offset, perturbation, timesteps
@@ -131,4 +136,15 @@ class DDPMObjective(Objective):
         x_t = self.scheduler.add_noise(x0, noise_in, t)
         target = target_for(self.scheduler, x0, noise, t)
         weight = min_snr_weights(self.scheduler, t, self.min_snr_gamma) if self.min_snr_gamma else None
-        return Draw(x_t, t, target, weight)
+        return Draw(x_t, t, target, weight, x0 if self.learned_variance else None)
+
+    def loss(self, prediction: torch.Tensor, draw: Draw) -> torch.Tensor:
+        """The weighted MSE; with a learned variance (the network's output is 2×C channels: the
+        prediction, then v ∈ [−1, 1]) IDDPM's hybrid L_simple + λ·L_vlb, λ·T per sample
+        (``vlb.vlb_terms``: the bound trains the variance only)."""
+        if not self.learned_variance:
+            return super().loss(prediction, draw)
+        mean_out, variance_values = prediction.chunk(2, dim=1)
+        mse = diffusion_loss(mean_out, draw.target, draw.weight, reduction="none")
+        vb = vlb_terms(self.scheduler, draw.x0, draw.x_t, draw.t, mean_out, variance_values)
+        return mse + self.vlb_weight * self.scheduler.config.num_train_timesteps * vb

@@ -87,7 +87,10 @@ class FlowMatchingObjective(Objective):
             max_image_seq_len=max_image_seq_len)
 
     @classmethod
-    def from_spec(cls, noise, patch_size: int = 1) -> FlowMatchingObjective:
+    def from_spec(cls, noise, patch_size: int = 1, learned_variance: bool = False) -> FlowMatchingObjective:
+        if learned_variance:
+            raise ValueError("a learned variance is trained by the DDPM variational bound; flow matching has "
+                             "none: use a backbone without the extra output channels, or noise.objective ddpm")
         return cls(noise.num_train_timesteps, noise.timestep_density, noise.logit_mean, noise.logit_std,
                    noise.mode_scale, noise.loss_weighting, noise.shift, noise.dynamic_shift, noise.base_shift,
                    noise.max_shift, noise.base_image_seq_len, noise.max_image_seq_len, noise.min_timestep,

@@ -24,6 +24,7 @@ class Draw:
     t: torch.Tensor  # what the network is told about the noise level (timesteps or scaled sigmas)
     target: torch.Tensor  # what the network should predict
     weight: torch.Tensor | None = None  # per-sample loss weights (B,), None for 1
+    x0: torch.Tensor | None = None  # the clean latents, for losses that need them (the VLB term)
 
 
 class Objective:
@@ -34,9 +35,10 @@ class Objective:
     artifact_sampler = "dpm++"  # the sampler a saved pipeline ships with
 
     @classmethod
-    def from_spec(cls, noise, patch_size: int = 1) -> Objective:
-        """The objective a recipe's ``noise:`` section describes (``patch_size``: the denoiser's
-        patch, for objectives that depend on the latent's token count)."""
+    def from_spec(cls, noise, patch_size: int = 1, learned_variance: bool = False) -> Objective:
+        """The objective a recipe's ``noise:`` section describes, for a denoiser with ``patch_size``
+        (objectives that depend on the latent's token count) that does or does not output a
+        learned variance beside its prediction."""
         raise NotImplementedError
 
     def draw(self, x0: torch.Tensor, rng) -> Draw:

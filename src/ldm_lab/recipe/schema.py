@@ -58,10 +58,10 @@ class UNetSpec(PretrainedSpec):
 
 
 class DenoiserSpec(PretrainedSpec):
-    """The network being trained, by family: ``unet`` (UNet2DConditionModel), ``sd3`` (the MMDiT,
-    SD3Transformer2DModel). ``preset`` names an architecture of the family (``components.backbones``)."""
+    """The network being trained, by family: ``unet`` (UNet2DConditionModel), ``pixart`` (the text
+    DiT, PixArtTransformer2DModel), ``sd3`` (the MMDiT, SD3Transformer2DModel). ``preset`` names an architecture of the family (``components.backbones``)."""
 
-    family: Literal["unet", "sd3"] = "unet"
+    family: Literal["unet", "pixart", "sd3"] = "unet"
     preset: str | None = None
     overrides: dict[str, Any] = Field(default_factory=dict)
 
@@ -122,6 +122,7 @@ class NoiseSpec(Strict):
     min_snr_gamma: float | None = Field(None, gt=0)
     noise_offset: float = Field(0.0, ge=0)
     input_perturbation: float = Field(0.0, ge=0)
+    vlb_weight: float = Field(0.001, ge=0)  # λ of L_simple + λ·L_vlb for a backbone with a learned variance
     # flow
     timestep_density: Literal["logit_normal", "mode", "uniform"] = "logit_normal"
     logit_mean: float = 0.0
@@ -154,7 +155,7 @@ class NoiseSpec(Strict):
 
 
 DDPM_KEYS = {"beta_schedule", "beta_start", "beta_end", "prediction_type", "zero_terminal_snr", "min_snr_gamma",
-             "noise_offset", "input_perturbation"}
+             "noise_offset", "input_perturbation", "vlb_weight"}
 FLOW_KEYS = {"timestep_density", "logit_mean", "logit_std", "mode_scale", "loss_weighting", "shift", "dynamic_shift",
              "base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len"}
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..components import load_autoencoder, load_text_encoder
+from ..components import latent_factor, load_autoencoder, load_text_encoder
 from ..components.backbones import load_backbone
 from ..components.denoiser import Residuals, denoiser_for
 from ..components.record import Conditioning
@@ -33,7 +33,7 @@ from .text_image_data import TextImageData
 @register
 class TextToImageTrainer(TextImageData):
     name = "text_to_image"
-    families = ("unet", "sd3")  # the denoiser families this trainer (and its artifact) handles
+    families = ("unet", "pixart", "sd3")  # the denoiser families this trainer (and its artifact) handles
 
     # -- models ------------------------------------------------------------------------
     def build_models(self) -> None:
@@ -48,14 +48,20 @@ class TextToImageTrainer(TextImageData):
             raise UserError(f"the {self.name} trainer runs on the {' / '.join(self.families)} denoiser family so far, "
                             f"not {spec.family}; train {spec.family} with trainer: text_to_image.")
         # built in this order (text encoders, autoencoder, backbone): a random init draws from the seed
-        self.text_encoders = [load_text_encoder(s, use_mask=spec.family != "sd3").to(device) for s in specs]
+        # whether the encoders run with their attention masks: as the family's stock pipeline does
+        use_mask = {"sd3": False, "pixart": True}.get(spec.family)
+        self.text_encoders = [load_text_encoder(s, use_mask=use_mask).to(device) for s in specs]
         self.text_encoder = self.text_encoders[0]
         self.vae = load_autoencoder(m.autoencoder).to(device)
         self.unet = load_backbone(spec)  # the backbone being trained, of any family (the name is historical)
         self.denoiser = denoiser_for(self.unet)
+        self.denoiser.latent_factor = latent_factor(self.vae)
         check_backbone(spec.family, self.unet, self.text_encoders)
         self.conditioner = Conditioner(self.text_encoders, self.denoiser.combine, [s.dropout for s in specs])
-        self.objective = make_objective(self.recipe.noise, patch_size=self.denoiser.patch_size)
+        try:
+            self.objective = make_objective(self.recipe.noise, self.denoiser.patch_size, self.denoiser.learned_variance)
+        except ValueError as e:
+            raise UserError(f"noise.objective {self.recipe.noise.objective}: {e}.") from None
         self.scaling_factor = float(self.vae.config.scaling_factor)
         self.shift_factor = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
         # Noise, timesteps, posterior samples and caption dropout: one stream for the global batch,
@@ -148,8 +154,10 @@ class TextToImageTrainer(TextImageData):
         with eval_mode(self.unwrap(self.unet)):
             pipe = self.pipeline(sampler)
             cond, null = self.conditioner.encode(prompts), self.conditioner.null()
+            fam = self.denoiser.family
             return generate(pipe, prompts, seeds, steps, guidance, prompt_embeds=cond.states, negative_embeds=null.states,
-                            pooled=cond.pooled if self.denoiser.family == "sd3" else None, negative_pooled=null.pooled)
+                            pooled=cond.pooled if fam == "sd3" else None, negative_pooled=null.pooled,
+                            mask=cond.mask if fam == "pixart" else None, negative_mask=null.mask)
 
     def validate(self, step: int) -> dict[str, float]:
         v = self.recipe.validation
@@ -200,6 +208,14 @@ def check_backbone(family: str, net, encoders) -> None:
             raise UserError("the text_to_image trainer exports a stock StableDiffusionPipeline, which cannot hold "
                             "an OpenCLIP text tower; use kind clip (SD 2.x's OpenCLIP weights load as CLIPTextModel "
                             "from the pipeline's text_encoder subfolder).")
+    if family == "pixart":
+        if len(encoders) != 1:
+            raise UserError("the pixart backbone reads one text encoder (T5 as published, or a CLIP); give "
+                            "model.text_encoder.")
+        if net.config.caption_channels != encoders[0].hidden_size:
+            raise UserError(f"model.denoiser caption_channels is {net.config.caption_channels} but the text encoder's "
+                            f"hidden size is {encoders[0].hidden_size}; set model.denoiser.overrides.caption_channels="
+                            f"{encoders[0].hidden_size}")
     if family == "sd3":
         clips = encoders[:2]
         if len(encoders) not in (2, 3) or any(te.kind != "clip" or te.hidden_layer != -2 or

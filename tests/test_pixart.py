@@ -1,0 +1,169 @@
+"""The PixArt family (text DiT, DDPM with a learned variance) through the seams: the VLB pieces
+against closed forms, the hybrid loss, the adapter against a direct call, the CLIP mask against the
+tokenizer's, and a tiny run whose artifact loads with stock PixArtSigmaPipeline in a process that
+never imports ldm_lab and reproduces the in-training sample."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler, PixArtTransformer2DModel
+from PIL import Image
+
+from conftest import REPO
+from ldm_lab.cli import main as cli_main
+from ldm_lab.components.backbones import PIXART_PRESETS
+from ldm_lab.components.denoiser import PixArtDenoiser, denoiser_for
+from ldm_lab.components.record import Conditioning
+from ldm_lab.components.text_encoders import load_text_encoder
+from ldm_lab.diffusion.ddpm import DDPMObjective
+from ldm_lab.diffusion.vlb import gaussian_nll, normal_kl, posterior, vlb_terms
+from ldm_lab.recipe.schema import TextEncoderSpec
+from ldm_lab.trainers.randomness import BatchRNG
+
+RECIPE = REPO / "recipes/shapes/pixart.yaml"
+PROMPT = "a large red circle at the center on a white background"
+
+
+def test_gaussian_kl_and_nll_closed_forms():
+    g = torch.Generator().manual_seed(0)
+    m1, m2, lv1, lv2, x = (torch.randn(50, generator=g) for _ in range(5))
+    want = torch.distributions.kl_divergence(torch.distributions.Normal(m1, (lv1 / 2).exp()),
+                                             torch.distributions.Normal(m2, (lv2 / 2).exp()))
+    torch.testing.assert_close(normal_kl(m1, lv1, m2, lv2), want)
+    torch.testing.assert_close(gaussian_nll(x, m1, lv1), -torch.distributions.Normal(m1, (lv1 / 2).exp()).log_prob(x))
+
+
+def test_posterior_by_hand():
+    s = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    g = torch.Generator().manual_seed(1)
+    x0, xt = torch.randn(3, 4, 2, 2, generator=g), torch.randn(3, 4, 2, 2, generator=g)
+    t = torch.tensor([0, 10, 999])
+    mean, logvar, log_beta = posterior(s, x0, xt, t)
+    ab = s.alphas_cumprod.double()
+    for i, k in enumerate(t.tolist()):
+        prev = ab[k - 1] if k > 0 else torch.tensor(1.0, dtype=torch.float64)
+        beta = s.betas[k].double()
+        m = (prev.sqrt() * beta / (1 - ab[k])) * x0[i] + ((1 - beta).sqrt() * (1 - prev) / (1 - ab[k])) * xt[i]
+        torch.testing.assert_close(mean[i], m.float())
+        var = beta * (1 - prev) / (1 - ab[k]) if k > 0 else s.betas[1].double() * (1 - ab[0]) / (1 - ab[1])
+        assert logvar[i].item() == pytest.approx(math.log(var.item()), rel=1e-6)
+        assert log_beta[i].item() == pytest.approx(math.log(beta.item()), rel=1e-6)
+        if k > 0:  # the scheduler's own fixed-small variance is β̃_t
+            assert s._get_variance(k).item() == pytest.approx(var.item(), rel=1e-4)
+
+
+def test_the_bound_is_zero_for_the_true_mean_and_variance():
+    s = DDPMScheduler()
+    g = torch.Generator().manual_seed(2)
+    x0, eps = torch.randn(4, 4, 2, 2, generator=g), torch.randn(4, 4, 2, 2, generator=g)
+    t = torch.tensor([1, 50, 500, 999])
+    xt = s.add_noise(x0, eps, t)
+    vb = vlb_terms(s, x0, xt, t, eps, -torch.ones_like(x0))  # v = −1: the posterior's variance
+    assert vb.abs().max().item() < 1e-4
+    assert (vlb_terms(s, x0, xt, t, eps, torch.ones_like(x0)) > 0).all()  # β_t instead: a positive KL
+
+
+def test_hybrid_loss_trains_the_variance_by_the_bound_only():
+    obj = DDPMObjective(learned_variance=True)
+    x0 = torch.randn(8, 4, 4, 4, generator=torch.Generator().manual_seed(3))
+    d = obj.draw(x0, BatchRNG(0))
+    out = torch.randn(8, 8, 4, 4, generator=torch.Generator().manual_seed(4)).requires_grad_(True)
+    loss = obj.loss(out, d)
+    mse = (out[:, :4] - d.target).pow(2).flatten(1).mean(1)
+    vb = vlb_terms(obj.scheduler, x0, d.x_t, d.t, out[:, :4], out[:, 4:])
+    torch.testing.assert_close(loss, mse + 0.001 * 1000 * vb)
+    loss.sum().backward()
+    torch.testing.assert_close(out.grad[:, :4], 2 * (out[:, :4] - d.target).detach() / (4 * 4 * 4))  # MSE only
+
+
+def _net(out_channels=8, caption=32):
+    torch.manual_seed(0)
+    return PixArtTransformer2DModel(**{**PIXART_PRESETS["tiny"], "num_layers": 1, "out_channels": out_channels,
+                                       "caption_channels": caption})
+
+
+def test_the_adapter_is_the_direct_call():
+    net = _net()
+    g = torch.Generator().manual_seed(0)
+    x, c = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 20, 32, generator=g)
+    mask = torch.zeros(2, 20, dtype=torch.bool)
+    mask[:, :7] = True
+    t = torch.tensor([10, 900])
+    want = net(x, encoder_hidden_states=c, encoder_attention_mask=mask.float(), timestep=t,
+               added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+    den = denoiser_for(net)
+    assert isinstance(den, PixArtDenoiser) and den.learned_variance
+    assert torch.equal(den(net, x, t, Conditioning(c, mask)), want)
+    assert not denoiser_for(_net(out_channels=4)).learned_variance
+
+
+def test_clip_mask_is_the_tokenizers(tiny_parts):
+    te = load_text_encoder(TextEncoderSpec(kind="clip", pretrained=str(tiny_parts["clip"]), subfolder="text_encoder"),
+                           use_mask=True)
+    prompts = [PROMPT, "", "a blue star"]
+    tok = te.tokenizer(prompts, padding="max_length", max_length=te.max_length, truncation=True, return_tensors="pt")
+    rec = te(prompts)
+    assert torch.equal(rec.mask.long(), tok.attention_mask)
+    want = te.model(tok.input_ids, attention_mask=tok.attention_mask).last_hidden_state
+    torch.testing.assert_close(rec.states, want, rtol=0, atol=0)
+
+
+def test_flow_with_a_learned_variance_is_refused(tiny_parts, tmp_path, capsys):
+    rc = cli_main(["train", str(RECIPE), "noise={objective: flow}", f"model.text_encoder.pretrained={tiny_parts['clip']}",
+                   f"model.autoencoder.pretrained={tiny_parts['vae']}", "model.denoiser.overrides={caption_channels: 32}",
+                   f"output.dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "flow matching has none" in err and "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def pixart_run(tiny_parts, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("pixart")
+    ov = [f"model.text_encoder.pretrained={tiny_parts['clip']}", f"model.autoencoder.pretrained={tiny_parts['vae']}",
+          "model.denoiser.overrides={num_layers: 2, caption_channels: 32}",
+          "data.shapes.n=64", "data.shapes.resolution=32", "data.resolution=32", f"data.cache_dir={root / 'data'}",
+          "train.batch_size=8", "train.max_steps=6", "train.checkpoint_every=6", "validation.every=6",
+          "train.ema.enabled=false", f"validation.prompts=[{PROMPT}]", "validation.steps=3",
+          "eval.n=4", "eval.heldout_n=2", "eval.steps=2", "logging.tracker=none", "logging.log_every=3",
+          f"output.dir={root / 'run'}"]
+    assert cli_main(["train", str(RECIPE), *ov]) == 0
+    return root / "run"
+
+
+def test_stock_pixart_pipeline_reproduces_the_in_training_sample(pixart_run):
+    index = json.loads((pixart_run / "pipeline" / "model_index.json").read_text())
+    assert index["_class_name"] == "PixArtSigmaPipeline" and index["transformer"][1] == "PixArtTransformer2DModel"
+    seed = json.loads((pixart_run / "samples" / "step-000006" / "samples.jsonl").read_text().splitlines()[0])["seed"]
+    code = f"""
+import sys, numpy as np, torch
+from diffusers import PixArtSigmaPipeline
+pipe = PixArtSigmaPipeline.from_pretrained({str(pixart_run / 'pipeline')!r})
+img = pipe({PROMPT!r}, negative_prompt="", num_inference_steps=3, guidance_scale=2.5, clean_caption=False,
+           use_resolution_binning=False, max_sequence_length=pipe.tokenizer.model_max_length,
+           generator=torch.Generator().manual_seed({seed}), output_type="np").images[0]
+np.save(sys.argv[1], (img * 255).round().astype(np.uint8))
+assert not any(m.startswith("ldm_lab") for m in sys.modules), "ldm_lab was imported"
+"""
+    out = pixart_run.parent / "stock.npy"
+    r = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=300,
+                       env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    stock = np.load(out).astype(int)
+    ours = np.asarray(Image.open(pixart_run / "samples" / "step-000006" / "00.png").convert("RGB")).astype(int)
+    assert stock.shape == ours.shape == (32, 32, 3)
+    assert np.abs(stock - ours).max() <= 1
+
+
+def test_pixart_run_evaluates_and_logs(pixart_run):
+    m = json.loads((pixart_run / "metrics.json").read_text())["shapes_eval"]
+    assert m["n"] == 6
+    hist = [json.loads(x) for x in (pixart_run / "history.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(h["loss"]) for h in hist)
