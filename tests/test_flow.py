@@ -149,3 +149,33 @@ def test_recipe_keys_of_the_other_objective_are_refused():
         NoiseSpec(objective="flow", min_snr_gamma=5.0)
     with pytest.raises(ValueError, match="timestep bounds"):
         NoiseSpec(objective="flow", min_timestep=900, max_timestep=100)
+
+
+def test_a_unet_trains_with_flow_and_its_stock_pipeline_samples_it(tiny_parts, tmp_path, capsys):
+    """Flow matching is a recipe choice for any backbone with a sampler: the UNet's
+    StableDiffusionPipeline runs the flow DPM-Solver (FlowMatchEuler lacks scale_model_input)."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO, tiny_t2i_overrides
+    from ldm_lab.cli import main as cli_main
+
+    recipe = REPO / "recipes/shapes/t2i.yaml"
+    ov = tiny_t2i_overrides(tiny_parts, tmp_path / "run", tmp_path / "data") + ["noise={objective: flow, shift: 2.0}"]
+    rc = cli_main(["train", str(recipe), *ov, "validation.sampler=euler"])
+    assert rc == 2 and "choose dpm++ or unipc" in capsys.readouterr().err
+    assert cli_main(["train", str(recipe), *ov]) == 0
+    sched = json.loads((tmp_path / "run/pipeline/scheduler/scheduler_config.json").read_text())
+    assert sched["_class_name"] == "DPMSolverMultistepScheduler" and sched["use_flow_sigmas"] and sched["flow_shift"] == 2.0
+    code = f"""
+import sys, numpy as np
+from diffusers import StableDiffusionPipeline
+pipe = StableDiffusionPipeline.from_pretrained({str(tmp_path / 'run/pipeline')!r})
+out = pipe("a red circle", num_inference_steps=3, output_type="np").images
+assert out.shape == (1, 32, 32, 3) and np.isfinite(out).all()
+assert not any(m.startswith("ldm_lab") for m in sys.modules)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0, r.stderr[-2000:]

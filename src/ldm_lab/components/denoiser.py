@@ -40,6 +40,9 @@ class Denoiser:
     patch_size = 1  # latent pixels per token side (the token count of resolution-dependent shifts)
     learned_variance = False  # the output holds a variance beside the prediction (2×C channels)
     reads_mask = False  # the text encoders' attention masks matter to this backbone (its pipeline passes them)
+    # the flow-matching samplers its stock pipeline can run (it calls scheduler.scale_model_input,
+    # which FlowMatchEuler lacks; the flow DPM-Solver / UniPC have it)
+    flow_samplers: tuple[str, ...] = ("dpm++", "unipc")
 
     def __init__(self, net: torch.nn.Module | None = None):
         """``net``: the bare backbone the adapter serves (its config sets sizes the adapter needs)."""
@@ -125,6 +128,7 @@ class SD3Denoiser(Denoiser):
     family = "sd3"
     pipeline_class = "StableDiffusion3Pipeline"
     component = "transformer"
+    flow_samplers = ("euler", "dpm++", "unipc")
 
     def __init__(self, net):
         self.patch_size = int(net.config.patch_size)

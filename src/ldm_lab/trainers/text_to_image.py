@@ -62,6 +62,16 @@ class TextToImageTrainer(TextImageData):
             self.objective = make_objective(self.recipe.noise, self.denoiser.patch_size, self.denoiser.learned_variance)
         except ValueError as e:
             raise UserError(f"noise.objective {self.recipe.noise.objective}: {e}.") from None
+        self.artifact_sampler = self.objective.artifact_sampler
+        if self.objective.name == "flow":
+            ok = self.denoiser.flow_samplers
+            if self.artifact_sampler not in ok:
+                self.artifact_sampler = ok[0]
+            for key, sampler in (("validation.sampler", self.recipe.validation.sampler),
+                                 ("eval.sampler", self.recipe.eval.sampler)):
+                if sampler not in ok:
+                    raise UserError(f"{key} is {sampler}, which the {spec.family} pipeline cannot run for a "
+                                    f"flow-matching model; choose {' or '.join(ok)}.")
         self.scaling_factor = float(self.vae.config.scaling_factor)
         self.shift_factor = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
         # Noise, timesteps, posterior samples and caption dropout: one stream for the global batch,
@@ -177,7 +187,7 @@ class TextToImageTrainer(TextImageData):
         return {}
 
     def save(self, out_dir: Path) -> None:
-        pipe = self.pipeline(self.objective.artifact_sampler)
+        pipe = self.pipeline(self.artifact_sampler)
         pipe.save_pretrained(out_dir / "pipeline")
         self.export(out_dir / "pipeline")
         if self.denoiser.family == "unet":
