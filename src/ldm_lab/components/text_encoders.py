@@ -161,7 +161,10 @@ def load_text_encoder(spec: TextEncoderSpec, use_mask: bool | None = None) -> Te
         if spec.kind == "t5" and use_mask is not False:  # a stock pipeline holding it passes the mask too
             model.config.use_attention_mask = True
         tok_ref = spec.tokenizer or spec.pretrained
-        tok_sub = {} if spec.tokenizer else ({"subfolder": "tokenizer"} if spec.subfolder == "text_encoder" else sub)
+        # a pipeline's text_encoder_2 has its tokenizer in tokenizer_2 (SD3, SDXL)
+        in_pipeline = (spec.subfolder or "").startswith("text_encoder")
+        tok_sub = {} if spec.tokenizer else ({"subfolder": spec.subfolder.replace("text_encoder", "tokenizer", 1)}
+                                             if in_pipeline else sub)
         if tok_ref is None:
             raise ValueError("a text encoder built from a config needs 'tokenizer' (a tokenizer dir or hub id)")
         tokenizer = AutoTokenizer.from_pretrained(tok_ref, **tok_sub, **rev)

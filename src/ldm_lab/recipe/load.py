@@ -15,8 +15,9 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from ..errors import UserError
+from .pipeline_base import fill_from_pipeline, looks_local, pipeline_defaults  # noqa: F401 (re-exported)
 from .plugins import PLUGIN_OPTIONS
-from .schema import AutoencoderSpec, PretrainedSpec, Recipe, TextEncoderSpec, UNetSpec
+from .schema import PretrainedSpec, Recipe
 
 
 def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
@@ -126,13 +127,6 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def looks_local(ref: str) -> bool:
-    """True when ``ref`` names a local path rather than a hub id like ``org/name``."""
-    if ref.startswith((".", "/", "~")) or ref.count("/") > 1 or Path(ref).exists():
-        return True
-    return "/" in ref and Path(ref.split("/")[0]).is_dir()  # "data/x" where data/ is here
-
-
 def _check_paths(recipe: Recipe, source: str) -> None:
     pipe = recipe.model.pipeline
     if pipe is not None and looks_local(pipe) and not (Path(pipe).expanduser() / "model_index.json").exists():
@@ -180,63 +174,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None, dat
         raise UserError(_explain(e, source, PLUGIN_OPTIONS[recipe.trainer], ("plugin",))) from None
     if check_paths:
         _check_paths(recipe, source)
-    return _fill_from_pipeline(recipe)
-
-
-def _fill_from_pipeline(recipe: Recipe) -> Recipe:
-    """``model.pipeline``: components the recipe does not give come from the pipeline's subfolders."""
-    m = recipe.model
-    if m.pipeline is None:
-        return recipe
-    if m.text_encoder is None:
-        m.text_encoder = TextEncoderSpec(kind="clip", pretrained=m.pipeline, subfolder="text_encoder")
-    if m.autoencoder is None:
-        m.autoencoder = AutoencoderSpec(pretrained=m.pipeline, subfolder="vae")
-    if m.unet is None:
-        m.unet = UNetSpec(pretrained=m.pipeline, subfolder="unet")
-    return recipe
-
-
-def _pipeline_json(pipeline: str, subfolder: str, name: str) -> dict:
-    p = Path(pipeline) / subfolder / name
-    if not p.exists():
-        if looks_local(pipeline):
-            raise UserError(f"model.pipeline '{pipeline}' has no {subfolder}/{name}; "
-                              "give a diffusers pipeline dir (the one save_pretrained writes).")
-        from huggingface_hub import hf_hub_download  # here: only a hub pipeline needs it (startup time)
-
-        try:
-            p = Path(hf_hub_download(pipeline, name, subfolder=subfolder))
-        except Exception as e:  # noqa: BLE001 - network, auth or missing file: one sentence for all
-            raise UserError(f"cannot read {subfolder}/{name} of model.pipeline '{pipeline}' "
-                              f"({type(e).__name__}); check the hub id and your connection.") from None
-    return json.loads(p.read_text())
-
-
-def pipeline_defaults(recipe: Recipe) -> Recipe:
-    """Keys the recipe leaves unset take ``model.pipeline``'s values, so a fine-tune trains with
-    the noise schedule and prediction type its base was trained with, at its native resolution.
-
-    Reads the pipeline's small config files (from the hub for a hub id); called when a run
-    starts and by ``recipe show``, not by ``recipe check``.
-    """
-    m = recipe.model
-    if m.pipeline is None:
-        return recipe
-    cfg = _pipeline_json(m.pipeline, "scheduler", "scheduler_config.json")
-    n = recipe.noise
-    mapping = {"num_train_timesteps": "num_train_timesteps", "beta_schedule": "beta_schedule",
-               "beta_start": "beta_start", "beta_end": "beta_end", "prediction_type": "prediction_type",
-               "zero_terminal_snr": "rescale_betas_zero_snr"}
-    given = set(n.model_fields_set)
-    for ours, theirs in mapping.items():
-        if ours not in given and cfg.get(theirs) is not None:
-            setattr(n, ours, cfg[theirs])
-    if "resolution" not in recipe.data.model_fields_set:
-        unet = _pipeline_json(m.pipeline, "unet", "config.json")
-        vae = _pipeline_json(m.pipeline, "vae", "config.json")
-        recipe.data.resolution = int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
-    return recipe
+    return fill_from_pipeline(recipe)
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -12,6 +12,12 @@ from .choices import SamplerName
 from .schema import Strict
 
 # UNet module-name suffixes (diffusers UNet2DConditionModel) each LoRA target preset adapts.
+# The SD3 MMDiT: the attention projections of both streams (latent: to_*, text: add_*_proj / to_add_out),
+# as diffusers' SD3 LoRA example targets; + both feed-forwards; no convolutions to add
+_SD3_ATTN = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+_SD3_FF = ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
+SD3_TARGET_PRESETS: dict[str, list[str]] = {"attn": _SD3_ATTN, "attn_ff": _SD3_ATTN + _SD3_FF,
+                                            "attn_ff_conv": _SD3_ATTN + _SD3_FF}
 UNET_TARGET_PRESETS: dict[str, list[str]] = {
     # attention projections of every transformer block (self- and cross-attention)
     "attn": ["to_q", "to_k", "to_v", "to_out.0"],
@@ -30,7 +36,7 @@ class LoRAOptions(Strict):
     rank: int = Field(8, ge=1)
     alpha: float | None = Field(None, gt=0)  # default: equal to rank (scale 1)
     dropout: float = Field(0.0, ge=0, lt=1)
-    # a preset name (see UNET_TARGET_PRESETS) or an explicit list of module-name suffixes / regex
+    # a preset name (see UNET_TARGET_PRESETS, SD3_TARGET_PRESETS) or an explicit list of module-name suffixes / regex
     targets: Literal["attn", "attn_ff", "attn_ff_conv"] | list[str] = "attn"
     # peft init_lora_weights: "default" (Kaiming A, zero B), "gaussian", "pissa", "olora"
     init: Literal["default", "gaussian", "pissa", "olora"] = "default"
@@ -50,8 +56,10 @@ class LoRAOptions(Strict):
                              "LoRA of the original base); use one of them")
         return self
 
-    def unet_targets(self) -> list[str]:
-        return list(UNET_TARGET_PRESETS[self.targets]) if isinstance(self.targets, str) else list(self.targets)
+    def unet_targets(self, family: str = "unet") -> list[str]:
+        """The backbone's target modules: the family's preset, or the list given."""
+        presets = SD3_TARGET_PRESETS if family == "sd3" else UNET_TARGET_PRESETS
+        return list(presets[self.targets]) if isinstance(self.targets, str) else list(self.targets)
 
 
 class DreamBoothOptions(LoRAOptions):

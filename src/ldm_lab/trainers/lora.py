@@ -49,7 +49,7 @@ def _adapter_state(module) -> dict[str, torch.Tensor]:
 @register
 class LoRATrainer(TextToImageTrainer):
     name = "lora"
-    families = ("unet",)
+    families = ("unet", "sd3")
 
     def setup(self) -> None:
         self.opts = LoRAOptions.model_validate(self.recipe.plugin)
@@ -62,11 +62,11 @@ class LoRATrainer(TextToImageTrainer):
         """Freeze the UNet and add the adapters (and the text encoder's, when trained)."""
         o = self.opts
         self.unet.requires_grad_(False)
-        self.unet_targets = o.unet_targets()
+        self.unet_targets = o.unet_targets(self.denoiser.family)
         try:
             self.unet.add_adapter(lora_config(o.rank, o.alpha, self.unet_targets, o.dropout, o.init, o.dora))
         except ValueError as e:
-            raise UserError(f"plugin.targets {self.unet_targets} do not match modules of this UNet "
+            raise UserError(f"plugin.targets {self.unet_targets} do not match modules of this {self.denoiser.family} backbone "
                               f"({str(e).splitlines()[0][:160]}); use a preset (attn, attn_ff, attn_ff_conv) "
                               "or module names such as to_q, to_k, to_v, to_out.0.") from None
         # PiSSA / OLoRA move the adapters' initial product out of the base weights (W_res = W - s B0 A0);
@@ -75,6 +75,8 @@ class LoRATrainer(TextToImageTrainer):
         if o.init in ("pissa", "olora"):
             self.initial_adapters["unet"] = {k: v.clone() for k, v in _adapter_state(self.unet).items()}
         self.te_model = None
+        if o.train_text_encoder and self.denoiser.family != "unet":
+            raise UserError(f"plugin.train_text_encoder is for the unet family so far; unset it for {self.denoiser.family}.")
         if o.train_text_encoder:
             te = self.text_encoder.model
             te.requires_grad_(False)
@@ -176,9 +178,11 @@ class LoRATrainer(TextToImageTrainer):
 
     # -- artifact ------------------------------------------------------------------------
     def save(self, out_dir: Path) -> None:
-        unet = self.unwrap(self.unet)
+        unet, comp = self.unwrap(self.unet), self.denoiser.component
         layers, cfg = self.plain_lora(unet, "unet")
-        kw = dict(unet_lora_layers=convert_state_dict_to_diffusers(layers), unet_lora_adapter_metadata=cfg)
+        if comp == "unet":
+            layers = convert_state_dict_to_diffusers(layers)
+        kw = {f"{comp}_lora_layers": layers, f"{comp}_lora_adapter_metadata": cfg}
         if self.te_model is not None:
             layers, cfg = self.plain_lora(self.unwrap(self.te_model), "text_encoder")
             kw.update(text_encoder_lora_layers=convert_state_dict_to_diffusers(layers),
@@ -214,7 +218,7 @@ class LoRATrainer(TextToImageTrainer):
         """Our description of the adapters, stored in the file's ``ldm_lab`` metadata entry."""
         o, unet = self.opts, self.unwrap(self.unet)
         return {
-            "base_model": self.recipe.model.pipeline or (self.recipe.model.unet.pretrained or ""),
+            "base_model": self.recipe.model.pipeline or (self.recipe.model.denoiser_spec().pretrained or ""),
             "rank": o.rank, "alpha": o.alpha if o.alpha is not None else o.rank, "targets": self.unet_targets,
             "dora": o.dora, "text_encoder": o.train_text_encoder,
             "text_encoder_rank": (o.text_encoder_rank or o.rank) if o.train_text_encoder else None,
