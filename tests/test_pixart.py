@@ -167,3 +167,20 @@ def test_pixart_run_evaluates_and_logs(pixart_run):
     assert m["n"] == 6
     hist = [json.loads(x) for x in (pixart_run / "history.jsonl").read_text().splitlines()]
     assert all(np.isfinite(h["loss"]) for h in hist)
+
+
+def test_dit_init_starts_from_a_zero_prediction():
+    from ldm_lab.components.backbones import load_backbone
+    from ldm_lab.recipe.schema import DenoiserSpec
+
+    torch.manual_seed(0)
+    net = load_backbone(DenoiserSpec(family="pixart", preset="tiny", init="dit",
+                                     overrides={"num_layers": 2, "caption_channels": 32}))
+    g = torch.Generator().manual_seed(0)
+    out = PixArtDenoiser(net)(net, torch.randn(2, 4, 8, 8, generator=g), torch.tensor([5, 500]),
+                              Conditioning(torch.randn(2, 20, 32, generator=g), torch.ones(2, 20, dtype=torch.bool)))
+    assert torch.equal(out, torch.zeros_like(out))
+    assert all(b.attn2.to_out[0].weight.abs().sum() == 0 for b in net.transformer_blocks)
+    assert net.transformer_blocks[0].attn1.to_q.weight.std() > 0.05  # xavier, not zeroed
+    with pytest.raises(ValueError, match="init dit initialises a pixart backbone"):
+        DenoiserSpec(family="sd3", preset="tiny", init="dit")

@@ -70,4 +70,32 @@ def load_backbone(spec: DenoiserSpec) -> torch.nn.Module:
     if spec.pretrained is not None:
         kw = {k: v for k, v in (("subfolder", spec.subfolder), ("revision", spec.revision)) if v}
         return cls.from_pretrained(spec.pretrained, **kw, **spec.overrides)
-    return cls(**backbone_config(spec))
+    net = cls(**backbone_config(spec))
+    if spec.init == "dit":  # the schema allows it for pixart only
+        dit_init(net)
+    return net
+
+
+@torch.no_grad()
+def dit_init(net: PixArtTransformer2DModel) -> None:
+    """PixArt's (and DiT's) initialisation for training from scratch: xavier-uniform linears and
+    patch embedding with zero biases, N(0, 0.02) timestep and caption embedders, and every block's
+    cross-attention output and the final projection zeroed, so each block starts as the identity
+    on the text path and the network's first prediction is 0. Draws from the global RNG (the seed)."""
+    for m in net.modules():
+        if isinstance(m, torch.nn.Linear):
+            torch.nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                torch.nn.init.zeros_(m.bias)
+    w = net.pos_embed.proj.weight
+    torch.nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    torch.nn.init.zeros_(net.pos_embed.proj.bias)
+    emb = net.adaln_single.emb.timestep_embedder
+    for lin in (emb.linear_1, emb.linear_2, net.adaln_single.linear, net.caption_projection.linear_1,
+                net.caption_projection.linear_2):
+        torch.nn.init.normal_(lin.weight, std=0.02)
+    for block in net.transformer_blocks:
+        torch.nn.init.zeros_(block.attn2.to_out[0].weight)
+        torch.nn.init.zeros_(block.attn2.to_out[0].bias)
+    torch.nn.init.zeros_(net.proj_out.weight)
+    torch.nn.init.zeros_(net.proj_out.bias)

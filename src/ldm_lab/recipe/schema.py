@@ -64,6 +64,16 @@ class DenoiserSpec(PretrainedSpec):
     family: Literal["unet", "pixart", "sd3"] = "unet"
     preset: str | None = None
     overrides: dict[str, Any] = Field(default_factory=dict)
+    # weights of a backbone built from a preset / config: the library's init, or PixArt's from-scratch
+    # init (xavier linears, N(0, 0.02) embedders, zeroed cross-attention outputs and final layer)
+    init: Literal["library", "dit"] = "library"
+
+    @model_validator(mode="after")
+    def _init_applies(self):
+        if self.init == "dit" and (self.family != "pixart" or self.pretrained is not None):
+            raise ValueError("init dit initialises a pixart backbone built from a preset or config; "
+                             "remove it here")
+        return self
 
 
 class ModelSpec(Strict):
