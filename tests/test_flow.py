@@ -179,3 +179,11 @@ assert not any(m.startswith("ldm_lab") for m in sys.modules)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
     assert r.returncode == 0, r.stderr[-2000:]
+    capsys.readouterr()
+    for sampler, says in (("euler", "choose dpm++ or unipc"), ("ddim", "does not sample a flow-matching model")):
+        rc = cli_main(["sample", str(tmp_path / "run"), "--prompt", "a red circle", "--sampler", sampler,
+                       "--steps", "2", "--out", str(tmp_path / sampler)])
+        err = capsys.readouterr().err
+        assert rc == 2 and says in err and "Traceback" not in err, err[-500:]
+    assert cli_main(["sample", str(tmp_path / "run"), "--prompt", "a red circle", "--sampler", "unipc",
+                     "--steps", "2", "--out", str(tmp_path / "unipc")]) == 0

@@ -31,7 +31,7 @@ from .data import shapes
 from .evaluation.run import shapes_eval
 from .perf import PeakMemory, Phases, device_name, peak_tflops, precision_of, release_host_memory
 from .recipe import Recipe, choices, load_recipe, pipeline_defaults
-from .sampling import generate, load_pipeline, make_sampler
+from .sampling import generate, load_pipeline, use_sampler
 from .trainers.loop import train
 
 NAIVE = ["data.cache_latents=false", "data.num_workers=0", "data.buckets.enabled=false", "train.channels_last=false",
@@ -299,7 +299,7 @@ def run_sampling(source: str, n: int = 48, heldout_n: int = 0, guidance: float =
         timing = {"s": 0.0, "images": 0}
 
         def sample(prompts, seeds, sampler, steps_, guidance_, name=name, timing=timing):
-            pipe.scheduler = make_sampler(name, pipe.scheduler.config)
+            use_sampler(pipe, name)
             images = []
             for i in range(0, len(prompts), batch):
                 t0 = time.perf_counter()

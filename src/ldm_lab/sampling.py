@@ -17,6 +17,7 @@ from diffusers import (DiffusionPipeline, PixArtAlphaPipeline, PixArtSigmaPipeli
                        StableDiffusionControlNetPipeline, StableDiffusionPipeline)
 from PIL import Image, ImageDraw, ImageFont
 
+from .errors import UserError
 from .recipe.choices import FLOW_SAMPLERS, SAMPLERS
 
 
@@ -53,6 +54,20 @@ def _flow_sampler(name: str, cfg) -> object:
         raise ValueError(f"sampler '{name}' has no resolution-dependent shift; sample with euler")
     return getattr(diffusers, entry.scheduler)(num_train_timesteps=cfg.get("num_train_timesteps", 1000),
                                                flow_shift=shift, **entry.kwargs)
+
+
+def use_sampler(pipe, name: str) -> None:
+    """Give a loaded pipeline the scheduler of sampler ``name`` for the model it holds; a sampler
+    that model or that pipeline cannot run is one sentence (the pipelines other than SD3 call
+    ``scheduler.scale_model_input``, which FlowMatchEuler lacks)."""
+    try:
+        scheduler = make_sampler(name, pipe.scheduler.config)
+    except ValueError as e:
+        raise UserError(f"{e}.") from None
+    if not hasattr(scheduler, "scale_model_input") and not isinstance(pipe, StableDiffusion3Pipeline):
+        raise UserError(f"sampler '{name}' cannot drive this {type(pipe).__name__}'s flow-matching model; "
+                        f"choose dpm++ or unipc.")
+    pipe.scheduler = scheduler
 
 
 def default_steps(name: str) -> int:

@@ -49,7 +49,7 @@ def autoencoder(args) -> int:
 def pipeline(args) -> int:
     # torch and diffusers load only for the eval actions that run a model
     from ..lora_io import apply_loras
-    from ..sampling import generate, load_pipeline, make_sampler
+    from ..sampling import generate, load_pipeline, use_sampler
 
     if args.world and not Path(args.world).is_dir():
         raise UserError(f"--world '{args.world}' is not a directory; give a shapes dataset dir (it has world.json).")
@@ -64,7 +64,7 @@ def pipeline(args) -> int:
         apply_loras(pipe, loras)
 
     def sample(prompts, seeds, sampler, steps, guidance):
-        pipe.scheduler = make_sampler(sampler, pipe.scheduler.config)
+        use_sampler(pipe, sampler)
         return generate(pipe, prompts, seeds, steps, guidance)
 
     result = shapes_eval(sample, world, Path(args.out), args.n, args.heldout_n, args.seed, args.sampler,
@@ -82,7 +82,7 @@ def controlnet(args) -> int:
     # torch and diffusers load only for the eval actions that run a model
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 
-    from ..sampling import generate, load_pipeline, make_sampler
+    from ..sampling import generate, load_pipeline, use_sampler
 
     src = Path(args.source)
     net_dir, recipe = src, None
@@ -109,7 +109,7 @@ def controlnet(args) -> int:
                         f"{net.config.cross_attention_dim}, '{base}' has {pipe.unet.config.cross_attention_dim}).")
     sampler, steps = args.sampler or e.sampler, args.steps or e.steps
     guidance = args.guidance if args.guidance is not None else e.guidance_scale
-    pipe.scheduler = make_sampler(sampler, pipe.scheduler.config)
+    use_sampler(pipe, sampler)
     cpipe = StableDiffusionControlNetPipeline.from_pipe(pipe, controlnet=net)
     cpipe.set_progress_bar_config(disable=True)
     low, high = (opts.canny_low, opts.canny_high) if opts is not None else (100, 200)

@@ -11,7 +11,7 @@ from PIL import Image
 
 from ..errors import UserError
 from ..lora_io import apply_loras
-from ..sampling import default_steps, generate, grid, load_pipeline, make_sampler
+from ..sampling import default_steps, generate, grid, load_pipeline, use_sampler
 from .adapters import controlnet_args, lora_args
 
 
@@ -43,7 +43,7 @@ def sample_cli(source: str, prompts: list[str], n: int = 1, steps: int | None = 
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load a pipeline from '{source}' ({str(e).splitlines()[0]}); "
                         "give a run dir, a diffusers pipeline dir or a hub id.") from None
-    pipe.scheduler = make_sampler(sampler, pipe.scheduler.config)
+    use_sampler(pipe, sampler)
     if loras:
         try:
             apply_loras(pipe, loras)
