@@ -123,3 +123,37 @@ def make_shards(root: Path, sizes: list[int], half: bool = False) -> str:
                     tar.addfile(info, io.BytesIO(payload))
                 i += 1
     return str(root / f"shard-{{000..{len(sizes) - 1:03d}}}.tar")
+
+
+def run_without_ldm_lab(code: str, *args) -> None:
+    """Run ``code`` (argv: ``args``) in a fresh offline Python that must never import ldm_lab."""
+    import subprocess
+    import sys
+
+    code += "\nimport sys as _s\nassert not any(m.startswith('ldm_lab') for m in _s.modules), 'ldm_lab was imported'\n"
+    r = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, timeout=300,
+                       env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def in_training_sample(run: Path, step: int):
+    """(seed, uint8 RGB array as int) of the first validation image a run wrote at ``step``."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    d = run / "samples" / f"step-{step:06d}"
+    seed = json.loads((d / "samples.jsonl").read_text().splitlines()[0])["seed"]
+    return seed, np.asarray(Image.open(d / "00.png").convert("RGB")).astype(int)
+
+
+def tiny_family_overrides(parts: dict[str, Path], root: Path, prompt: str) -> list[str]:
+    """Overrides that turn a shapes family recipe into a 6-step CPU run on the tiny parts (32 px,
+    EMA off, so the saved pipeline holds the weights the last validation sampled with)."""
+    return [f"model.autoencoder.pretrained={parts['vae']}",
+            "data.shapes.n=64", "data.shapes.resolution=32", "data.resolution=32", f"data.cache_dir={root / 'data'}",
+            "train.batch_size=8", "train.max_steps=6", "train.checkpoint_every=6", "validation.every=6",
+            "train.ema.enabled=false", f"validation.prompts=[{prompt}]", "validation.steps=3",
+            "eval.n=4", "eval.heldout_n=2", "eval.steps=2", "logging.tracker=none", "logging.log_every=3",
+            f"output.dir={root / 'run'}"]

@@ -7,17 +7,14 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler, PixArtTransformer2DModel
-from PIL import Image
 
-from conftest import REPO
+from conftest import REPO, in_training_sample, run_without_ldm_lab, tiny_family_overrides
 from ldm_lab.cli import main as cli_main
 from ldm_lab.components.backbones import PIXART_PRESETS
 from ldm_lab.components.denoiser import PixArtDenoiser, denoiser_for
@@ -127,13 +124,8 @@ def test_flow_with_a_learned_variance_is_refused(tiny_parts, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def pixart_run(tiny_parts, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("pixart")
-    ov = [f"model.text_encoder.pretrained={tiny_parts['clip']}", f"model.autoencoder.pretrained={tiny_parts['vae']}",
-          "model.denoiser.overrides={num_layers: 2, caption_channels: 32}",
-          "data.shapes.n=64", "data.shapes.resolution=32", "data.resolution=32", f"data.cache_dir={root / 'data'}",
-          "train.batch_size=8", "train.max_steps=6", "train.checkpoint_every=6", "validation.every=6",
-          "train.ema.enabled=false", f"validation.prompts=[{PROMPT}]", "validation.steps=3",
-          "eval.n=4", "eval.heldout_n=2", "eval.steps=2", "logging.tracker=none", "logging.log_every=3",
-          f"output.dir={root / 'run'}"]
+    ov = [f"model.text_encoder.pretrained={tiny_parts['clip']}", "model.denoiser.overrides={num_layers: 2, caption_channels: 32}",
+          *tiny_family_overrides(tiny_parts, root, PROMPT)]
     assert cli_main(["train", str(RECIPE), *ov]) == 0
     return root / "run"
 
@@ -141,7 +133,7 @@ def pixart_run(tiny_parts, tmp_path_factory) -> Path:
 def test_stock_pixart_pipeline_reproduces_the_in_training_sample(pixart_run):
     index = json.loads((pixart_run / "pipeline" / "model_index.json").read_text())
     assert index["_class_name"] == "PixArtSigmaPipeline" and index["transformer"][1] == "PixArtTransformer2DModel"
-    seed = json.loads((pixart_run / "samples" / "step-000006" / "samples.jsonl").read_text().splitlines()[0])["seed"]
+    seed, ours = in_training_sample(pixart_run, 6)
     code = f"""
 import sys, numpy as np, torch
 from diffusers import PixArtSigmaPipeline
@@ -150,14 +142,10 @@ img = pipe({PROMPT!r}, negative_prompt="", num_inference_steps=3, guidance_scale
            use_resolution_binning=False, max_sequence_length=pipe.tokenizer.model_max_length,
            generator=torch.Generator().manual_seed({seed}), output_type="np").images[0]
 np.save(sys.argv[1], (img * 255).round().astype(np.uint8))
-assert not any(m.startswith("ldm_lab") for m in sys.modules), "ldm_lab was imported"
 """
     out = pixart_run.parent / "stock.npy"
-    r = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=300,
-                       env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
-    assert r.returncode == 0, r.stderr[-2000:]
+    run_without_ldm_lab(code, out)
     stock = np.load(out).astype(int)
-    ours = np.asarray(Image.open(pixart_run / "samples" / "step-000006" / "00.png").convert("RGB")).astype(int)
     assert stock.shape == ours.shape == (32, 32, 3)
     assert np.abs(stock - ours).max() <= 1
 

@@ -111,7 +111,7 @@ def substitute(path: Path, parts: dict[str, Path], pipeline: Path | None = None)
                 ov += ["model.text_encoder.config=null", "model.text_encoder.tokenizer=null",
                        "model.text_encoder.max_length=null"]
             ov += [f"model.text_encoder.pretrained={parts['clip']}", "model.text_encoder.subfolder=text_encoder"]
-    for k, te in enumerate(model.get("text_encoders") or []):
+    for k in range(len(model.get("text_encoders") or [])):
         ov += [f"model.text_encoders.{k}.pretrained={parts['clip']}", f"model.text_encoders.{k}.subfolder=text_encoder"]
     if model.get("autoencoder", {}).get("pretrained"):
         ov += [f"model.autoencoder.pretrained={parts['vae']}", "model.autoencoder.subfolder=null"]

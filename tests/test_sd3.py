@@ -6,17 +6,14 @@ ldm_lab and reproduces the in-training sample."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
-from PIL import Image
+from diffusers import SD3Transformer2DModel
 
-from conftest import REPO
+from conftest import REPO, in_training_sample, run_without_ldm_lab, tiny_family_overrides
 from ldm_lab.cli import main as cli_main
 from ldm_lab.components.backbones import SD3_PRESETS
 from ldm_lab.components.denoiser import SD3Denoiser, denoiser_for
@@ -55,6 +52,7 @@ def test_combine_is_the_stock_pipelines_prompt_encoding(tiny_parts, with_t5):
     den = denoiser_for(net)
     cond = Conditioner(encs, den.combine)
     from diffusers import FlowMatchEulerDiscreteScheduler
+
     from ldm_lab.components import load_autoencoder
     from ldm_lab.recipe.schema import AutoencoderSpec
     vae = load_autoencoder(AutoencoderSpec(pretrained=str(tiny_parts["vae"])))
@@ -103,13 +101,8 @@ def test_sd3_needs_two_projected_clips(tiny_parts, tmp_path, capsys):
 def sd3_run(tiny_parts, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("sd3")
     te = f"{{kind: clip, pretrained: {tiny_parts['clip']}, subfolder: text_encoder, projection: true, hidden_layer: -2}}"
-    ov = [f"model.text_encoders=[{te}, {te}]", f"model.autoencoder.pretrained={tiny_parts['vae']}",
-          "model.denoiser.overrides={num_layers: 2}",
-          "data.shapes.n=64", "data.shapes.resolution=32", "data.resolution=32", f"data.cache_dir={root / 'data'}",
-          "train.batch_size=8", "train.max_steps=6", "train.checkpoint_every=6", "validation.every=6",
-          "train.ema.enabled=false", f"validation.prompts=[{PROMPT}]", "validation.steps=3",
-          "eval.n=4", "eval.heldout_n=2", "eval.steps=2", "logging.tracker=none", "logging.log_every=3",
-          f"output.dir={root / 'run'}"]
+    ov = [f"model.text_encoders=[{te}, {te}]", "model.denoiser.overrides={num_layers: 2}",
+          *tiny_family_overrides(tiny_parts, root, PROMPT)]
     assert cli_main(["train", str(RECIPE), *ov]) == 0
     return root / "run"
 
@@ -117,7 +110,7 @@ def sd3_run(tiny_parts, tmp_path_factory) -> Path:
 def test_stock_sd3_pipeline_reproduces_the_in_training_sample(sd3_run):
     assert json.loads((sd3_run / "pipeline" / "scheduler" / "scheduler_config.json").read_text())["_class_name"] \
         == "FlowMatchEulerDiscreteScheduler"
-    seed = json.loads((sd3_run / "samples" / "step-000006" / "samples.jsonl").read_text().splitlines()[0])["seed"]
+    seed, ours = in_training_sample(sd3_run, 6)
     code = f"""
 import sys, numpy as np, torch
 from diffusers import StableDiffusion3Pipeline
@@ -126,14 +119,10 @@ pipe = StableDiffusion3Pipeline.from_pretrained({str(sd3_run / 'pipeline')!r}, t
 img = pipe({PROMPT!r}, negative_prompt="", num_inference_steps=3, guidance_scale=2.5, max_sequence_length=0,
            generator=torch.Generator().manual_seed({seed}), output_type="np").images[0]
 np.save(sys.argv[1], (img * 255).round().astype(np.uint8))
-assert not any(m.startswith("ldm_lab") for m in sys.modules), "ldm_lab was imported"
 """
     out = sd3_run.parent / "stock.npy"
-    r = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=300,
-                       env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
-    assert r.returncode == 0, r.stderr[-2000:]
+    run_without_ldm_lab(code, out)
     stock = np.load(out).astype(int)
-    ours = np.asarray(Image.open(sd3_run / "samples" / "step-000006" / "00.png").convert("RGB")).astype(int)
     assert stock.shape == ours.shape == (32, 32, 3)
     assert np.abs(stock - ours).max() <= 1
 
@@ -178,7 +167,7 @@ def test_lora_on_sd3_loads_with_stock_load_lora_weights(sd3_run, tmp_path):
     assert cli_main(["train", str(REPO / "recipes/shapes/lora.yaml"), *ov]) == 0
     recipe = json.loads(json.dumps(__import__("yaml").safe_load((run / "recipe.yaml").read_text())))
     assert recipe["noise"]["objective"] == "flow" and recipe["model"]["denoiser"]["family"] == "sd3"
-    seed = json.loads((run / "samples" / "step-000004" / "samples.jsonl").read_text().splitlines()[0])["seed"]
+    seed, ours = in_training_sample(run, 4)
     code = f"""
 import sys, numpy as np, torch
 from diffusers import StableDiffusion3Pipeline
@@ -188,13 +177,9 @@ base = pipe({PROMPT!r}, generator=torch.Generator().manual_seed({seed}), **kw).i
 pipe.load_lora_weights({str(run)!r})
 img = pipe({PROMPT!r}, generator=torch.Generator().manual_seed({seed}), **kw).images[0]
 np.save(sys.argv[1], np.stack([(x * 255).round().astype(np.uint8) for x in (base, img)]))
-assert not any(m.startswith("ldm_lab") for m in sys.modules), "ldm_lab was imported"
 """
     out = tmp_path / "stock.npy"
-    r = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=300,
-                       env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
-    assert r.returncode == 0, r.stderr[-2000:]
+    run_without_ldm_lab(code, out)
     base, lora = np.load(out).astype(int)
-    ours = np.asarray(Image.open(run / "samples" / "step-000004" / "00.png").convert("RGB")).astype(int)
     assert np.abs(lora - base).max() > 8  # the adapter changes the image
     assert np.abs(lora - ours).max() <= 1  # and is the one trained

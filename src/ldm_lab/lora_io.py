@@ -24,8 +24,8 @@ from diffusers.utils.state_dict_utils import convert_state_dict_to_peft, convert
 from peft import LoraConfig
 from safetensors import safe_open
 
-from .sampling import load_pipeline
 from .safetensors_file import save_file
+from .sampling import load_pipeline
 
 COMPONENTS = ("unet", "text_encoder")
 META_KEY = "ldm_lab"  # our own safetensors metadata entry (base model, rank, alpha, targets)

@@ -13,8 +13,14 @@ from pathlib import Path
 
 import diffusers
 import torch
-from diffusers import (DiffusionPipeline, PixArtAlphaPipeline, PixArtSigmaPipeline, StableDiffusion3Pipeline,
-                       StableDiffusionControlNetPipeline, StableDiffusionPipeline)
+from diffusers import (
+    DiffusionPipeline,
+    PixArtAlphaPipeline,
+    PixArtSigmaPipeline,
+    StableDiffusion3Pipeline,
+    StableDiffusionControlNetPipeline,
+    StableDiffusionPipeline,
+)
 from PIL import Image, ImageDraw, ImageFont
 
 from .errors import UserError

@@ -13,8 +13,15 @@ from pathlib import Path
 import torch
 from open_clip.tokenizer import SimpleTokenizer
 from torch import nn
-from transformers import (AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer,
-                          T5Config, T5EncoderModel)
+from transformers import (
+    AutoTokenizer,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+)
 
 from ..recipe.schema import TextEncoderSpec
 from .record import Conditioning

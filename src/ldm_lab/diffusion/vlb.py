@@ -32,17 +32,22 @@ def _at(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tens
     return values.to(like.device)[t].float().reshape(-1, *([1] * (like.ndim - 1)))
 
 
-def posterior(scheduler, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
-    """Mean and clipped log variance of q(x_{t−1} | x_t, x₀) on ``scheduler``'s betas."""
+def posterior_tables(scheduler) -> dict[str, torch.Tensor]:
+    """Per timestep (float64): the two coefficients of q(x_{t−1} | x_t, x₀)'s mean, its clipped log
+    variance (β̃_0 = 0 is clipped to β̃_1, as IDDPM does) and log β_t."""
     a_bar = scheduler.alphas_cumprod.double()
     a_prev = torch.cat([a_bar.new_ones(1), a_bar[:-1]])
     betas = scheduler.betas.double()
     var = betas * (1 - a_prev) / (1 - a_bar)
-    logvar = torch.log(torch.cat([var[1:2], var[1:]]))  # β̃_0 = 0: clipped to β̃_1, as IDDPM does
-    c0 = betas * a_prev.sqrt() / (1 - a_bar)
-    ct = (1 - a_prev) * (1 - betas).sqrt() / (1 - a_bar)
-    mean = _at(c0, t, x0) * x0 + _at(ct, t, x0) * x_t
-    return mean, _at(logvar, t, x0), _at(torch.log(betas), t, x0)
+    return {"c0": betas * a_prev.sqrt() / (1 - a_bar), "ct": (1 - a_prev) * (1 - betas).sqrt() / (1 - a_bar),
+            "logvar": torch.log(torch.cat([var[1:2], var[1:]])), "log_beta": torch.log(betas)}
+
+
+def posterior(scheduler, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, tables: dict | None = None):
+    """Mean and clipped log variance of q(x_{t−1} | x_t, x₀) on ``scheduler``'s betas, and log β_t."""
+    tab = tables or posterior_tables(scheduler)
+    mean = _at(tab["c0"], t, x0) * x0 + _at(tab["ct"], t, x0) * x_t
+    return mean, _at(tab["logvar"], t, x0), _at(tab["log_beta"], t, x0)
 
 
 def predicted_x0(scheduler, prediction: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -60,11 +65,12 @@ def vlb_terms(scheduler, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, m
               variance_values: torch.Tensor) -> torch.Tensor:
     """Per-sample VLB terms (B,) in bits per dimension; ``mean_output`` is detached (the bound
     trains the variance only)."""
-    q_mean, q_logvar, log_beta = posterior(scheduler, x0.float(), x_t.float(), t)
+    tab = posterior_tables(scheduler)  # once for both means
+    q_mean, q_logvar, log_beta = posterior(scheduler, x0.float(), x_t.float(), t, tab)
     frac = (variance_values.float() + 1) / 2
     p_logvar = frac * log_beta + (1 - frac) * q_logvar
     x0_hat = predicted_x0(scheduler, mean_output.detach().float(), x_t.float(), t)
-    p_mean, _, _ = posterior(scheduler, x0_hat, x_t.float(), t)
+    p_mean, _, _ = posterior(scheduler, x0_hat, x_t.float(), t, tab)
     kl = normal_kl(q_mean, q_logvar, p_mean, p_logvar).flatten(1).mean(1) / math.log(2.0)
     nll = gaussian_nll(x0.float(), p_mean, p_logvar).flatten(1).mean(1) / math.log(2.0)
     return torch.where(t.to(kl.device) == 0, nll, kl)

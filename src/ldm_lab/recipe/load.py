@@ -7,7 +7,6 @@ key and (for unknown keys) the closest valid key; the CLI prints it and exits wi
 from __future__ import annotations
 
 import difflib
-import json
 from pathlib import Path
 from typing import Any
 
