@@ -172,3 +172,47 @@ def test_dit_init_starts_from_a_zero_prediction():
     assert net.transformer_blocks[0].attn1.to_q.weight.std() > 0.05  # xavier, not zeroed
     with pytest.raises(ValueError, match="init dit initialises a pixart backbone"):
         DenoiserSpec(family="sd3", preset="tiny", init="dit")
+
+
+def test_lora_on_pixart_loads_with_stock_peft(pixart_run, tmp_path):
+    """A LoRA on the DiT (self- and cross-attention + feed-forward), trained on the tiny PixArt run's
+    pipeline as its base. PixArt's pipelines have no ``load_lora_weights``: the artifact is a PEFT
+    adapter dir (RUN/transformer) that a process that never imports ldm_lab loads with
+    ``PeftModel.from_pretrained(pipe.transformer, ...)``; the output changes and it reproduces the
+    in-training sample. ``ldm-lab sample --lora`` reads the same dir."""
+    run = tmp_path / "lora"
+    ov = [f"model.pipeline={pixart_run / 'pipeline'}", "plugin.train_text_encoder=false",
+          "plugin.rank=4", "plugin.targets=attn_ff", "data.shapes.n=32", "data.shapes.resolution=32",
+          f"data.cache_dir={tmp_path / 'data'}", "train.batch_size=8", "train.max_steps=4", "train.checkpoint_every=4",
+          "train.learning_rate=5e-2", "train.lr_warmup_steps=0", "train.lr_scheduler=constant", "validation.every=4",
+          f"validation.prompts=[{PROMPT}]", "validation.steps=3", "validation.sampler=dpm++", "eval.shapes=false",
+          "logging.tracker=none", f"output.dir={run}"]
+    assert cli_main(["train", str(REPO / "recipes/shapes/lora.yaml"), *ov]) == 0
+    cfg = json.loads((run / "transformer" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and "ff.net.2" in cfg["target_modules"]
+    seed, ours = in_training_sample(run, 4)
+    code = f"""
+import sys, numpy as np, torch
+from diffusers import PixArtSigmaPipeline
+from peft import PeftModel
+pipe = PixArtSigmaPipeline.from_pretrained({str(pixart_run / 'pipeline')!r})
+kw = dict(negative_prompt="", num_inference_steps=3, guidance_scale=2.5, clean_caption=False, use_resolution_binning=False,
+          max_sequence_length=pipe.tokenizer.model_max_length, output_type="np")
+base = pipe({PROMPT!r}, generator=torch.Generator().manual_seed({seed}), **kw).images[0]
+PeftModel.from_pretrained(pipe.transformer, {str(run / 'transformer')!r})
+img = pipe({PROMPT!r}, generator=torch.Generator().manual_seed({seed}), **kw).images[0]
+np.save(sys.argv[1], np.stack([(x * 255).round().astype(np.uint8) for x in (base, img)]))
+"""
+    out = tmp_path / "stock.npy"
+    run_without_ldm_lab(code, out)
+    base, lora = np.load(out).astype(int)
+    assert np.abs(lora - base).max() > 8  # the adapter changes the image
+    assert np.abs(lora - ours).max() <= 1  # and is the one trained
+    # our own sampler reads the run dir as a LoRA for this pipeline, at scale 1 and 0
+    for scale in (1.0, 0.0):
+        d = tmp_path / f"sample-{scale}"
+        assert cli_main(["sample", str(pixart_run / "pipeline"), "--lora", f"{run}:{scale}", "--prompt", PROMPT,
+                         "--seed", str(seed), "--steps", "3", "--guidance", "2.5", "--sampler", "dpm++",
+                         "--out", str(d)]) == 0
+        img = np.asarray(__import__("PIL.Image").Image.open(d / "0000.png").convert("RGB")).astype(int)
+        assert np.abs(img - (ours if scale else base)).max() <= 1

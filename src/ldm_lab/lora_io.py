@@ -24,11 +24,13 @@ from diffusers.utils.state_dict_utils import convert_state_dict_to_peft, convert
 from peft import LoraConfig
 from safetensors import safe_open
 
+from .errors import UserError
 from .safetensors_file import save_file
 from .sampling import load_pipeline
 
 COMPONENTS = ("unet", "text_encoder")
 META_KEY = "ldm_lab"  # our own safetensors metadata entry (base model, rank, alpha, targets)
+PEFT_WEIGHTS = "adapter_model.safetensors"  # a PEFT adapter dir's weights (PeftModel.save_pretrained)
 
 
 @dataclass
@@ -168,19 +170,40 @@ def write_peft(w: LoRAWeights, out: Path) -> Path:
         sd = w.component(comp)
         if not sd:
             continue
-        d = out / comp
-        d.mkdir(parents=True, exist_ok=True)
         cfg = peft_config(w, comp)
         if w.meta.get("ldm_lab", {}).get("base_model"):
             cfg["base_model_name_or_path"] = w.meta["ldm_lab"]["base_model"]
-        (d / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
-        save_file({f"base_model.model.{k}": v.contiguous() for k, v in sd.items()}, str(d / "adapter_model.safetensors"),
-                  metadata={"format": "pt"})
+        write_peft_adapter(sd, cfg, out / comp)
     return out
 
 
-def apply_loras(pipe, loras: list[tuple[str, float]]) -> None:
-    """Load each LoRA as its own adapter and activate them all with their scales."""
+def write_peft_adapter(sd: dict[str, torch.Tensor], cfg: dict, d: Path) -> Path:
+    """One PEFT adapter dir, as ``PeftModel.save_pretrained`` writes it (``PeftModel.from_pretrained``
+    and ``load_adapter`` read it): the config as JSON and the weights under the wrapper's prefix."""
+    d = Path(d)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    save_file({f"base_model.model.{k}": v.contiguous() for k, v in sd.items()}, str(d / PEFT_WEIGHTS),
+              metadata={"format": "pt"})
+    return d
+
+
+def peft_adapter_dir(path: str | Path) -> Path | None:
+    """The PEFT adapter dir ``path`` names: itself, or its ``transformer`` subdir (a LoRA run on a
+    backbone whose pipeline has no ``load_lora_weights``, such as PixArt); None when neither."""
+    p = Path(path)
+    for d in (p, p / "transformer"):
+        if (d / "adapter_config.json").is_file():
+            return d
+    return None
+
+
+def apply_loras(pipe, loras: list[tuple[str, float]]):
+    """Load each LoRA as its own adapter and activate them all with their scales. A pipeline with
+    ``load_lora_weights`` (SD, SD3) reads diffusers files; one without it (PixArt) reads PEFT adapter
+    dirs onto its transformer with ``PeftModel`` and is returned (None otherwise)."""
+    if loras and not hasattr(pipe, "load_lora_weights"):
+        return _apply_peft_adapters(pipe.transformer, loras)
     names = []
     for i, (path, _) in enumerate(loras):
         p = Path(path)
@@ -190,16 +213,32 @@ def apply_loras(pipe, loras: list[tuple[str, float]]) -> None:
         names.append(name)
     if names:
         pipe.set_adapters(names, adapter_weights=[s for _, s in loras])
+    return None
 
 
-def merge(base: str, loras: list[tuple[str, float]], out: Path) -> Path:
-    """A pipeline with the LoRAs fused into its weights (no adapters left), saved with save_pretrained."""
-    pipe = load_pipeline(base)
-    apply_loras(pipe, loras)
-    pipe.fuse_lora(adapter_names=[f"lora{i}" for i in range(len(loras))], lora_scale=1.0)
-    pipe.unload_lora_weights()
-    pipe.save_pretrained(str(out))
-    return Path(out)
+def _apply_peft_adapters(net, loras: list[tuple[str, float]]):
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    model, names = None, []
+    for i, (path, _) in enumerate(loras):
+        d = peft_adapter_dir(path)
+        if d is None:
+            raise UserError(f"{path} holds no PEFT adapter (adapter_config.json); this pipeline reads LoRAs as "
+                            "PEFT adapter dirs, e.g. a LoRA run dir on this family.")
+        name = f"lora{i}"
+        if model is None:  # injects into net in place; the pipeline keeps using net
+            model = PeftModel.from_pretrained(net, str(d), adapter_name=name)
+        else:
+            model.load_adapter(str(d), adapter_name=name)
+        names.append(name)
+    for m in net.modules():
+        if isinstance(m, LoraLayer):
+            for name, (_, scale) in zip(names, loras):
+                if name in m.scaling:
+                    m.set_scale(name, scale)
+    model.base_model.set_adapter(names)
+    return model
 
 
 def add_metadata(path: Path, info: dict) -> None:

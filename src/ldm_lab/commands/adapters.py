@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import UserError
+from ..lora_io import peft_adapter_dir
 
 
 def parse_scaled(text: str) -> tuple[str, float]:
@@ -26,9 +27,10 @@ def lora_args(items: list[str], default_scale: float | None = None) -> list[tupl
         if default_scale is not None and ":" not in item[len(path):]:
             scale = default_scale
         p = Path(path)
-        if not (p.is_file() or (p / "pytorch_lora_weights.safetensors").is_file()):
-            raise UserError(f"LoRA '{path}' is neither a .safetensors file nor a dir with "
-                            "pytorch_lora_weights.safetensors; give FILE[:scale].")
+        if not (p.is_file() or (p / "pytorch_lora_weights.safetensors").is_file() or peft_adapter_dir(p)):
+            raise UserError(f"LoRA '{path}' is neither a .safetensors file, nor a dir with "
+                            "pytorch_lora_weights.safetensors, nor a PEFT adapter dir (adapter_config.json, or a "
+                            "LoRA run's transformer/); give FILE[:scale] or DIR[:scale].")
         out.append((path, scale))
     return out
 

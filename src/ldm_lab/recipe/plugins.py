@@ -18,6 +18,11 @@ _SD3_ATTN = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "ad
 _SD3_FF = ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
 SD3_TARGET_PRESETS: dict[str, list[str]] = {"attn": _SD3_ATTN, "attn_ff": _SD3_ATTN + _SD3_FF,
                                             "attn_ff_conv": _SD3_ATTN + _SD3_FF}
+# The PixArt DiT: self- and cross-attention projections of every block (attn1 / attn2 share the
+# suffixes), as PixArt's own LoRA recipe targets; + the feed-forward; no convolutions to add
+_PIXART_ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
+PIXART_TARGET_PRESETS: dict[str, list[str]] = {"attn": _PIXART_ATTN, "attn_ff": _PIXART_ATTN + ["ff.net.0.proj", "ff.net.2"],
+                                               "attn_ff_conv": _PIXART_ATTN + ["ff.net.0.proj", "ff.net.2"]}
 UNET_TARGET_PRESETS: dict[str, list[str]] = {
     # attention projections of every transformer block (self- and cross-attention)
     "attn": ["to_q", "to_k", "to_v", "to_out.0"],
@@ -36,7 +41,7 @@ class LoRAOptions(Strict):
     rank: int = Field(8, ge=1)
     alpha: float | None = Field(None, gt=0)  # default: equal to rank (scale 1)
     dropout: float = Field(0.0, ge=0, lt=1)
-    # a preset name (see UNET_TARGET_PRESETS, SD3_TARGET_PRESETS) or an explicit list of module-name suffixes / regex
+    # a preset name (see UNET_/SD3_/PIXART_TARGET_PRESETS) or an explicit list of module-name suffixes / regex
     targets: Literal["attn", "attn_ff", "attn_ff_conv"] | list[str] = "attn"
     # peft init_lora_weights: "default" (Kaiming A, zero B), "gaussian", "pissa", "olora"
     init: Literal["default", "gaussian", "pissa", "olora"] = "default"
@@ -58,7 +63,7 @@ class LoRAOptions(Strict):
 
     def unet_targets(self, family: str = "unet") -> list[str]:
         """The backbone's target modules: the family's preset, or the list given."""
-        presets = SD3_TARGET_PRESETS if family == "sd3" else UNET_TARGET_PRESETS
+        presets = {"sd3": SD3_TARGET_PRESETS, "pixart": PIXART_TARGET_PRESETS}.get(family, UNET_TARGET_PRESETS)
         return list(presets[self.targets]) if isinstance(self.targets, str) else list(self.targets)
 
 

@@ -9,7 +9,9 @@
 * The artifact is ``pytorch_lora_weights.safetensors`` in the diffusers layout, written by
   diffusers' ``save_lora_weights`` with each adapter's PEFT config in the file's metadata, so
   ``pipe.load_lora_weights(run_dir)`` loads it; ``ldm-lab export lora`` converts it to the
-  kohya layout A1111 / ComfyUI load.
+  kohya layout A1111 / ComfyUI load. A family whose pipeline has no LoRA loader (PixArt) gets a
+  PEFT adapter dir, ``RUN/transformer``, which ``PeftModel.from_pretrained(pipe.transformer, ...)``
+  loads (PixArt's own documented way).
 """
 
 from __future__ import annotations
@@ -20,12 +22,13 @@ from pathlib import Path
 import diffusers
 import torch
 from diffusers.utils import convert_state_dict_to_diffusers
-from peft import LoraConfig
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
-from ..lora_io import add_metadata
+from ..lora_io import PEFT_WEIGHTS, add_metadata, write_peft_adapter
 from ..recipe.plugins import LoRAOptions
 from ..sampling import generate
 from .base import eval_mode
@@ -42,6 +45,25 @@ def lora_config(rank: int, alpha: float | None, targets: list[str], dropout: flo
                       use_dora=dora)
 
 
+def add_adapter(module, config: LoraConfig) -> None:
+    """PEFT adapters named "default" on ``module``: through its PEFT integration where it has one
+    (diffusers / transformers models), else PEFT's own injection with the config kept where the
+    integration keeps it (``peft_config``), so the state-dict helpers read both alike."""
+    if hasattr(module, "add_adapter"):
+        module.add_adapter(config)
+        return
+    inject_adapter_in_model(config, module)
+    module.peft_config = {"default": config}
+
+
+def set_adapters_enabled(module, enabled: bool) -> None:
+    """Switch every PEFT layer of ``module`` on or off (what ``enable_adapters`` / ``disable_adapters``
+    of the integrations do, for modules with or without one)."""
+    for m in module.modules():
+        if isinstance(m, BaseTunerLayer):
+            m.enable_adapters(enabled)
+
+
 def _adapter_state(module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(module).items()}
 
@@ -49,7 +71,7 @@ def _adapter_state(module) -> dict[str, torch.Tensor]:
 @register
 class LoRATrainer(TextToImageTrainer):
     name = "lora"
-    families = ("unet", "sd3")
+    families = ("unet", "pixart", "sd3")
 
     def setup(self) -> None:
         self.opts = LoRAOptions.model_validate(self.recipe.plugin)
@@ -64,7 +86,7 @@ class LoRATrainer(TextToImageTrainer):
         self.unet.requires_grad_(False)
         self.unet_targets = o.unet_targets(self.denoiser.family)
         try:
-            self.unet.add_adapter(lora_config(o.rank, o.alpha, self.unet_targets, o.dropout, o.init, o.dora))
+            add_adapter(self.unet, lora_config(o.rank, o.alpha, self.unet_targets, o.dropout, o.init, o.dora))
         except ValueError as e:
             raise UserError(f"plugin.targets {self.unet_targets} do not match modules of this {self.denoiser.family} backbone "
                               f"({str(e).splitlines()[0][:160]}); use a preset (attn, attn_ff, attn_ff_conv) "
@@ -81,7 +103,7 @@ class LoRATrainer(TextToImageTrainer):
             te = self.text_encoder.model
             te.requires_grad_(False)
             rank = o.text_encoder_rank or o.rank
-            te.add_adapter(lora_config(rank, o.text_encoder_alpha or rank, o.text_encoder_targets, o.dropout,
+            add_adapter(te, lora_config(rank, o.text_encoder_alpha or rank, o.text_encoder_targets, o.dropout,
                                        o.init, o.dora))
             if o.init in ("pissa", "olora"):
                 self.initial_adapters["text_encoder"] = {k: v.clone() for k, v in _adapter_state(te).items()}
@@ -180,6 +202,13 @@ class LoRATrainer(TextToImageTrainer):
     def save(self, out_dir: Path) -> None:
         unet, comp = self.unwrap(self.unet), self.denoiser.component
         layers, cfg = self.plain_lora(unet, "unet")
+        pipeline_cls = getattr(diffusers, self.denoiser.pipeline_class)
+        if not hasattr(pipeline_cls, "save_lora_weights"):  # PixArt: a PEFT adapter dir for its transformer
+            cfg["base_model_name_or_path"] = self.lora_metadata()["base_model"]
+            d = write_peft_adapter(layers, cfg, out_dir / comp)
+            add_metadata(d / PEFT_WEIGHTS, self.lora_metadata())
+            self.export(d)
+            return
         if comp == "unet":
             layers = convert_state_dict_to_diffusers(layers)
         kw = {f"{comp}_lora_layers": layers, f"{comp}_lora_adapter_metadata": cfg}
@@ -188,7 +217,7 @@ class LoRATrainer(TextToImageTrainer):
             kw.update(text_encoder_lora_layers=convert_state_dict_to_diffusers(layers),
                       text_encoder_lora_adapter_metadata=cfg)
         # the stock pipeline of the backbone's family writes the file its load_lora_weights reads
-        getattr(diffusers, self.denoiser.pipeline_class).save_lora_weights(out_dir, safe_serialization=True, **kw)
+        pipeline_cls.save_lora_weights(out_dir, safe_serialization=True, **kw)
         add_metadata(out_dir / WEIGHT_NAME, self.lora_metadata())
         self.export(out_dir / WEIGHT_NAME)
 
@@ -250,12 +279,12 @@ class LoRATrainer(TextToImageTrainer):
                     set_peft_model_state_dict(m, trained[n])
         else:
             for m in mods.values():
-                m.disable_adapters()
+                set_adapters_enabled(m, False)
             try:
                 before = evaluate_shapes(self, self.run_dir / "eval-base", e)
             finally:
                 for m in mods.values():
-                    m.enable_adapters()
+                    set_adapters_enabled(m, True)
         return {"shapes_eval": after["shapes_eval"], "shapes_eval_base": before["shapes_eval"]}
 
 
