@@ -26,7 +26,6 @@ from safetensors import safe_open
 
 from .errors import UserError
 from .safetensors_file import save_file
-from .sampling import load_pipeline
 
 COMPONENTS = ("unet", "text_encoder")
 META_KEY = "ldm_lab"  # our own safetensors metadata entry (base model, rank, alpha, targets)

@@ -316,6 +316,9 @@ class TrainSpec(Strict):
     max_nonfinite_steps: int = Field(5, ge=1)
     checkpoints_total_limit: int | None = Field(2, ge=1)
     resume: str | None = None  # "latest" or a checkpoint dir
+    # recipe keys (or their prefixes; "*": any) a resume may change although they change the training,
+    # e.g. [train.learning_rate]; without them a checkpoint written with other values refuses to resume
+    resume_allow_changes: list[str] = Field(default_factory=list)
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -353,10 +356,20 @@ class LoggingSpec(Strict):
 
 class OutputSpec(Strict):
     dir: str = "runs/run"
+    # start this run in a dir that holds another run, removing that run's checkpoints and outputs
+    # (without it, such a dir is refused unless the run resumes with train.resume)
+    overwrite: bool = False
     export_to: str | None = None  # also copy the final artifact here (a dir; a LoRA file also to a .safetensors path)
     # also write a full pipeline as RUN/pipeline.safetensors in the original SD layout (A1111, ComfyUI);
     # export_to copies the pipeline dir, not this file
     single_file: Literal["fp32", "fp16", "bf16"] | None = None
+
+    @field_validator("dir")
+    @classmethod
+    def _named_dir(cls, v: str) -> str:
+        if v.strip() in ("", "."):
+            raise ValueError("output.dir is empty or the current directory; name a dir for the run, e.g. runs/my-run")
+        return v
 
 
 class Recipe(Strict):

@@ -2,9 +2,11 @@
 
 A checkpoint is ``RUN/checkpoints/checkpoint-N``: accelerate's ``save_state`` (models, optimiser,
 scheduler, RNG, registered objects such as the EMA), one file per process for each per-process
-state (the plugin's BatchRNG, a stream position), ``loop.json`` (the step and the non-finite
-count) and the history so far. It is written into a temp dir renamed into place, so one that
-looks complete is complete; resume picks the newest that loads.
+state (the plugin's BatchRNG, a stream position), ``loop.json`` (the step, the non-finite
+count and the run's id), the resolved recipe and the history so far. It is written into a temp dir renamed into place, so one that
+looks complete is complete; resume picks the newest that loads, after comparing its recipe with
+the resumed one (``rundir.recipe_changes``): a checkpoint another recipe wrote is *incompatible*,
+named with the keys that differ, never reported as damaged.
 """
 
 from __future__ import annotations
@@ -14,24 +16,39 @@ import shutil
 from pathlib import Path
 
 import torch
+import yaml
 from accelerate import Accelerator
 
 from ..errors import UserError
+from .rundir import recipe_changes
 from .runlog import write_history
 
 CKPT_PREFIX = "checkpoint-"
 
 
-def checkpoints(run_dir: Path) -> list[Path]:
-    ck = [p for p in (run_dir / "checkpoints").glob(f"{CKPT_PREFIX}*") if p.is_dir() and (p / "loop.json").exists()]
+def checkpoints(run_dir: Path, run_id: str | None = None) -> list[Path]:
+    """The run's complete checkpoints, oldest first; with ``run_id``, only those that run wrote
+    (and those written before checkpoints named their run)."""
+    ck = []
+    for p in (run_dir / "checkpoints").glob(f"{CKPT_PREFIX}*"):
+        if not (p.is_dir() and (p / "loop.json").exists() and p.name[len(CKPT_PREFIX):].isdigit()):
+            continue
+        if run_id is not None:
+            try:
+                owner = json.loads((p / "loop.json").read_text()).get("run")
+            except (OSError, ValueError, AttributeError):
+                owner = None  # unreadable: load_checkpoint reports it as damaged
+            if owner not in (None, run_id):
+                continue
+        ck.append(p)
     return sorted(ck, key=lambda p: int(p.name[len(CKPT_PREFIX):]))
 
 
-def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
+def resolve_resume(run_dir: Path, resume: str | None, run_id: str | None = None) -> Path | None:
     if not resume:
         return None
     if resume == "latest":
-        ck = checkpoints(run_dir)
+        ck = checkpoints(run_dir, run_id)
         return ck[-1] if ck else None
     p = Path(resume)
     if not (p / "loop.json").exists():
@@ -45,18 +62,55 @@ def loop_state(ckpt: Path | None) -> dict:
     return json.loads((ckpt / "loop.json").read_text()) if ckpt is not None else {}
 
 
-def load_checkpoint(accelerator: Accelerator, run_dir: Path, resume: str | None) -> Path | None:
-    """Load the checkpoint ``resume`` names. For ``latest``, a checkpoint that fails to load is
-    named and the next older one is tried; an explicit checkpoint that fails is a clear error."""
+def check_recipe(ckpt: Path, recipe: dict | None, allowed: list[str]) -> None:
+    """One sentence when ``ckpt`` was written with a recipe that computes differently from
+    ``recipe`` (checkpoints without a stored recipe are not compared)."""
+    saved = ckpt / "recipe.yaml"
+    if recipe is None or not saved.exists():
+        return
+    try:
+        old = yaml.safe_load(saved.read_text())
+    except (OSError, yaml.YAMLError):
+        return  # the load itself will say what is wrong with the checkpoint
+    changes = recipe_changes(old if isinstance(old, dict) else {}, recipe, allowed)
+    if changes:
+        raise UserError(f"checkpoint {ckpt} is incompatible with this recipe: {', '.join(changes[:6])}"
+                        f"{f' and {len(changes) - 6} more' if len(changes) > 6 else ''} changed; resume with the "
+                        f"checkpoint's values ({saved}), or list the keys in train.resume_allow_changes to change them "
+                        "on purpose.")
+
+
+def _incompatible(e: Exception) -> bool:
+    """A load failure that says the checkpoint holds other modules or shapes (not a damaged file)."""
+    text = str(e)
+    return any(s in text for s in ("size mismatch", "Missing key", "Unexpected key", "missing keys", "unexpected keys",
+                                   "not in the model", "loaded state dict contains", "number of parameter groups",
+                                   "does not match the number of registered objects"))
+
+
+def _why(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+
+
+def load_checkpoint(accelerator: Accelerator, run_dir: Path, resume: str | None, recipe: dict | None = None,
+                    allowed: list[str] | None = None, run_id: str | None = None) -> Path | None:
+    """Load the checkpoint ``resume`` names, after ``check_recipe``. For ``latest``, a checkpoint
+    that fails to load is named and the next older one is tried; an explicit checkpoint that fails,
+    or one that holds other modules than this recipe builds, is a clear error."""
+    allowed = allowed or []
     if resume == "latest":
         tried = []
-        for ck in reversed(checkpoints(run_dir)):
+        for ck in reversed(checkpoints(run_dir, run_id)):
+            check_recipe(ck, recipe, allowed)
             try:
                 accelerator.load_state(str(ck))
                 json.loads((ck / "loop.json").read_text())["step"]
-            except Exception as e:  # noqa: BLE001 - any failure to read a checkpoint means it is damaged
-                accelerator.print(f"warning: checkpoint {ck} is damaged ({type(e).__name__}: "
-                                  f"{str(e).splitlines()[0][:160] if str(e) else ''}); trying the one before it")
+            except Exception as e:  # noqa: BLE001 - any failure to read a checkpoint: damaged or incompatible
+                if _incompatible(e):
+                    raise UserError(f"checkpoint {ck} is incompatible with the models this recipe builds ({_why(e)}); "
+                                    "resume with the recipe it was written with (its recipe.yaml) or start a new run "
+                                    "in another output.dir.") from None
+                accelerator.print(f"warning: checkpoint {ck} is damaged ({_why(e)}); trying the one before it")
                 tried.append(ck.name)
                 continue
             return ck
@@ -64,19 +118,21 @@ def load_checkpoint(accelerator: Accelerator, run_dir: Path, resume: str | None)
             raise UserError(f"no checkpoint in {run_dir / 'checkpoints'} can be loaded ({', '.join(tried)} are "
                               "damaged); remove them or start without train.resume.")
         return None
-    ck = resolve_resume(run_dir, resume)
+    ck = resolve_resume(run_dir, resume, run_id)
     if ck is None:
         return None
+    check_recipe(ck, recipe, allowed)
     try:
         accelerator.load_state(str(ck))
     except Exception as e:  # noqa: BLE001
-        raise UserError(f"checkpoint {ck} cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); "
-                          "give another checkpoint or train.resume=latest.") from None
+        kind = "is incompatible with the models this recipe builds" if _incompatible(e) else "cannot be loaded"
+        raise UserError(f"checkpoint {ck} {kind} ({_why(e)}); give another checkpoint or train.resume=latest.") from None
     return ck
 
 
 def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, limit: int | None, history: list,
-                    nonfinite_steps: int = 0, rank_states: list | None = None) -> Path:
+                    nonfinite_steps: int = 0, rank_states: list | None = None, run_id: str | None = None,
+                    recipe_text: str | None = None) -> Path:
     """accelerate ``save_state`` into a temp dir renamed into place, so a kill mid-save never
     leaves a checkpoint that looks complete; then prune to ``limit``."""
     root = run_dir / "checkpoints"
@@ -92,12 +148,14 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, limit: i
         torch.save(obj.state_dict(), tmp / f"{name}_rank{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / "loop.json").write_text(json.dumps({"step": step, "nonfinite_steps": nonfinite_steps}))
+        (tmp / "loop.json").write_text(json.dumps({"step": step, "nonfinite_steps": nonfinite_steps, "run": run_id}))
+        if recipe_text is not None:
+            (tmp / "recipe.yaml").write_text(recipe_text)
         write_history(tmp, history)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         if limit:
-            for old in checkpoints(run_dir)[:-limit]:
+            for old in checkpoints(run_dir, run_id)[:-limit]:
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final

@@ -13,9 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 
-from ..errors import TrainingDiverged
+from ..errors import TrainingDiverged, UserError
 from ..perf import OFF, Phases, host_allocator
 from ..recipe import Recipe, dump_recipe, pipeline_defaults
 from .batches import StreamPosition, batch_size, endless_batches, set_up_loader
@@ -34,11 +34,11 @@ from .engine import (
     step_values,
 )
 from .registry import get_trainer
+from .rundir import RunDir, claim
 from .runlog import (
     NonFinite,
     Progress,
     Throughput,
-    check_writable,
     flat,
     merge_metrics,
     plot_loss,
@@ -58,16 +58,20 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, profile: Phases | N
     profile = profile or OFF
     recipe = pipeline_defaults(recipe)
     run = _Run(recipe, Path(run_dir or recipe.output.dir), profile)
-    run.set_up()
-    if state is not None:
-        state.update(plugin=run.plugin, accelerator=run.accelerator)
-    run.resume()
-    if not run.step_loop():  # stopped by a signal, with a checkpoint to resume from
-        return run.run_dir
-    run.end_of_steps()
-    if finish:
-        run.write_artifacts()
-    run.accelerator.end_training()
+    try:
+        run.set_up()
+        if state is not None:
+            state.update(plugin=run.plugin, accelerator=run.accelerator)
+        run.resume()
+        if not run.step_loop():  # stopped by a signal, with a checkpoint to resume from
+            return run.run_dir
+        run.end_of_steps()
+        if finish:
+            run.write_artifacts()
+        run.accelerator.end_training()
+    finally:
+        if run.claimed is not None:
+            run.claimed.release()
     return run.run_dir
 
 
@@ -78,6 +82,7 @@ class _Run:
         self.recipe, self.run_dir, self.profile = recipe, run_dir, profile
         self.t = recipe.train
         self.tracker = None if recipe.logging.tracker == "none" else recipe.logging.tracker
+        self.claimed: RunDir | None = None  # the run dir's lock (main process)
 
     # -- set-up and resume ------------------------------------------------------------------------
 
@@ -91,9 +96,8 @@ class _Run:
         accelerator.print(f"accelerate: {accelerator.distributed_type.value}, {accelerator.num_processes} process(es) on "
                           f"{accelerator.device.type}, mixed precision {accelerator.mixed_precision}")
         check_distributed(accelerator, recipe)
-        if accelerator.is_main_process:
-            check_writable(run_dir)
-            (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+        self.run_id = self._claim()
+        self.recipe_text = dump_recipe(recipe)  # RUN/recipe.yaml once resume has checked it (see resume)
         set_seed(recipe.seed, device_specific=True)
 
         plugin = self.plugin = get_trainer(recipe.trainer)(recipe, accelerator, run_dir)
@@ -122,18 +126,38 @@ class _Run:
             self.rank_states = [*self.rank_states, self.position]  # last: the plugin's own states keep their file names
         self.ema = make_ema(t, plugin, accelerator) if t.ema.enabled else None
 
+    def _claim(self) -> str:
+        """The run dir locked and owned by this run (``rundir.claim``, on the main process); every
+        process gets the run id, or the same one-sentence refusal."""
+        accelerator, recipe = self.accelerator, self.recipe
+        answer = [None, None]
+        if accelerator.is_main_process:
+            try:
+                self.claimed = claim(self.run_dir, bool(self.t.resume), recipe.output.overwrite, recipe.trainer)
+                answer = [self.claimed.run_id, None]
+            except UserError as e:
+                answer = [None, str(e)]
+        if accelerator.num_processes > 1:
+            broadcast_object_list(answer)
+        if answer[1] is not None:
+            raise UserError(answer[1])
+        return answer[0]
+
     def resume(self) -> None:
         """The checkpoint ``train.resume`` names (state, per-process states, EMA, step), the
         trackers, and the batches, progress line and history from that step on."""
         accelerator, t = self.accelerator, self.t
         self.step = 0
-        self.ckpt = load_checkpoint(accelerator, self.run_dir, t.resume)
+        self.ckpt = load_checkpoint(accelerator, self.run_dir, t.resume, self.recipe.model_dump(mode="json"),
+                                    t.resume_allow_changes, self.run_id)
         if self.ckpt is not None:
             load_rank_states(accelerator, self.ckpt, self.rank_states)
             if self.ema is not None:
                 ema_home(self.ema, t, accelerator)  # accelerate reloads custom objects on the CPU
             self.step = loop_state(self.ckpt)["step"]
             accelerator.print(f"resumed from {self.ckpt} at step {self.step}")
+        if accelerator.is_main_process:
+            (self.run_dir / "recipe.yaml").write_text(self.recipe_text)
         if self.tracker and accelerator.is_main_process:
             accelerator.init_trackers(self.recipe.logging.project, config=flat(self.recipe.model_dump(mode="json")))
 
@@ -254,7 +278,7 @@ class _Run:
 
     def _checkpoint(self) -> Path:
         return save_checkpoint(self.accelerator, self.run_dir, self.step, self.t.checkpoints_total_limit,
-                               self.history, self.nonfinite.total, self.rank_states)
+                               self.history, self.nonfinite.total, self.rank_states, self.run_id, self.recipe_text)
 
     def _diverged(self) -> None:
         """Checkpoint and raise: the loss was non-finite for ``train.max_nonfinite_steps`` steps in a row."""

@@ -16,7 +16,6 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from ..errors import UserError
 from ..perf import peak_tflops, precision_of
 from ..recipe import Recipe
 
@@ -122,16 +121,6 @@ def wandb_offline_unless_configured() -> None:
     if netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
         return
     os.environ["WANDB_MODE"] = "offline"
-
-
-def check_writable(run_dir: Path) -> None:
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"output dir '{run_dir}' cannot be written ({e.strerror}); choose another output.dir.") from None
 
 
 def read_history(run_dir: Path) -> list[dict]:
