@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO, make_shards, tiny_t2i_overrides
 from ldm_lab.cli import main as cli_main
+from ldm_lab.trainers.state_files import load_state
 
 RECIPE = REPO / "recipes/shapes/t2i.yaml"
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
@@ -255,14 +256,15 @@ def test_streamed_webdataset_trains_and_resumes_exactly(tiny_parts, tmp_path, ca
     assert cli_main(["train", str(RECIPE), *_ov(tiny_parts, a, tmp_path / "cache", steps=9, extra=extra),
                      "train.checkpoint_every=3"]) == 0
     ck = a / "checkpoints" / "checkpoint-6"
-    position = ck / "stream_position_rank0.pt"
-    assert torch.load(position, weights_only=False) == {"epoch": 1, "batch": 2, "world_size": 1, "rank": 0}
+    position = ck / "stream_position_rank0.json"
+    assert load_state(position) == {"epoch": 1, "batch": 2, "world_size": 1, "rank": 0}
     ua = _unet(a)
     for run, drop_position in ((b, False), (c, True)):
         (run / "checkpoints").mkdir(parents=True)
         shutil.copytree(ck, run / "checkpoints" / "checkpoint-6")
         if drop_position:  # as written before the stream position existed
-            (run / "checkpoints" / "checkpoint-6" / position.name).unlink()
+            for f in (run / "checkpoints" / "checkpoint-6").glob("stream_position_rank0.*"):
+                f.unlink()
         capsys.readouterr()
         assert cli_main(["train", str(RECIPE), *_ov(tiny_parts, run, tmp_path / "cache", steps=9, extra=extra),
                          "train.checkpoint_every=3", "train.resume=latest"]) == 0

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO, make_shards, tiny_t2i_overrides
 from ldm_lab.cli import main as cli_main
+from ldm_lab.trainers.state_files import load_state
 
 RECIPE = REPO / "recipes/shapes/t2i.yaml"
 
@@ -81,8 +82,9 @@ def test_a_different_layout_is_not_equivalent(runs, tiny_parts, tmp_path):
 
 def test_only_rank_zero_writes_and_checkpoints_validation_complete(runs):
     one, two = _files(runs / "one"), _files(runs / "two")
-    per_rank = {f for f in two if f.endswith(("random_states_1.pkl", "rank1.pt"))}  # each rank's RNG states
-    assert per_rank == {"checkpoints/checkpoint-2/random_states_1.pkl", "checkpoints/checkpoint-2/plugin_state_0_rank1.pt"}
+    per_rank = {f for f in two if f.endswith(("random_states_1.pkl", "rank1.json", "rank1.safetensors"))}  # each rank's RNG
+    assert per_rank == {"checkpoints/checkpoint-2/random_states_1.pkl", "checkpoints/checkpoint-2/plugin_state_0_rank1.json",
+                        "checkpoints/checkpoint-2/plugin_state_0_rank1.safetensors"}
     assert one == two - per_rank
     assert (runs / "two" / "checkpoints" / "checkpoint-2" / "loop.json").exists()
     assert (runs / "two" / "samples" / "step-000004.png").exists()
@@ -111,7 +113,7 @@ def test_two_rank_stream_resumes_each_rank_at_its_own_epoch(tiny_parts, tmp_path
     a, b = tmp_path / "a", tmp_path / "b"
     run(a)
     ck = a / "checkpoints" / "checkpoint-5"
-    pos = [torch.load(ck / f"stream_position_rank{r}.pt", weights_only=False) for r in (0, 1)]
+    pos = [load_state(ck / f"stream_position_rank{r}") for r in (0, 1)]
     assert [p["rank"] for p in pos] == [0, 1]
     # (datasets reshuffles which shard goes to which rank every epoch, so rank 1 reads 4 or 12 rows an epoch)
     assert pos[0]["world_size"] == pos[1]["world_size"] == 2 and pos[1]["epoch"] > pos[0]["epoch"]

@@ -7,6 +7,7 @@ key and (for unknown keys) the closest valid key; the CLI prints it and exits wi
 from __future__ import annotations
 
 import difflib
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,9 @@ from ..errors import UserError
 from .pipeline_base import fill_from_pipeline, looks_local, pipeline_defaults  # noqa: F401 (re-exported)
 from .plugins import PLUGIN_OPTIONS
 from .schema import PretrainedSpec, Recipe
+
+
+MODEL_FREE = {"clip"}  # trainers whose recipe needs no model section (the shapes CLIP is built from data)
 
 
 def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
@@ -109,16 +113,80 @@ def _index(items: list, key: str, ov: str) -> int:
     return int(key)
 
 
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a page of keys; a bigger file is not one
+MAX_RECIPE_NODES = 100_000  # values after alias expansion (an alias bomb expands exponentially)
+MAX_RECIPE_DEPTH = 60
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing duplicate keys (a second ``train:`` would silently replace the
+    first) and nesting deeper than a recipe has."""
+
+    def compose_node(self, parent, index):
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_RECIPE_DEPTH:
+                raise yaml.YAMLError(f"nested deeper than {MAX_RECIPE_DEPTH} levels")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key != "<<" and key in seen:
+                raise _DuplicateKey(key, key_node.start_mark.line + 1)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key, line: int):
+        self.key, self.line = key, line
+
+
+def _count_nodes(data, budget: int = MAX_RECIPE_NODES) -> int:
+    """Values in ``data`` counting each alias at every place it is used; stops past ``budget``."""
+    stack, n = [data], 0
+    while stack and n <= budget:
+        cur = stack.pop()
+        n += 1
+        if isinstance(cur, dict):
+            stack.extend(cur.values())
+        elif isinstance(cur, list):
+            stack.extend(cur)
+    return n
+
+
 def read_yaml(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"recipe file '{path}' does not exist; give the path of a .yaml recipe (see recipes/).")
+    if p.stat().st_size > MAX_RECIPE_BYTES:
+        raise UserError(f"{path}: {p.stat().st_size} bytes is not a recipe (at most {MAX_RECIPE_BYTES}); give a "
+                        ".yaml recipe file.")
     try:
-        data = yaml.safe_load(p.read_text())
+        text = p.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError) as e:
+        raise UserError(f"{path}: not a text file ({type(e).__name__}); give a .yaml recipe file.") from None
+    if "\0" in text:
+        raise UserError(f"{path}: not a text file (it holds NUL bytes); give a .yaml recipe file.")
+    try:
+        data = yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+    except _DuplicateKey as e:
+        raise UserError(f"{path}: key '{e.key}' appears twice in one section (line {e.line}); keep one, the "
+                        "second would replace the first.") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise UserError(f"{path}: not valid YAML{where}; check indentation and quoting.") from None
+        detail = "" if mark else f" ({e})"
+        raise UserError(f"{path}: not valid YAML{where}{detail}; check indentation and quoting.") from None
+    except RecursionError:
+        raise UserError(f"{path}: nested too deeply to be a recipe; check indentation.") from None
+    if _count_nodes(data) > MAX_RECIPE_NODES:
+        raise UserError(f"{path}: expands to more than {MAX_RECIPE_NODES} values (aliases used many times over); a "
+                        "recipe is a page of keys, write them out.")
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -157,6 +225,10 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None, dat
     source = str(path) if path is not None else "recipe"
     raw = read_yaml(path) if path is not None else dict(data or {})
     raw = apply_overrides(raw, list(overrides or []))
+    if path is not None and raw.get("trainer", "text_to_image") not in MODEL_FREE and not raw.get("model"):
+        raise UserError(f"{source}: the recipe has no model section; a {raw.get('trainer', 'text_to_image')} recipe "
+                        "names its models (model.pipeline, or model.text_encoder / autoencoder / unet), see "
+                        "recipes/shapes/t2i.yaml.")
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as e:
@@ -171,9 +243,28 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None, dat
         PLUGIN_OPTIONS[recipe.trainer].model_validate(recipe.plugin)
     except ValidationError as e:
         raise UserError(_explain(e, source, PLUGIN_OPTIONS[recipe.trainer], ("plugin",))) from None
+    _check_overrides(recipe, source)
     if check_paths:
         _check_paths(recipe, source)
     return fill_from_pipeline(recipe)
+
+
+def _check_overrides(recipe: Recipe, source: str) -> None:
+    """The backbone's ``overrides`` against its diffusers class's constructor arguments (before any
+    weights load: ``train`` would otherwise fail deep inside the model's construction)."""
+    spec = recipe.model.denoiser_spec()
+    if not spec.overrides:
+        return
+    from diffusers import PixArtTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
+
+    cls = {"unet": UNet2DConditionModel, "pixart": PixArtTransformer2DModel, "sd3": SD3Transformer2DModel}[spec.family]
+    valid = [k for k in inspect.signature(cls.__init__).parameters if k not in ("self", "args", "kwargs")]
+    bad = [k for k in spec.overrides if k not in valid]
+    if bad:
+        key = "model.denoiser" if recipe.model.denoiser is not None else "model.unet"
+        close = difflib.get_close_matches(str(bad[0]), valid, n=1, cutoff=0.6)
+        hint = f"did you mean '{close[0]}'?" if close else f"see the arguments of diffusers' {cls.__name__}."
+        raise UserError(f"{source}: '{key}.overrides.{bad[0]}' is not an argument of {cls.__name__}; {hint}")
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -14,7 +14,8 @@ from .choices import COLORS, SHAPES, ObjectiveName, SamplerName
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    # no NaN / inf anywhere (a learning rate of .inf passes gt=0 otherwise)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
 
 
 class PretrainedSpec(Strict):
@@ -161,6 +162,9 @@ class NoiseSpec(Strict):
                              f"{self.min_timestep}, {hi}, {self.num_train_timesteps}")
         if self.dynamic_shift and self.shift != 1.0:
             raise ValueError("give either shift or dynamic_shift, not both")
+        if self.beta_start >= self.beta_end:
+            raise ValueError(f"beta_start ({self.beta_start}) must be below beta_end ({self.beta_end}): noise grows "
+                             "over the timesteps")
         return self
 
 
@@ -319,6 +323,8 @@ class TrainSpec(Strict):
     # recipe keys (or their prefixes; "*": any) a resume may change although they change the training,
     # e.g. [train.learning_rate]; without them a checkpoint written with other values refuses to resume
     resume_allow_changes: list[str] = Field(default_factory=list)
+    # resume a checkpoint that holds pickled custom state (older versions' EMA): only for your own files
+    resume_trust_pickles: bool = False
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -374,7 +380,7 @@ class OutputSpec(Strict):
 
 class Recipe(Strict):
     trainer: str = "text_to_image"
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1)  # numpy's seed range, which set_seed also seeds
     model: ModelSpec = Field(default_factory=ModelSpec)
     noise: NoiseSpec = Field(default_factory=NoiseSpec)
     data: DataSpec = Field(default_factory=DataSpec)

@@ -18,8 +18,10 @@ from pathlib import Path
 import torch
 import yaml
 from accelerate import Accelerator
+from accelerate.utils import load as accelerate_load
 
 from ..errors import UserError
+from . import state_files
 from .rundir import recipe_changes
 from .runlog import write_history
 
@@ -92,8 +94,40 @@ def _why(e: Exception) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
 
 
+def _load_state(accelerator: Accelerator, ck: Path, shared: dict, trust_pickles: bool) -> None:
+    """accelerate's ``load_state`` (which reads its own files with torch's weights-only loader) and
+    our shared states from their files. A checkpoint holding pickled custom state is refused unless
+    the user trusts it; then accelerate unpickles it into the objects it was saved from, registered
+    for this one load (from here on they are saved as files)."""
+    pkl = pickled_custom_state(ck)
+    if pkl and not trust_pickles:
+        raise UserError(f"checkpoint {ck} holds pickled state ({', '.join(pkl)}), which runs code when loaded; resume "
+                        "from a checkpoint this version wrote, or set train.resume_trust_pickles=true if you wrote it "
+                        "yourself.")
+    rng = ck / f"random_states_{accelerator.process_index}.pkl"
+    if rng.exists():  # load_state skips an unreadable RNG file with a log line: the resume would not be exact
+        accelerate_load(rng, weights_only=True)  # accelerate's own weights-only read; raises on a bad file
+    if not pkl:
+        accelerator.load_state(str(ck))
+        missing = load_shared_states(ck, shared)
+        if missing:
+            raise UserError(f"checkpoint {ck} is incompatible with this recipe: it holds no {', '.join(missing)} state "
+                            f"({missing[0]}.json), which this recipe trains; resume with the recipe it was written with "
+                            "(its recipe.yaml) or start a new run in another output.dir.")
+        return
+    objs = list(shared.values())
+    for o in objs:
+        accelerator.register_for_checkpointing(o)
+    try:
+        accelerator.load_state(str(ck))
+    finally:
+        for o in objs:
+            accelerator._custom_objects.remove(o)  # accelerate has no public unregister
+
+
 def load_checkpoint(accelerator: Accelerator, run_dir: Path, resume: str | None, recipe: dict | None = None,
-                    allowed: list[str] | None = None, run_id: str | None = None) -> Path | None:
+                    allowed: list[str] | None = None, run_id: str | None = None, shared: dict | None = None,
+                    trust_pickles: bool = False) -> Path | None:
     """Load the checkpoint ``resume`` names, after ``check_recipe``. For ``latest``, a checkpoint
     that fails to load is named and the next older one is tried; an explicit checkpoint that fails,
     or one that holds other modules than this recipe builds, is a clear error."""
@@ -103,8 +137,10 @@ def load_checkpoint(accelerator: Accelerator, run_dir: Path, resume: str | None,
         for ck in reversed(checkpoints(run_dir, run_id)):
             check_recipe(ck, recipe, allowed)
             try:
-                accelerator.load_state(str(ck))
+                _load_state(accelerator, ck, shared or {}, trust_pickles)
                 json.loads((ck / "loop.json").read_text())["step"]
+            except UserError:
+                raise
             except Exception as e:  # noqa: BLE001 - any failure to read a checkpoint: damaged or incompatible
                 if _incompatible(e):
                     raise UserError(f"checkpoint {ck} is incompatible with the models this recipe builds ({_why(e)}); "
@@ -123,7 +159,9 @@ def load_checkpoint(accelerator: Accelerator, run_dir: Path, resume: str | None,
         return None
     check_recipe(ck, recipe, allowed)
     try:
-        accelerator.load_state(str(ck))
+        _load_state(accelerator, ck, shared or {}, trust_pickles)
+    except UserError:
+        raise
     except Exception as e:  # noqa: BLE001
         kind = "is incompatible with the models this recipe builds" if _incompatible(e) else "cannot be loaded"
         raise UserError(f"checkpoint {ck} {kind} ({_why(e)}); give another checkpoint or train.resume=latest.") from None
@@ -132,7 +170,7 @@ def load_checkpoint(accelerator: Accelerator, run_dir: Path, resume: str | None,
 
 def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, limit: int | None, history: list,
                     nonfinite_steps: int = 0, rank_states: list | None = None, run_id: str | None = None,
-                    recipe_text: str | None = None) -> Path:
+                    recipe_text: str | None = None, shared_states: dict | None = None) -> Path:
     """accelerate ``save_state`` into a temp dir renamed into place, so a kill mid-save never
     leaves a checkpoint that looks complete; then prune to ``limit``."""
     root = run_dir / "checkpoints"
@@ -145,9 +183,11 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, limit: i
     accelerator.save_state(str(tmp))
     for k, obj in enumerate(rank_states or []):  # per-process state: the plugin's BatchRNG, a stream position
         name = getattr(obj, "checkpoint_name", f"plugin_state_{k}")
-        torch.save(obj.state_dict(), tmp / f"{name}_rank{accelerator.process_index}.pt")
+        state_files.save_state(obj.state_dict(), tmp / f"{name}_rank{accelerator.process_index}")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        for name, obj in (shared_states or {}).items():  # the same in every process (the EMA)
+            state_files.save_state(obj.state_dict(), tmp / name)
         (tmp / "loop.json").write_text(json.dumps({"step": step, "nonfinite_steps": nonfinite_steps, "run": run_id}))
         if recipe_text is not None:
             (tmp / "recipe.yaml").write_text(recipe_text)
@@ -162,11 +202,41 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, limit: i
 
 
 def load_rank_states(accelerator: Accelerator, ckpt: Path, rank_states: list) -> None:
-    """Each per-process state from this process's file in ``ckpt``."""
+    """Each per-process state from this process's files in ``ckpt`` (no pickle: safetensors + JSON;
+    a checkpoint from before them holds ``.pt`` files of tensors and numbers, read with torch's
+    weights-only loader, which runs no code)."""
     for k, obj in enumerate(rank_states):
         name = getattr(obj, "checkpoint_name", f"plugin_state_{k}")
-        own = ckpt / f"{name}_rank{accelerator.process_index}.pt"
+        own = ckpt / f"{name}_rank{accelerator.process_index}"
         # resumed on more processes: a shared state (the plugin's BatchRNG) is the same in every file
-        path = own if own.exists() or getattr(obj, "per_process", False) else ckpt / f"{name}_rank0.pt"
-        if path.exists():
-            obj.load_state_dict(torch.load(path, weights_only=False))
+        stem = own if _has(own) or getattr(obj, "per_process", False) else ckpt / f"{name}_rank0"
+        try:
+            if state_files.exists(stem):
+                obj.load_state_dict(state_files.load_state(stem))
+            elif stem.with_suffix(".pt").exists():
+                obj.load_state_dict(torch.load(stem.with_suffix(".pt"), weights_only=True))
+        except Exception as e:  # noqa: BLE001 - a damaged or hostile file: one sentence, nothing runs
+            raise UserError(f"checkpoint {ckpt}: the state {stem.name} cannot be read ({_why(e)}); give another "
+                            "checkpoint in train.resume.") from None
+
+
+def _has(stem: Path) -> bool:
+    return state_files.exists(stem) or stem.with_suffix(".pt").exists()
+
+
+def load_shared_states(ckpt: Path, shared_states: dict) -> list[str]:
+    """Each shared state (the EMA) from its files; the names found only as accelerate's pickled
+    custom state (a checkpoint from before these files), which the caller loads or refuses."""
+    legacy = []
+    for name, obj in shared_states.items():
+        if state_files.exists(ckpt / name):
+            obj.load_state_dict(state_files.load_state(ckpt / name))  # a failure: the caller's damaged checkpoint
+        else:
+            legacy.append(name)
+    return legacy
+
+
+def pickled_custom_state(ckpt: Path) -> list[str]:
+    """accelerate's custom-state files in ``ckpt`` (``custom_checkpoint_N.pkl``), which it can only
+    unpickle in full (code in them would run)."""
+    return sorted(p.name for p in ckpt.glob("custom_checkpoint_*.pkl"))

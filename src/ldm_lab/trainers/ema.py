@@ -44,11 +44,11 @@ def ema_params(plugin, accelerator) -> list[torch.nn.Parameter]:
 
 
 def make_ema(t, plugin, accelerator: Accelerator) -> LerpEMA:
-    """The run's EMA (``t`` is the recipe's ``train``), at home and registered for checkpointing."""
+    """The run's EMA (``t`` is the recipe's ``train``), at home. Checkpoints hold it as files of
+    their own (``checkpoints.save_checkpoint``'s shared states), not as accelerate's pickled custom state."""
     ema = LerpEMA(ema_params(plugin, accelerator), decay=t.ema.decay, use_ema_warmup=t.ema.warmup,
                   foreach=t.ema.foreach)
     ema_home(ema, t, accelerator)
-    accelerator.register_for_checkpointing(ema)
     return ema
 
 

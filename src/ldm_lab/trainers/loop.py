@@ -149,7 +149,7 @@ class _Run:
         accelerator, t = self.accelerator, self.t
         self.step = 0
         self.ckpt = load_checkpoint(accelerator, self.run_dir, t.resume, self.recipe.model_dump(mode="json"),
-                                    t.resume_allow_changes, self.run_id)
+                                    t.resume_allow_changes, self.run_id, self._shared_states(), t.resume_trust_pickles)
         if self.ckpt is not None:
             load_rank_states(accelerator, self.ckpt, self.rank_states)
             if self.ema is not None:
@@ -278,7 +278,11 @@ class _Run:
 
     def _checkpoint(self) -> Path:
         return save_checkpoint(self.accelerator, self.run_dir, self.step, self.t.checkpoints_total_limit,
-                               self.history, self.nonfinite.total, self.rank_states, self.run_id, self.recipe_text)
+                               self.history, self.nonfinite.total, self.rank_states, self.run_id, self.recipe_text,
+                               self._shared_states())
+
+    def _shared_states(self) -> dict:
+        return {"ema": self.ema} if self.ema is not None else {}
 
     def _diverged(self) -> None:
         """Checkpoint and raise: the loss was non-finite for ``train.max_nonfinite_steps`` steps in a row."""

@@ -32,7 +32,7 @@ RUN_OUTPUTS = ("checkpoints", "pipeline", "pipeline.safetensors", "samples", "ev
 # keys a resume may change: how long to train and how often to save, log, validate and evaluate,
 # where outputs go, and speed switches that leave the arithmetic alone
 CHANGEABLE = ("train.max_steps", "train.checkpoint_every", "train.checkpoints_total_limit", "train.resume",
-              "train.resume_allow_changes", "train.max_nonfinite_steps", "train.host_allocator", "train.compile",
+              "train.resume_allow_changes", "train.resume_trust_pickles", "train.max_nonfinite_steps", "train.host_allocator", "train.compile",
               "train.peak_tflops", "data.num_workers", "data.cache_dir", "logging", "validation", "eval", "output")
 
 
