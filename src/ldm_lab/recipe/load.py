@@ -19,7 +19,6 @@ from .pipeline_base import fill_from_pipeline, looks_local, pipeline_defaults  #
 from .plugins import PLUGIN_OPTIONS
 from .schema import PretrainedSpec, Recipe
 
-
 MODEL_FREE = {"clip"}  # trainers whose recipe needs no model section (the shapes CLIP is built from data)
 
 
