@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import yaml
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 from accelerate.utils import load as accelerate_load
 
 from ..errors import UserError
@@ -168,11 +169,56 @@ def load_checkpoint(accelerator: Accelerator, run_dir: Path, resume: str | None,
     return ck
 
 
+def dir_bytes(d: Path) -> int:
+    return sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+
+
+def space_problem(run_dir: Path, need: int, what: str) -> str | None:
+    """A sentence when the disk of ``run_dir`` has less than ``need`` bytes (+10%) free for ``what``."""
+    free = shutil.disk_usage(run_dir).free
+    if free >= need * 1.1:
+        return None
+    return (f"only {free / 2**20:.0f} MiB are free on the disk of {run_dir}, and {what} needs about "
+            f"{need / 2**20:.0f} MiB")
+
+
+def _last_good(run_dir: Path, run_id: str | None) -> str:
+    ck = checkpoints(run_dir, run_id)
+    return (f"the last good checkpoint is {ck[-1]}; free space, then resume with train.resume=latest" if ck else
+            "there is no checkpoint yet; free space (or choose an output.dir on another disk) and start again")
+
+
 def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, limit: int | None, history: list,
                     nonfinite_steps: int = 0, rank_states: list | None = None, run_id: str | None = None,
                     recipe_text: str | None = None, shared_states: dict | None = None) -> Path:
     """accelerate ``save_state`` into a temp dir renamed into place, so a kill mid-save never
-    leaves a checkpoint that looks complete; then prune to ``limit``."""
+    leaves a checkpoint that looks complete; then prune to ``limit``. The disk's free space is
+    checked first against the run's newest checkpoint; a full disk (before or while writing) is
+    one sentence naming the last good checkpoint, which stays, and the partial one is removed."""
+    problem = None
+    if accelerator.is_main_process:
+        prev = checkpoints(run_dir, run_id)
+        if prev:
+            problem = space_problem(run_dir, dir_bytes(prev[-1]), f"checkpoint {step}")
+    if accelerator.num_processes > 1:
+        box = [problem]
+        broadcast_object_list(box)
+        problem = box[0]
+    if problem:
+        raise UserError(f"{problem}; {_last_good(run_dir, run_id)}.")
+    tmp = run_dir / "checkpoints" / f".tmp-{CKPT_PREFIX}{step}"
+    try:
+        return _write_checkpoint(accelerator, run_dir, step, limit, history, nonfinite_steps, rank_states, run_id,
+                                 recipe_text, shared_states)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"checkpoint {step} could not be written in {run_dir / 'checkpoints'} "
+                        f"({e.strerror or type(e).__name__}); {_last_good(run_dir, run_id)}.") from None
+
+
+def _write_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, limit: int | None, history: list,
+                      nonfinite_steps: int, rank_states: list | None, run_id: str | None, recipe_text: str | None,
+                      shared_states: dict | None) -> Path:
     root = run_dir / "checkpoints"
     final = root / f"{CKPT_PREFIX}{step}"
     tmp = root / f".tmp-{CKPT_PREFIX}{step}"

@@ -10,6 +10,7 @@ lives beside this file: engine.py, checkpoints.py, batches.py, ema.py, runlog.py
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ from ..errors import TrainingDiverged, UserError
 from ..perf import OFF, Phases, host_allocator
 from ..recipe import Recipe, dump_recipe, pipeline_defaults
 from .batches import StreamPosition, batch_size, endless_batches, set_up_loader
-from .checkpoints import load_checkpoint, load_rank_states, loop_state, save_checkpoint
+from .checkpoints import CKPT_PREFIX, checkpoints, load_checkpoint, load_rank_states, loop_state, save_checkpoint
 from .ema import ema_home, ema_step, ema_weights, make_ema
 from .engine import (
     check_distributed,
@@ -299,6 +300,37 @@ class _Run:
 
     # -- the end ----------------------------------------------------------------------------------
 
+    def _save_artifact(self) -> str | None:
+        """The plugin's artifact, written into a temp dir and moved into the run dir only when
+        complete; the reason when it could not be written (a full disk), and then no half-written
+        artifact is left: ``write_artifacts`` writes a checkpoint of the last step if there is none
+        (so nothing trained is lost) and ends in one sentence; ``train.resume=latest`` then writes it."""
+        accelerator, run_dir = self.accelerator, self.run_dir
+        tmp, failed = run_dir / ".tmp-artifact", [None]
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                tmp.mkdir()
+                self.plugin.save(tmp)
+            except OSError as e:
+                shutil.rmtree(tmp, ignore_errors=True)
+                failed = [e.strerror or type(e).__name__]
+        if accelerator.num_processes > 1:
+            broadcast_object_list(failed)
+        if failed[0] is not None:
+            return failed[0]
+        if accelerator.is_main_process:
+            for entry in sorted(tmp.iterdir()):
+                dst = run_dir / entry.name
+                if dst.is_dir():
+                    shutil.rmtree(dst)
+                elif dst.exists():
+                    dst.unlink()
+                entry.rename(dst)
+            tmp.rmdir()
+        accelerator.wait_for_everyone()
+        return None
+
     def end_of_steps(self) -> None:
         """After the last step: the signal handlers back, the plugin's end of training, the compile report."""
         self.stop.restore()
@@ -311,12 +343,17 @@ class _Run:
         accelerator, plugin, run_dir = self.accelerator, self.plugin, self.run_dir
         accelerator.wait_for_everyone()
         with ema_weights(self.ema, plugin, accelerator):
-            if accelerator.is_main_process:
-                plugin.save(run_dir)
+            failed = self._save_artifact()
+            if failed is None and accelerator.is_main_process:
                 write_history(run_dir, self.history)
                 plot_loss(run_dir, self.history)
             accelerator.wait_for_everyone()
-            metrics = plugin.evaluate()
+            metrics = plugin.evaluate() if failed is None else None
+        if failed is not None:  # the trained weights back in place (not the EMA's) for the checkpoint
+            ck = next((c for c in checkpoints(run_dir, self.run_id) if c.name == f"{CKPT_PREFIX}{self.step}"), None)
+            ck = ck or self._checkpoint()  # a full disk here too is save_checkpoint's one sentence
+            raise UserError(f"the trained model could not be written into {run_dir} ({failed}); {ck} holds step "
+                            f"{self.step}: free space, then run again with train.resume=latest to write it.")
         if self.nonfinite.total:
             metrics = {**(metrics or {}), "nonfinite_steps_skipped": self.nonfinite.total}
         if accelerator.is_main_process and metrics:
