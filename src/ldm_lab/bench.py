@@ -109,6 +109,7 @@ def run_training(recipe: Recipe, name: str, steps: int, warmup: int, out: Path, 
         state: dict = {}
         log(f"[{name}] {warmup} warm-up + {steps} timed steps, batch {recipe.train.batch_size}"
             + ("" if breakdown else " (throughput pass)"))
+        recipe.output.overwrite = True  # a timing row's scratch run: each round replaces the last
         train(recipe, out / name, profile=prof, finish=False, state=state)
         if not breakdown:
             throughput = prof

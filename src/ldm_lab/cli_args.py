@@ -4,8 +4,28 @@ with this parser and calls ``ldm_lab.commands``)."""
 from __future__ import annotations
 
 import argparse
+import math
 
 from .recipe.choices import SAMPLER_NAMES
+
+
+def _typed(name: str, convert, ok, what: str):
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+    parse.__name__ = name  # argparse names the type in its message
+    return parse
+
+
+count = _typed("count", int, lambda v: v >= 1, "a whole number of at least 1")
+count0 = _typed("count", int, lambda v: v >= 0, "a whole number of at least 0")
+seed_int = _typed("seed", int, lambda v: 0 <= v < 2**32, "a seed from 0 to 4294967295")
+number = _typed("number", float, math.isfinite, "a finite number")
 
 EXAMPLES = """\
 examples:
@@ -32,22 +52,22 @@ examples:
 
 
 def _adapter_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--rank", type=int, help="LoRA rank (plugin.rank; default 8)")
-    p.add_argument("--alpha", type=float, help="LoRA alpha (plugin.alpha; default: the rank)")
+    p.add_argument("--rank", type=count, help="LoRA rank (plugin.rank; default 8)")
+    p.add_argument("--alpha", type=number, help="LoRA alpha (plugin.alpha; default: the rank)")
     p.add_argument("--targets", help="attn | attn_ff | attn_ff_conv, or comma-separated module names")
-    p.add_argument("--dropout", type=float, help="LoRA dropout")
+    p.add_argument("--dropout", type=number, help="LoRA dropout")
     p.add_argument("--init", choices=["default", "gaussian", "pissa", "olora"], help="adapter initialisation")
     p.add_argument("--dora", action="store_true", help="weight-decomposed LoRA (DoRA)")
 
 
 def _run_flags(p: argparse.ArgumentParser, lr: str, steps: int, batch: int, text: bool = True) -> None:
     """Training flags shared by the finetune commands (``text``: text-encoder lr and validation prompts)."""
-    p.add_argument("--lr", type=float, help=f"learning rate (train.learning_rate; default {lr})")
+    p.add_argument("--lr", type=number, help=f"learning rate (train.learning_rate; default {lr})")
     if text:
-        p.add_argument("--text-encoder-lr", type=float, help="text-encoder learning rate (default: --lr)")
-    p.add_argument("--steps", type=int, help=f"optimiser steps (train.max_steps; default {steps})")
-    p.add_argument("--batch-size", type=int, help=f"train.batch_size (default {batch})")
-    p.add_argument("--resolution", type=int, help="training resolution (default: the base's native one)")
+        p.add_argument("--text-encoder-lr", type=number, help="text-encoder learning rate (default: --lr)")
+    p.add_argument("--steps", type=count, help=f"optimiser steps (train.max_steps; default {steps})")
+    p.add_argument("--batch-size", type=count, help=f"train.batch_size (default {batch})")
+    p.add_argument("--resolution", type=count, help="training resolution (default: the base's native one)")
     p.add_argument("--caption-column", help="data.caption_column (default text)")
     if text:
         p.add_argument("--validation-prompt", action="append", help="a validation prompt (repeatable)")
@@ -78,18 +98,18 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="training throughput of a recipe (vs the naive per-step pipeline), or sampling "
                        "latency and adherence per sampler (--sampling)")
     b.add_argument("recipe", nargs="?", help="a recipe .yaml (training benchmark)")
-    b.add_argument("--steps", type=int, default=20, help="timed steps per pipeline (default 20)")
-    b.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    b.add_argument("--steps", type=count, default=20, help="timed steps per pipeline (default 20)")
+    b.add_argument("--warmup", type=count0, default=3, help="untimed steps first (default 3)")
     b.add_argument("--compare", choices=["naive"], help="also run the naive pipeline (images decoded, autoencoder and "
                    "text encoder every step, no workers, no cache) in this process and print the ratio")
     b.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE ...",
                    help="also run the recipe with these overrides (repeatable), e.g. 'no-cl:train.channels_last=false'")
-    b.add_argument("--rounds", type=int, default=1, help="run every row N times, each in a fresh process, the order "
+    b.add_argument("--rounds", type=count, default=1, help="run every row N times, each in a fresh process, the order "
                    "reversed every other round, and report medians (for machines whose speed drifts; default 1: "
                    "every row once, in this process)")
-    b.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s for MFU (GPUs: data-sheet table)")
+    b.add_argument("--peak-tflops", type=number, help="the device's peak TFLOP/s for MFU (GPUs: data-sheet table)")
     b.add_argument("--sampling", metavar="PIPELINE", help="benchmark the samplers on this pipeline / run dir instead")
-    b.add_argument("--n", type=int, default=48, help="--sampling: prompts per sampler (default 48)")
+    b.add_argument("--n", type=count, default=48, help="--sampling: prompts per sampler (default 48)")
     b.add_argument("--out", default="runs/bench", help="where runs and results.json go (default runs/bench)")
     b.add_argument("--json", help="results file (default OUT/training.json or OUT/sampling.json)")
     b.add_argument("overrides", nargs="*", help="dotted key=value recipe overrides")
@@ -107,9 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     ds = d.add_subparsers(dest="action", required=True, metavar="ACTION")
     dsh = ds.add_parser("shapes", help="write the procedural shapes world as a 🤗 imagefolder dataset")
     dsh.add_argument("--out", required=True)
-    dsh.add_argument("--n", type=int, default=2000)
-    dsh.add_argument("--seed", type=int, default=0)
-    dsh.add_argument("--resolution", type=int, default=64)
+    dsh.add_argument("--n", type=count, default=2000)
+    dsh.add_argument("--seed", type=seed_int, default=0)
+    dsh.add_argument("--resolution", type=count, default=64)
     dsh.add_argument("--heldout", action="store_true", help="write only the held-out colour-shape pairs")
     dsh.add_argument("--colors", help="comma-separated colours to draw from (default: the six base colours; "
                                       "pink is the extra one)")
@@ -129,8 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     esh.add_argument("--out", help="metrics.json to write (default: inside the path)")
     eae = es.add_parser("autoencoder", help="shapes adherence of an autoencoder's reconstructions")
     eae.add_argument("path", help="an AutoencoderKL dir (or a pipeline dir with vae/)")
-    eae.add_argument("--n", type=int, default=256)
-    eae.add_argument("--resolution", type=int, default=64)
+    eae.add_argument("--n", type=count, default=256)
+    eae.add_argument("--resolution", type=count, default=64)
 
     f = sub.add_parser("finetune", help="fine-tune a pipeline with a plugin trainer (flags override a built-in recipe)")
     fs = f.add_subparsers(dest="action", required=True, metavar="TRAINER")
@@ -156,8 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     fd.add_argument("--class-prompt-file", help="a text file with one class prompt per line (instead of --class-prompt)")
     fd.add_argument("--prior-preservation", action="store_true", help="train on class images generated by the base "
                     "too: loss = instance + λ·prior")
-    fd.add_argument("--num-class-images", type=int, help="class images to generate or reuse (default 100)")
-    fd.add_argument("--prior-loss-weight", type=float, help="λ (default 1.0)")
+    fd.add_argument("--num-class-images", type=count0, help="class images to generate or reuse (default 100)")
+    fd.add_argument("--prior-loss-weight", type=number, help="λ (default 1.0)")
     fd.add_argument("--class-dir", help="where class images and their manifest live (default OUT/class_images); "
                     "a dir of your own images without manifest.json is used as is")
     fd.add_argument("--out", required=True, help="run dir (gets pipeline/ in full mode, "
@@ -177,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--conditioning-column", help="dataset column holding the control images (default conditioning_image)")
     g.add_argument("--preprocessor", choices=["canny"], help="compute the control image from the target instead")
     fc.add_argument("--controlnet", help="continue from this ControlNet (dir or hub id) instead of copying the UNet")
-    fc.add_argument("--prompt-dropout", type=float, help="share of steps with the empty prompt (default 0.5)")
+    fc.add_argument("--prompt-dropout", type=number, help="share of steps with the empty prompt (default 0.5)")
     _run_flags(fc, lr="1e-5", steps=5000, batch=4, text=False)
 
     x = sub.add_parser("export", help="convert LoRA files between layouts, fuse LoRAs into a pipeline, or write a "
@@ -190,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     xm = xs.add_parser("merge", help="fuse LoRAs into a base pipeline and save the result")
     xm.add_argument("--base", required=True, help="a pipeline dir, run dir or hub id")
     xm.add_argument("--lora", required=True, action="append", help="FILE[:scale] (repeatable)")
-    xm.add_argument("--scale", type=float, default=None, help="scale of every --lora given without its own")
+    xm.add_argument("--scale", type=number, default=None, help="scale of every --lora given without its own")
     xm.add_argument("--out", required=True, help="new pipeline dir")
     xf = xs.add_parser("single-file", help="write an SD 1.x / 2.x-class pipeline as one original-layout .safetensors "
                                            "checkpoint (A1111, ComfyUI, Forge, kohya; diffusers' from_single_file)")
@@ -205,13 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
     ep.add_argument("--world", help="a shapes dataset dir whose world.json gives the palettes and held-out pairs")
     ep.add_argument("--colors", help="ask only for these colours (comma-separated), e.g. pink")
     ep.add_argument("--shapes", help="ask only for these shapes (comma-separated)")
-    ep.add_argument("--n", type=int, default=240, help="prompts from seen colour-shape pairs")
-    ep.add_argument("--heldout-n", type=int, default=0, help="prompts from held-out pairs")
+    ep.add_argument("--n", type=count, default=240, help="prompts from seen colour-shape pairs")
+    ep.add_argument("--heldout-n", type=count0, default=0, help="prompts from held-out pairs")
     ep.add_argument("--lora", action="append", default=[], help="FILE[:scale] LoRA to apply (repeatable)")
     ep.add_argument("--sampler", choices=SAMPLER_NAMES, default="dpm++")
-    ep.add_argument("--steps", type=int, default=20)
-    ep.add_argument("--guidance", type=float, default=4.0)
-    ep.add_argument("--seed", type=int, default=1234)
+    ep.add_argument("--steps", type=count, default=20)
+    ep.add_argument("--guidance", type=number, default=4.0)
+    ep.add_argument("--seed", type=seed_int, default=1234)
 
     ec = es.add_parser("controlnet", help="how well a ControlNet places the shape its control image shows (IoU), "
                                           "with no prompt, the matching one and a conflicting one, against the base")
@@ -221,22 +241,22 @@ def build_parser() -> argparse.ArgumentParser:
     ec.add_argument("--base", help="the base pipeline (a pipeline dir, run dir or hub id; default: the run's)")
     ec.add_argument("--kind", choices=["mask", "edges", "canny"],
                     help="the control: the object's mask, the shapes edges, or Canny edges (default: the run's)")
-    ec.add_argument("--n", type=int, help="fresh shapes rows per prompt set (default: the run's plugin.eval_n, else 64)")
+    ec.add_argument("--n", type=count, help="fresh shapes rows per prompt set (default: the run's plugin.eval_n, else 64)")
     ec.add_argument("--sampler", choices=SAMPLER_NAMES)
-    ec.add_argument("--steps", type=int)
-    ec.add_argument("--guidance", type=float)
-    ec.add_argument("--seed", type=int)
+    ec.add_argument("--steps", type=count)
+    ec.add_argument("--guidance", type=number)
+    ec.add_argument("--seed", type=seed_int)
 
     s = sub.add_parser("sample", help="generate images from a run or a diffusers pipeline dir")
     s.add_argument("source", help="a run dir (uses RUN/pipeline) or a pipeline dir / hub id")
     g = s.add_mutually_exclusive_group(required=True)
     g.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     g.add_argument("--prompts-file", help="a text file with one prompt per line")
-    s.add_argument("--n", type=int, default=1, help="images per prompt")
-    s.add_argument("--steps", type=int, default=None, help="sampler steps (default: the sampler's usual count)")
-    s.add_argument("--guidance", type=float, default=4.0)
+    s.add_argument("--n", type=count, default=1, help="images per prompt")
+    s.add_argument("--steps", type=count, default=None, help="sampler steps (default: the sampler's usual count)")
+    s.add_argument("--guidance", type=number, default=4.0)
     s.add_argument("--sampler", choices=SAMPLER_NAMES, default="dpm++")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=seed_int, default=0)
     s.add_argument("--out", default=None, help="output dir (default: SOURCE/samples-cli)")
     s.add_argument("--lora", action="append", default=[], help="FILE[:scale] LoRA to apply (repeatable)")
     s.add_argument("--controlnet", action="append", default=[], help="DIR[:scale] ControlNet (repeatable: "

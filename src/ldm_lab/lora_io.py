@@ -26,6 +26,7 @@ from safetensors import safe_open
 
 from .errors import UserError
 from .safetensors_file import save_file
+from .sampling import load_pipeline
 
 COMPONENTS = ("unet", "text_encoder")
 META_KEY = "ldm_lab"  # our own safetensors metadata entry (base model, rank, alpha, targets)
@@ -238,6 +239,19 @@ def _apply_peft_adapters(net, loras: list[tuple[str, float]]):
                     m.set_scale(name, scale)
     model.base_model.set_adapter(names)
     return model
+
+
+def merge(base: str, loras: list[tuple[str, float]], out: Path) -> Path:
+    """A pipeline with the LoRAs fused into its weights (no adapters left), saved with save_pretrained."""
+    pipe = load_pipeline(base)
+    if (peft_model := apply_loras(pipe, loras)) is not None:
+        peft_model.merge_and_unload()  # merged into the pipeline's transformer in place
+        pipe.save_pretrained(str(out))
+        return Path(out)
+    pipe.fuse_lora(adapter_names=[f"lora{i}" for i in range(len(loras))], lora_scale=1.0)
+    pipe.unload_lora_weights()
+    pipe.save_pretrained(str(out))
+    return Path(out)
 
 
 def add_metadata(path: Path, info: dict) -> None:

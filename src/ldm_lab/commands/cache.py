@@ -4,6 +4,8 @@ several; training finds and uses the cache."""
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 
 from accelerate import Accelerator
@@ -22,9 +24,17 @@ def cache(args) -> int:
     if not d.cache_latents:
         d.cache_latents = True
     accelerator = Accelerator(cpu=multi_process_without_accelerator())
-    plugin = get_trainer(recipe.trainer)(recipe, accelerator, Path(recipe.output.dir))
-    plugin.build_cache(Path(args.out) if args.out else None)
-    cache = plugin.cached
+    # the plugin's run dir only receives the data report: a scratch dir, never output.dir (which
+    # may hold a run), and the report then goes beside the cache it describes
+    scratch = Path(tempfile.mkdtemp(prefix="ldm-lab-cache-"))
+    try:
+        plugin = get_trainer(recipe.trainer)(recipe, accelerator, scratch)
+        plugin.build_cache(Path(args.out) if args.out else None)
+        cache = plugin.cached
+        if accelerator.is_main_process and (scratch / "data_report.json").exists():
+            shutil.move(str(scratch / "data_report.json"), str(Path(cache.root) / "data_report.json"))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     if accelerator.is_main_process:
         m = cache.manifest
         hint = f"train with data.latent_cache={cache.root}" if args.out else "runs of this recipe use it"

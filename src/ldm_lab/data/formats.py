@@ -24,6 +24,7 @@ split, files with different columns, ...) are UserErrors that name the recipe ke
 from __future__ import annotations
 
 import glob
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -137,6 +138,9 @@ def _load_dataset(src: _Source, *args, **kwargs):
         raise UserError(f"{src.where}.path '{src.path}' is not a local dataset and the hub cannot be reached "
                           f"({str(e).splitlines()[0]}); give a local dataset directory, or allow network access "
                           "(unset HF_HUB_OFFLINE / HF_DATASETS_OFFLINE).") from None
+    except datasets.data_files.EmptyDatasetError as e:
+        raise UserError(f"{src.where}.path '{src.path}' holds no images or data files ({str(e).splitlines()[0]}); "
+                        f"check {src.where}.path.") from None
     except datasets.exceptions.DataFilesNotFoundError as e:
         raise UserError(f"{src.where}.path '{src.path}' holds no data files datasets can read "
                           f"({str(e).splitlines()[0]}); check {src.where}.path.") from None
@@ -150,6 +154,23 @@ def _load_dataset(src: _Source, *args, **kwargs):
             raise UserError(f"{src.where}.split '{src.split}' does not exist in '{src.path}' ({msg}); "
                               f"set {src.where}.split to one of its splits.") from None
         raise
+
+
+def _check_metadata_lines(root: Path) -> None:
+    """Each line of an imagefolder's metadata.jsonl is one JSON object; the first that is not is
+    named with its file and line (datasets' own error names neither)."""
+    for meta in sorted(root.rglob("metadata.jsonl")):
+        with open(meta, encoding="utf-8", errors="replace") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    ok = isinstance(json.loads(line), dict)
+                except ValueError as e:
+                    raise UserError(f"{meta} line {n} is not valid JSON ({e.args[0][:80]}); fix or remove that "
+                                    "line (one JSON object per line, with file_name).") from None
+                if not ok:
+                    raise UserError(f"{meta} line {n} is not a JSON object; write one object per line, with file_name.")
 
 
 def _to_iterable(ds: datasets.Dataset, spec: DataSpec, world_size: int) -> datasets.IterableDataset:
@@ -170,6 +191,7 @@ def _load_source(spec: DataSpec, src: _Source, streaming: bool, world_size: int)
     if src.source == "imagefolder":
         if not Path(path).expanduser().is_dir():
             raise UserError(f"{src.where}.path '{path}' is not a directory; give an imagefolder directory.")
+        _check_metadata_lines(Path(path).expanduser())
         return _load_dataset(src, "imagefolder", data_dir=str(Path(path).expanduser()), split=src.split,
                              streaming=streaming)
     if src.source == "hub":

@@ -213,6 +213,11 @@ def _check_paths(recipe: Recipe, source: str) -> None:
                 f"{source}: '{key}.pretrained' points to '{spec.pretrained}', which does not exist; "
                 "give an existing directory or a hub id (org/name)."
             )
+        local = Path(spec.pretrained).expanduser()
+        sub = getattr(spec, "subfolder", None)
+        if local.is_dir() and getattr(spec, "kind", None) != "openclip" and not (local / (sub or "") / "config.json").exists():
+            raise UserError(f"{source}: '{key}.pretrained' is '{spec.pretrained}', a directory without a model (no "
+                            f"{sub + '/' if sub else ''}config.json); give a dir written by save_pretrained, or a hub id.")
     d = recipe.data
     if d.source == "imagefolder" and not Path(d.path).is_dir():
         raise UserError(f"{source}: 'data.path' is '{d.path}', which is not a directory; give an imagefolder dir.")
@@ -224,10 +229,6 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None, dat
     source = str(path) if path is not None else "recipe"
     raw = read_yaml(path) if path is not None else dict(data or {})
     raw = apply_overrides(raw, list(overrides or []))
-    if path is not None and raw.get("trainer", "text_to_image") not in MODEL_FREE and not raw.get("model"):
-        raise UserError(f"{source}: the recipe has no model section; a {raw.get('trainer', 'text_to_image')} recipe "
-                        "names its models (model.pipeline, or model.text_encoder / autoencoder / unet), see "
-                        "recipes/shapes/t2i.yaml.")
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as e:
@@ -242,6 +243,10 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None, dat
         PLUGIN_OPTIONS[recipe.trainer].model_validate(recipe.plugin)
     except ValidationError as e:
         raise UserError(_explain(e, source, PLUGIN_OPTIONS[recipe.trainer], ("plugin",))) from None
+    if path is not None and recipe.trainer not in MODEL_FREE and not raw.get("model"):
+        raise UserError(f"{source}: the recipe has no model section; a {recipe.trainer} recipe "
+                        "names its models (model.pipeline, or model.text_encoder / autoencoder / unet), see "
+                        "recipes/shapes/t2i.yaml.")
     _check_overrides(recipe, source)
     if check_paths:
         _check_paths(recipe, source)

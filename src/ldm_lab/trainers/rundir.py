@@ -101,11 +101,24 @@ def _own(d: Path, resuming: bool, overwrite: bool, trainer: str) -> str:
             elif p.exists():
                 p.unlink()
         existing = None
+    if resuming and not existing:  # checkpoints placed in a new dir to resume from: the dir takes their run
+        existing = _newest_checkpoint_run(d)
     run_id = existing if resuming and existing else uuid.uuid4().hex[:12]
     if existing != run_id or not (d / RUN_FILE).exists():
         (d / RUN_FILE).write_text(json.dumps({"id": run_id, "trainer": trainer,
                                               "created": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2) + "\n")
     return run_id
+
+
+def _newest_checkpoint_run(d: Path) -> str | None:
+    best = (-1, None)
+    for loop in (d / "checkpoints").glob("checkpoint-*/loop.json"):
+        try:
+            info = json.loads(loop.read_text())
+            best = max(best, (int(info["step"]), info.get("run")), key=lambda b: b[0])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return best[1]
 
 
 def _flatten(tree, prefix: str = "") -> dict[str, object]:
