@@ -4,6 +4,7 @@ stock diffusers, format conversion, gradient clipping, resume, and CLI == recipe
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -307,3 +308,23 @@ def test_pissa_and_olora_artifacts_are_loras_of_the_original_base(lora_env, tmp_
     stock, = _stock_samples(lora_env["base"], [run], tmp_path / "stock")
     trained = np.asarray(Image.open(run / "samples" / "step-000006" / "00.png"), dtype=np.float64)
     assert np.abs(stock - trained).max() <= 2.0
+
+
+def test_export_lora_never_overwrites(lora_env, tmp_path, capsys):
+    src = lora_env["run"] / "pytorch_lora_weights.safetensors"
+    out = tmp_path / "k.safetensors"
+    out.write_bytes(b"mine")
+    assert cli_main(["export", "lora", str(src), "--format", "kohya", "--out", str(out)]) == 2
+    assert "exists; choose a new name" in capsys.readouterr().err and out.read_bytes() == b"mine"
+    assert cli_main(["export", "lora", str(src), "--format", "kohya", "--out", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        rc = cli_main(["export", "lora", str(src), "--format", "kohya", "--out", str(ro / "x" / "k.safetensors")])
+    finally:
+        ro.chmod(0o700)
+    err = capsys.readouterr().err
+    if os.geteuid() != 0:  # root writes anywhere
+        assert rc == 2 and "cannot write" in err and "Traceback" not in err

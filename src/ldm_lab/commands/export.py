@@ -21,10 +21,10 @@ def lora(args) -> int:
         raise UserError(f"cannot read LoRA weights from '{src}' ({str(e).splitlines()[0][:200]}).") from None
     out = Path(args.out)
     target = out if args.format != "diffusers" or out.suffix == ".safetensors" else out / "pytorch_lora_weights.safetensors"
-    if target.is_file() or (target.is_dir() and any(target.iterdir())):
-        raise UserError(f"--out '{args.out}' exists; choose a new name so nothing is overwritten.")
     if args.format == "kohya" and out.is_dir():
         raise UserError(f"--out '{args.out}' is a directory; give the kohya file's name, e.g. {out / 'lora.safetensors'}.")
+    if target.is_file() or (target.is_dir() and any(target.iterdir())):
+        raise UserError(f"--out '{args.out}' exists; choose a new name so nothing is overwritten.")
     try:
         out = WRITERS[args.format](w, out)
     except ValueError as e:
