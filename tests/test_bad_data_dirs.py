@@ -61,3 +61,11 @@ def test_cache_writes_its_report_beside_the_cache_not_into_a_run(tiny_parts, tmp
     assert cli_main(["cache", str(RECIPE), *ov]) == 0
     assert sorted(p.name for p in run.iterdir()) == ["recipe.yaml"]
     assert list((tmp_path / "cache").glob("*/data_report.json"))
+
+
+def test_a_cache_dir_that_cannot_be_written_is_one_sentence(tiny_parts, tmp_path, capsys):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the cache dir should be")  # unwritable even for root
+    ov = [*tiny_t2i_overrides(tiny_parts, tmp_path / "run", blocker / "cache")]
+    err = _err(capsys, ["train", str(RECIPE), *ov])
+    assert "cannot be written in" in err and "data.cache_dir" in err

@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -273,6 +274,19 @@ def _open_image(value):
     return im
 
 
+def writable_dir(d: Path, what: str) -> None:
+    """One sentence when ``d`` cannot be created or written (a read-only dir, a file in the way),
+    before anything is generated or encoded into it."""
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        probe = d / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{what} cannot be written in {d} ({e.strerror or type(e).__name__}); set data.cache_dir to "
+                        "a writable dir (or --out for ldm-lab cache).") from None
+
+
 def build_or_load(rows, vae, conditioner, data, image_column: str, caption_column: str, accelerator=None,
                   fingerprint: str | None = None, buckets: list | None = None, bucket_of: Callable | None = None,
                   log=print, batch_size: int = 64, out: Path | None = None) -> LatentCache:
@@ -291,6 +305,7 @@ def build_or_load(rows, vae, conditioner, data, image_column: str, caption_colum
             raise UserError(f"{path} holds a latent cache built for other inputs; remove it or choose another --out.")
         log(f"using cached latents {path}")
         return LatentCache(path)
+    writable_dir(path.parent, "the latent cache")
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     build = path.with_name(path.name + ".build")
     n = len(rows)

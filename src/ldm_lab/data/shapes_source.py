@@ -10,6 +10,7 @@ import datasets
 
 from ..recipe.schema import DataSpec
 from . import shapes
+from .cache import writable_dir
 
 CACHE_ROOT = Path("data/cache")
 
@@ -35,6 +36,7 @@ def materialize_shapes(spec: DataSpec) -> Path:
     """Generate the shapes dataset the recipe names, once; later runs reuse it."""
     out = shapes_dir(spec)
     if not (out / "world.json").exists():
+        writable_dir(out.parent, "the shapes dataset")
         world = shapes_world(spec)
         tmp = out.with_name(out.name + ".tmp")
         shapes.generate(tmp, spec.shapes.n, seed=spec.shapes.seed, world=world)
