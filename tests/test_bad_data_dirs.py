@@ -69,3 +69,15 @@ def test_a_cache_dir_that_cannot_be_written_is_one_sentence(tiny_parts, tmp_path
     ov = [*tiny_t2i_overrides(tiny_parts, tmp_path / "run", blocker / "cache")]
     err = _err(capsys, ["train", str(RECIPE), *ov])
     assert "cannot be written in" in err and "data.cache_dir" in err
+
+
+def test_a_bad_samples_jsonl_is_one_sentence(tmp_path, capsys):
+    d = tmp_path / "samples"
+    d.mkdir()
+    for text, words in (('{"file_name": "0.png"}\nnot json\n', "samples.jsonl line 2 is not a JSON object"),
+                        ('{"x": 1}\n', "has no rows with a file_name"),
+                        ('{"file_name": "0.png", "prompt": "a large red circle at the center on a white background"}\n',
+                         "the image '0.png' cannot be read")):
+        (d / "samples.jsonl").write_text(text)
+        assert words in _err(capsys, ["eval", "shapes", str(d)])
+        assert not (d / "metrics.json").exists()

@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from ldm_lab.data import shapes as sw
+from ldm_lab.errors import UserError
 
 ATTRIBUTES = ("color", "shape", "size", "position", "background")
 WORK_RES = 64  # larger images are downscaled to this side before reading
@@ -228,6 +229,21 @@ def score(images: list[Image.Image], targets: list[sw.Shape], world: sw.World | 
     return {k: v / len(images) for k, v in hits.items()} | {"n": len(images)}
 
 
+def _read_rows(f: Path) -> list[dict]:
+    rows = []
+    for n, line in enumerate(f.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not isinstance(row, dict):
+            raise UserError(f"{f} line {n} is not a JSON object; fix or remove that line.")
+        rows.append(row)
+    return rows
+
+
 def evaluate_dir(path: str | Path, world: sw.World | None = None) -> dict:
     """Score a dir's images against its own labels; writes nothing.
 
@@ -240,15 +256,16 @@ def evaluate_dir(path: str | Path, world: sw.World | None = None) -> dict:
     path = Path(path)
     for source in ("samples.jsonl", "metadata.jsonl"):
         if (path / source).exists():
-            rows = [json.loads(line) for line in (path / source).read_text().splitlines() if line.strip()]
+            rows = _read_rows(path / source)
             break
     else:
         raise FileNotFoundError(f"{path} has neither samples.jsonl nor metadata.jsonl")
     if world is None and (path / "world.json").exists():
         world = sw.load_world(path)
-    rows = [r for r in rows if all(a in r for a in ATTRIBUTES) or _parsed(r)]
+    rows = [r for r in rows if "file_name" in r and (all(a in r for a in ATTRIBUTES) or _parsed(r))]
     if not rows:
-        raise ValueError(f"{path / source} has no rows with shapes attributes or a shapes caption")
+        raise UserError(f"{path / source} has no rows with a file_name and shapes attributes or a shapes caption; "
+                        "give a dir that ldm-lab sample or ldm-lab data shapes wrote.")
     targets = [sw.Shape(**{a: r[a] for a in ATTRIBUTES}) if all(a in r for a in ATTRIBUTES) else _parsed(r)
                for r in rows]
     if world is not None:  # samples from `ldm-lab sample` carry only their prompt
@@ -256,8 +273,12 @@ def evaluate_dir(path: str | Path, world: sw.World | None = None) -> dict:
             r.setdefault("heldout", world.is_heldout(t))
     images = []
     for r in rows:
-        with Image.open(path / r["file_name"]) as im:
-            images.append(im.convert("RGB"))
+        try:
+            with Image.open(path / r["file_name"]) as im:
+                images.append(im.convert("RGB"))
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path / source}: the image {r['file_name']!r} cannot be read ({type(e).__name__}); "
+                            "restore it or remove its line.") from None
     result = score(images, targets, world) | {"source": source}
     for split, flag in (("seen", False), ("heldout", True)):
         idx = [i for i, r in enumerate(rows) if "heldout" in r and bool(r["heldout"]) == flag]
