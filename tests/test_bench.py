@@ -250,8 +250,9 @@ def test_bench_rounds_run_each_row_in_fresh_processes_and_report_medians(tiny_pa
 
 
 def test_bench_rejects_zero_rounds(capsys):
-    assert cli_main(["bench", "--rounds", "0", str(RECIPE)]) == 2
-    assert "--rounds" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # argparse's own error exit: usage and one error line
+        cli_main(["bench", "--rounds", "0", str(RECIPE)])
+    assert e.value.code == 2 and "--rounds" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("names", [["naive"], ["ldm-lab"], ["a", "a"], [" naive"], ["a/b"], [".."]])

@@ -110,10 +110,19 @@ def test_resume_with_ema_switched_off_is_incompatible_not_damaged(tiny_parts, do
     assert cli_main(["train", str(RECIPE), *ov]) == 2
     err = capsys.readouterr().err
     assert "train.ema.enabled (true -> false)" in err and "damaged" not in err
-    # allowed on purpose: the checkpoint's EMA state does not fit what this recipe builds, and it says so
-    assert cli_main(["train", str(RECIPE), *ov, "train.resume_allow_changes=[train.ema]"]) == 2
+    # allowed on purpose: the weights resume and the checkpoint's EMA is left behind
+    assert cli_main(["train", str(RECIPE), *ov, "train.resume_allow_changes=[train.ema]"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+
+
+def test_a_checkpoint_without_the_ema_this_recipe_trains_is_incompatible(tiny_parts, done, tmp_path, capsys):
+    run = _copy(done, tmp_path)
+    for f in (run / "checkpoints" / "checkpoint-2").glob("ema.*"):  # as a run without EMA writes it
+        f.unlink()
+    ov = _ov(tiny_parts, run, done / "data", "train.resume=latest", "train.max_steps=6")
+    assert cli_main(["train", str(RECIPE), *ov]) == 2
     err = capsys.readouterr().err
-    assert "incompatible with the models this recipe builds" in err and "damaged" not in err, err[-400:]
+    assert "is incompatible with this recipe: it holds no ema state" in err and "damaged" not in err, err[-400:]
 
 
 def test_checkpoints_of_another_run_are_neither_resumed_nor_pruned(tiny_parts, done, tmp_path, capsys):
