@@ -157,3 +157,25 @@ def tiny_family_overrides(parts: dict[str, Path], root: Path, prompt: str) -> li
             "train.ema.enabled=false", f"validation.prompts=[{prompt}]", "validation.steps=3",
             "eval.n=4", "eval.heldout_n=2", "eval.steps=2", "logging.tracker=none", "logging.log_every=3",
             f"output.dir={root / 'run'}"]
+
+
+def tiny_lora_overrides(base: Path, root: Path, prompt: str, sampler: str) -> list[str]:
+    """Overrides that turn recipes/shapes/lora.yaml into a 4-step LoRA run (rank 4, attention +
+    feed-forward, a validation sample at step 4) on the pipeline ``base``, into ``root/lora``."""
+    return [f"model.pipeline={base}", "plugin.train_text_encoder=false", "plugin.rank=4", "plugin.targets=attn_ff",
+            "data.shapes.n=32", "data.shapes.resolution=32", f"data.cache_dir={root / 'data'}", "train.batch_size=8",
+            "train.max_steps=4", "train.checkpoint_every=4", "train.learning_rate=5e-2", "train.lr_warmup_steps=0",
+            "train.lr_scheduler=constant", "validation.every=4", f"validation.prompts=[{prompt}]", "validation.steps=3",
+            f"validation.sampler={sampler}", "eval.shapes=false", "logging.tracker=none", f"output.dir={root / 'lora'}"]
+
+
+def stock_lora_check(code: str, out: Path, ours):
+    """Run ``code`` (it saves [base image, image with the LoRA] to argv[1]) without ldm_lab; the
+    LoRA changes the image and reproduces ``ours``, the in-training sample. Returns (base, lora)."""
+    import numpy as np
+
+    run_without_ldm_lab(code, out)
+    base, lora = np.load(out).astype(int)
+    assert np.abs(lora - base).max() > 8  # the adapter changes the image
+    assert np.abs(lora - ours).max() <= 1  # and is the one trained
+    return base, lora

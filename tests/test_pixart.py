@@ -14,7 +14,14 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, PixArtTransformer2DModel
 
-from conftest import REPO, in_training_sample, run_without_ldm_lab, tiny_family_overrides
+from conftest import (
+    REPO,
+    in_training_sample,
+    run_without_ldm_lab,
+    stock_lora_check,
+    tiny_family_overrides,
+    tiny_lora_overrides,
+)
 from ldm_lab.cli import main as cli_main
 from ldm_lab.components.backbones import PIXART_PRESETS
 from ldm_lab.components.denoiser import PixArtDenoiser, denoiser_for
@@ -181,12 +188,7 @@ def test_lora_on_pixart_loads_with_stock_peft(pixart_run, tmp_path):
     ``PeftModel.from_pretrained(pipe.transformer, ...)``; the output changes and it reproduces the
     in-training sample. ``ldm-lab sample --lora`` reads the same dir."""
     run = tmp_path / "lora"
-    ov = [f"model.pipeline={pixart_run / 'pipeline'}", "plugin.train_text_encoder=false",
-          "plugin.rank=4", "plugin.targets=attn_ff", "data.shapes.n=32", "data.shapes.resolution=32",
-          f"data.cache_dir={tmp_path / 'data'}", "train.batch_size=8", "train.max_steps=4", "train.checkpoint_every=4",
-          "train.learning_rate=5e-2", "train.lr_warmup_steps=0", "train.lr_scheduler=constant", "validation.every=4",
-          f"validation.prompts=[{PROMPT}]", "validation.steps=3", "validation.sampler=dpm++", "eval.shapes=false",
-          "logging.tracker=none", f"output.dir={run}"]
+    ov = tiny_lora_overrides(pixart_run / "pipeline", tmp_path, PROMPT, "dpm++")
     assert cli_main(["train", str(REPO / "recipes/shapes/lora.yaml"), *ov]) == 0
     cfg = json.loads((run / "transformer" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and "ff.net.2" in cfg["target_modules"]
@@ -203,11 +205,7 @@ PeftModel.from_pretrained(pipe.transformer, {str(run / 'transformer')!r})
 img = pipe({PROMPT!r}, generator=torch.Generator().manual_seed({seed}), **kw).images[0]
 np.save(sys.argv[1], np.stack([(x * 255).round().astype(np.uint8) for x in (base, img)]))
 """
-    out = tmp_path / "stock.npy"
-    run_without_ldm_lab(code, out)
-    base, lora = np.load(out).astype(int)
-    assert np.abs(lora - base).max() > 8  # the adapter changes the image
-    assert np.abs(lora - ours).max() <= 1  # and is the one trained
+    base, _ = stock_lora_check(code, tmp_path / "stock.npy", ours)
     # our own sampler reads the run dir as a LoRA for this pipeline, at scale 1 and 0
     for scale in (1.0, 0.0):
         d = tmp_path / f"sample-{scale}"

@@ -13,7 +13,14 @@ import pytest
 import torch
 from diffusers import SD3Transformer2DModel
 
-from conftest import REPO, in_training_sample, run_without_ldm_lab, tiny_family_overrides
+from conftest import (
+    REPO,
+    in_training_sample,
+    run_without_ldm_lab,
+    stock_lora_check,
+    tiny_family_overrides,
+    tiny_lora_overrides,
+)
 from ldm_lab.cli import main as cli_main
 from ldm_lab.components.backbones import SD3_PRESETS
 from ldm_lab.components.denoiser import SD3Denoiser, denoiser_for
@@ -159,11 +166,7 @@ def test_lora_on_sd3_loads_with_stock_load_lora_weights(sd3_run, tmp_path):
     never imports ldm_lab loads it with load_lora_weights, the output changes, and it reproduces the
     in-training sample."""
     run = tmp_path / "lora"
-    ov = [f"model.pipeline={sd3_run / 'pipeline'}", "noise={}", "plugin.train_text_encoder=false",
-          "plugin.rank=4", "plugin.targets=attn_ff", "data.shapes.n=32", "data.shapes.resolution=32",
-          f"data.cache_dir={tmp_path / 'data'}", "train.batch_size=8", "train.max_steps=4", "train.checkpoint_every=4",
-          "train.learning_rate=5e-2", "train.lr_warmup_steps=0", "train.lr_scheduler=constant", "validation.every=4", f"validation.prompts=[{PROMPT}]", "validation.steps=3",
-          "validation.sampler=euler", "eval.shapes=false", "logging.tracker=none", f"output.dir={run}"]
+    ov = [*tiny_lora_overrides(sd3_run / "pipeline", tmp_path, PROMPT, "euler"), "noise={}"]
     assert cli_main(["train", str(REPO / "recipes/shapes/lora.yaml"), *ov]) == 0
     recipe = json.loads(json.dumps(__import__("yaml").safe_load((run / "recipe.yaml").read_text())))
     assert recipe["noise"]["objective"] == "flow" and recipe["model"]["denoiser"]["family"] == "sd3"
@@ -178,8 +181,4 @@ pipe.load_lora_weights({str(run)!r})
 img = pipe({PROMPT!r}, generator=torch.Generator().manual_seed({seed}), **kw).images[0]
 np.save(sys.argv[1], np.stack([(x * 255).round().astype(np.uint8) for x in (base, img)]))
 """
-    out = tmp_path / "stock.npy"
-    run_without_ldm_lab(code, out)
-    base, lora = np.load(out).astype(int)
-    assert np.abs(lora - base).max() > 8  # the adapter changes the image
-    assert np.abs(lora - ours).max() <= 1  # and is the one trained
+    stock_lora_check(code, tmp_path / "stock.npy", ours)

@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
 from accelerate.utils import load as accelerate_load
 
 from ..errors import UserError
 from . import state_files
+from .engine import main_decides
 from .rundir import recipe_changes
 from .runlog import write_history
 
@@ -200,10 +200,7 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, limit: i
         prev = checkpoints(run_dir, run_id)
         if prev:
             problem = space_problem(run_dir, dir_bytes(prev[-1]), f"checkpoint {step}")
-    if accelerator.num_processes > 1:
-        box = [problem]
-        broadcast_object_list(box)
-        problem = box[0]
+    problem = main_decides(accelerator, problem)
     if problem:
         raise UserError(f"{problem}; {_last_good(run_dir, run_id)}.")
     tmp = run_dir / "checkpoints" / f".tmp-{CKPT_PREFIX}{step}"
@@ -271,15 +268,14 @@ def _has(stem: Path) -> bool:
 
 
 def load_shared_states(ckpt: Path, shared_states: dict) -> list[str]:
-    """Each shared state (the EMA) from its files; the names found only as accelerate's pickled
-    custom state (a checkpoint from before these files), which the caller loads or refuses."""
-    legacy = []
+    """Each shared state (the EMA) from its files; the names the checkpoint has no files for."""
+    missing = []
     for name, obj in shared_states.items():
         if state_files.exists(ckpt / name):
             obj.load_state_dict(state_files.load_state(ckpt / name))  # a failure: the caller's damaged checkpoint
         else:
-            legacy.append(name)
-    return legacy
+            missing.append(name)
+    return missing
 
 
 def pickled_custom_state(ckpt: Path) -> list[str]:

@@ -21,6 +21,7 @@ from accelerate.utils import (
     DistributedType,
     GradientAccumulationPlugin,
     ProjectConfiguration,
+    broadcast_object_list,
     is_mps_available,
     is_npu_available,
     is_xpu_available,
@@ -149,6 +150,17 @@ def clip_gradients(accelerator: Accelerator, optimizer: torch.optim.Optimizer, m
     params = [p for g in optimizer.param_groups for p in g["params"]]
     norm = accelerator.clip_grad_norm_(params, max_norm)
     return None if norm is None else torch.as_tensor(norm, device=accelerator.device).float().reshape(())
+
+
+def main_decides(accelerator: Accelerator, value):
+    """The main process's ``value`` on every process (one ``broadcast_object_list`` when there are
+    several), so a decision only the main process can make (a run dir's lock, the free space, a
+    failed save) ends every process the same way."""
+    if accelerator.num_processes == 1:
+        return value
+    box = [value]
+    broadcast_object_list(box)
+    return box[0]
 
 
 def step_values(accelerator: Accelerator, loss: torch.Tensor, bad, stop: bool, norm) -> tuple:

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import set_seed
 
 from ..errors import TrainingDiverged, UserError
 from ..perf import OFF, Phases, host_allocator
@@ -27,6 +27,7 @@ from .engine import (
     clip_gradients,
     compile_report,
     is_deepspeed,
+    main_decides,
     make_accelerator,
     make_lr_scheduler,
     make_optimizer,
@@ -131,15 +132,14 @@ class _Run:
         """The run dir locked and owned by this run (``rundir.claim``, on the main process); every
         process gets the run id, or the same one-sentence refusal."""
         accelerator, recipe = self.accelerator, self.recipe
-        answer = [None, None]
+        answer = (None, None)
         if accelerator.is_main_process:
             try:
                 self.claimed = claim(self.run_dir, bool(self.t.resume), recipe.output.overwrite, recipe.trainer)
-                answer = [self.claimed.run_id, None]
+                answer = (self.claimed.run_id, None)
             except UserError as e:
-                answer = [None, str(e)]
-        if accelerator.num_processes > 1:
-            broadcast_object_list(answer)
+                answer = (None, str(e))
+        answer = main_decides(accelerator, answer)
         if answer[1] is not None:
             raise UserError(answer[1])
         return answer[0]
@@ -306,7 +306,7 @@ class _Run:
         artifact is left: ``write_artifacts`` writes a checkpoint of the last step if there is none
         (so nothing trained is lost) and ends in one sentence; ``train.resume=latest`` then writes it."""
         accelerator, run_dir = self.accelerator, self.run_dir
-        tmp, failed = run_dir / ".tmp-artifact", [None]
+        tmp, failed = run_dir / ".tmp-artifact", None
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             try:
@@ -314,11 +314,10 @@ class _Run:
                 self.plugin.save(tmp)
             except OSError as e:
                 shutil.rmtree(tmp, ignore_errors=True)
-                failed = [e.strerror or type(e).__name__]
-        if accelerator.num_processes > 1:
-            broadcast_object_list(failed)
-        if failed[0] is not None:
-            return failed[0]
+                failed = e.strerror or type(e).__name__
+        failed = main_decides(accelerator, failed)
+        if failed is not None:
+            return failed
         if accelerator.is_main_process:
             for entry in sorted(tmp.iterdir()):
                 dst = run_dir / entry.name

@@ -204,9 +204,10 @@ class LoRATrainer(TextToImageTrainer):
         layers, cfg = self.plain_lora(unet, "unet")
         pipeline_cls = getattr(diffusers, self.denoiser.pipeline_class)
         if not hasattr(pipeline_cls, "save_lora_weights"):  # PixArt: a PEFT adapter dir for its transformer
-            cfg["base_model_name_or_path"] = self.lora_metadata()["base_model"]
+            meta = self.lora_metadata()
+            cfg["base_model_name_or_path"] = meta["base_model"]
             d = write_peft_adapter(layers, cfg, out_dir / comp)
-            add_metadata(d / PEFT_WEIGHTS, self.lora_metadata())
+            add_metadata(d / PEFT_WEIGHTS, meta)
             self.export(d)
             return
         if comp == "unet":
