@@ -179,3 +179,23 @@ def stock_lora_check(code: str, out: Path, ours):
     assert np.abs(lora - base).max() > 8  # the adapter changes the image
     assert np.abs(lora - ours).max() <= 1  # and is the one trained
     return base, lora
+
+
+DB_PROMPT = "a large zwx circle at the center on a white background"  # dreambooth_flags' validation prompt
+
+
+def dreambooth_flags(base: Path, root: Path, sampler: str, extra=()) -> list[str]:
+    """`ldm-lab finetune dreambooth` on the pipeline ``base`` (32 px): 4 instance images of a
+    green circle in ``root/inst``, identifier zwx, 4 steps, a validation sample (``DB_PROMPT``) at
+    step 4 with ``sampler``, the run in ``root/db``."""
+    from ldm_lab.data import shapes
+
+    inst = root / "inst"
+    inst.mkdir(parents=True)
+    for i, pos in enumerate(["center", "left", "top", "right"]):
+        shapes.render(shapes.Shape("green", "circle", "large", pos, "white"), 32)[0].save(inst / f"img{i}.png")
+    return ["finetune", "dreambooth", "--base", str(base), "--instance-data", str(inst), "--out", str(root / "db"),
+            "--instance-prompt", "a {id} circle", "--steps", "4", "--batch-size", "2", "--lr", "1e-3",
+            "--identifier", "zwx", "--validation-prompt", DB_PROMPT.replace("zwx", "{id}"), *extra,
+            "validation.every=4", "validation.steps=3", f"validation.sampler={sampler}", "train.checkpoint_every=null",
+            "logging.tracker=none", f"data.cache_dir={root / 'cache'}", "data.resolution=32"]

@@ -15,7 +15,9 @@ import torch
 from diffusers import DDPMScheduler, PixArtTransformer2DModel
 
 from conftest import (
+    DB_PROMPT,
     REPO,
+    dreambooth_flags,
     in_training_sample,
     run_without_ldm_lab,
     stock_lora_check,
@@ -214,3 +216,29 @@ np.save(sys.argv[1], np.stack([(x * 255).round().astype(np.uint8) for x in (base
                          "--out", str(d)]) == 0
         img = np.asarray(__import__("PIL.Image").Image.open(d / "0000.png").convert("RGB")).astype(int)
         assert np.abs(img - (ours if scale else base)).max() <= 1
+
+
+def test_dreambooth_full_with_prior_on_pixart_is_a_stock_pixart_pipeline(pixart_run, tmp_path):
+    """Full DreamBooth with prior preservation on the DiT: class images from the base (DDPM,
+    DPM-Solver), every transformer weight trains, and the artifact is a stock PixArtSigmaPipeline
+    dir that reproduces the in-training sample in a process that never imports ldm_lab."""
+    run = tmp_path / "db"
+    assert cli_main(dreambooth_flags(pixart_run / "pipeline", tmp_path, "dpm++", (
+        "--prior-preservation", "--class-prompt", "a red circle", "--num-class-images", "2",
+        "--class-dir", str(tmp_path / "class"))) + ["plugin.class_steps=2"]) == 0
+    assert json.loads((tmp_path / "class" / "manifest.json").read_text())["count"] == 2
+    new = PixArtTransformer2DModel.from_pretrained(run / "pipeline" / "transformer").state_dict()
+    old = PixArtTransformer2DModel.from_pretrained(pixart_run / "pipeline" / "transformer").state_dict()
+    assert sum(not torch.equal(new[k], old[k]) for k in new) > 0.5 * len(new)
+    seed, ours = in_training_sample(run, 4)
+    code = f"""
+import sys, numpy as np, torch
+from diffusers import PixArtSigmaPipeline
+pipe = PixArtSigmaPipeline.from_pretrained({str(run / 'pipeline')!r})
+img = pipe({DB_PROMPT!r}, negative_prompt="", num_inference_steps=3, guidance_scale=5.0, clean_caption=False,
+           use_resolution_binning=False, max_sequence_length=pipe.tokenizer.model_max_length,
+           generator=torch.Generator().manual_seed({seed}), output_type="np").images[0]
+np.save(sys.argv[1], (img * 255).round().astype(np.uint8))
+"""
+    run_without_ldm_lab(code, tmp_path / "stock.npy")
+    assert np.abs(np.load(tmp_path / "stock.npy").astype(int) - ours).max() <= 1

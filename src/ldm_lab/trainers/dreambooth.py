@@ -16,15 +16,20 @@ preservation keeps the model's knowledge of the subject's class.
   only adds images when more are asked for); a changed base or prompt regenerates them. A
   class dir with images and no manifest holds the user's own class images and is used as is.
 * **Batches.** Every step takes ``train.batch_size`` instance rows and as many class rows,
-  concatenated into one batch of 2B through the UNet (one forward, one backward):
+  concatenated into one batch of 2B through the backbone (one forward, one backward):
   loss = mean instance loss + ``prior_loss_weight`` * mean prior loss. Activation memory is
   that of a 2B batch; halve ``train.batch_size`` to keep the memory of a run without prior
   preservation. An epoch has max(instances, class images) rows, rounded up to a whole number
   of passes over the instances.
 * **Modes.** ``mode: lora`` trains the LoRA plugin's adapters and writes its artifact
-  (``pytorch_lora_weights.safetensors``, exportable to PEFT / kohya); ``mode: full`` trains the
-  whole UNet and writes a diffusers pipeline dir (``RUN/pipeline``). Either can also train the
-  text encoder (adapters in lora mode, all weights in full mode).
+  (``pytorch_lora_weights.safetensors``, exportable to PEFT / kohya; a PEFT adapter dir for
+  PixArt); ``mode: full`` trains the whole backbone and writes the family's stock pipeline dir
+  (``RUN/pipeline``). On the UNet either can also train the text encoder (adapters in lora
+  mode, all weights in full mode).
+* **Families.** Every backbone the text-to-image trainer runs (UNet, PixArt DiT, SD3 MMDiT):
+  the base is the family's stock pipeline dir, class images come from it with its own
+  objective's sampler, and the identifier is chosen from the first text encoder's tokenizer
+  (a warning names any other encoder, e.g. SD3's T5, that splits it).
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ from ..data import cache as latent_cache
 from ..data.loader import make_loader
 from ..errors import UserError
 from ..evaluation.subject import instance_subject, subject_eval
-from ..identifiers import choose_identifier
+from ..identifiers import choose_identifier, single_token
 from ..recipe.plugins import DreamBoothOptions
 from .lora import LoRATrainer
 from .registry import register
@@ -119,8 +124,9 @@ def ensure_class_images(trainer: TextToImageTrainer, opts: DreamBoothOptions, cl
     model; generation is split across processes."""
     acc = trainer.accelerator
     n, prompts = opts.num_class_images, opts.class_prompts()
+    # the base's backbone, text encoders (recipe order) and autoencoder: class images of another base regenerate
     digest = hashlib.sha256("|".join(latent_cache.module_digest(m) for m in (
-        trainer.unet, trainer.text_encoder, trainer.vae)).encode()).hexdigest()[:16]
+        trainer.unet, *trainer.text_encoders, trainer.vae)).encode()).hexdigest()[:16]
     want = class_manifest(base, digest, prompts, opts.class_sampler, opts.class_steps, opts.class_guidance,
                           opts.class_seed)
     state, have, changed = plan_class_images(class_dir, want, n)
@@ -207,7 +213,7 @@ def collate_paired(items: list[list[dict]]) -> dict:
 @register
 class DreamBoothTrainer(LoRATrainer):
     name = "dreambooth"
-    families = ("unet",)
+    families = ("unet", "pixart", "sd3")
 
     def setup(self) -> None:
         self.opts = o = DreamBoothOptions.model_validate(self.recipe.plugin)
@@ -220,6 +226,9 @@ class DreamBoothTrainer(LoRATrainer):
             raise UserError(f"plugin.{e}.") from None
         self.te_model = None
         self.build_models()
+        if o.train_text_encoder and self.denoiser.family != "unet":
+            raise UserError(f"plugin.train_text_encoder is for the unet family so far; unset it for "
+                            f"{self.denoiser.family}.")
         if self.full:
             self.check_single_file(self.unet, self.vae, self.text_encoder.model)
         acc = self.accelerator
@@ -236,10 +245,15 @@ class DreamBoothTrainer(LoRATrainer):
             self.identifier, warning = choose_identifier(tok, o.identifier, avoid=words)
         except ValueError as e:
             raise UserError(f"{e} (plugin.identifier).") from None
+        split = [i for i, te in enumerate(self.text_encoders[1:], 1)
+                 if te.kind != "openclip" and not single_token(te.tokenizer, self.identifier)]
+        if split:  # SD3's T5: the identifier is still one word there, several tokens of its vocabulary
+            note = f"'{self.identifier}' is several tokens for text encoder(s) {split} (recipe order)"
+            warning = f"{warning}; {note}" if warning else note
         acc.print(f"identifier: {self.identifier}" + (" (chosen: a rare single token)" if o.identifier == "auto" else ""))
         if warning:
             acc.print(f"warning: {warning}")
-        self.base_name = self.recipe.model.pipeline or (self.recipe.model.unet.pretrained or "")
+        self.base_name = self.recipe.model.pipeline or (self.recipe.model.denoiser_spec().pretrained or "")
 
         captions = [(r["caption"] or o.instance_prompt).replace("{id}", self.identifier) for r in inst]
         lacking = sum(self.identifier not in c.split() for c in captions)
@@ -318,12 +332,13 @@ class DreamBoothTrainer(LoRATrainer):
     def save(self, out_dir: Path) -> None:
         if not self.full:
             return super().save(out_dir)
-        pipe = self.pipeline("dpm++")
+        pipe = self.pipeline(self.artifact_sampler)
         if self.te_model is not None:
             pipe.text_encoder = self.unwrap(self.te_model)
         pipe.save_pretrained(out_dir / "pipeline")
         self.export(out_dir / "pipeline")
-        self.write_single_file(pipe, out_dir / "pipeline")
+        if self.denoiser.family == "unet":
+            self.write_single_file(pipe, out_dir / "pipeline")
 
     def lora_metadata(self) -> dict:
         o = self.opts
