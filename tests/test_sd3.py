@@ -152,16 +152,6 @@ def test_overrides_index_the_text_encoders():
         load_recipe(RECIPE, ["model.text_encoders.5.dropout=0"], check_paths=False)
 
 
-@pytest.mark.parametrize("trainer", ["controlnet"])
-def test_plugins_not_yet_on_sd3_say_so(tiny_parts, tmp_path, capsys, trainer):
-    te = f"{{kind: clip, pretrained: {tiny_parts['clip']}, subfolder: text_encoder, projection: true, hidden_layer: -2}}"
-    rc = cli_main(["train", str(RECIPE), f"trainer={trainer}", f"model.text_encoders=[{te}, {te}]",
-                   f"model.autoencoder.pretrained={tiny_parts['vae']}", f"output.dir={tmp_path / 'run'}",
-                   "data.caption_dropout=0"])
-    err = capsys.readouterr().err
-    assert rc == 2 and f"the {trainer} trainer runs on the unet denoiser family so far" in err, err[-500:]
-
-
 def test_lora_on_sd3_loads_with_stock_load_lora_weights(sd3_run, tmp_path):
     """A LoRA on the MMDiT (both streams' attention + feed-forwards), trained on the tiny SD3 run's
     pipeline as its base, is written by StableDiffusion3Pipeline.save_lora_weights; a process that

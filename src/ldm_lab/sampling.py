@@ -7,6 +7,7 @@ schedule's config, so the trained prediction type, betas and timestep spacing ca
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import textwrap
 from pathlib import Path
@@ -17,6 +18,7 @@ from diffusers import (
     DiffusionPipeline,
     PixArtAlphaPipeline,
     PixArtSigmaPipeline,
+    StableDiffusion3ControlNetPipeline,
     StableDiffusion3Pipeline,
     StableDiffusionControlNetPipeline,
     StableDiffusionPipeline,
@@ -25,6 +27,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .errors import UserError
 from .recipe.choices import FLOW_SAMPLERS, SAMPLERS
+
+SD3_PIPELINES = (StableDiffusion3Pipeline, StableDiffusion3ControlNetPipeline)
 
 
 def is_flow(config) -> bool:
@@ -70,7 +74,7 @@ def use_sampler(pipe, name: str) -> None:
         scheduler = make_sampler(name, pipe.scheduler.config)
     except ValueError as e:
         raise UserError(f"{e}.") from None
-    if not hasattr(scheduler, "scale_model_input") and not isinstance(pipe, StableDiffusion3Pipeline):
+    if not hasattr(scheduler, "scale_model_input") and not isinstance(pipe, SD3_PIPELINES):
         raise UserError(f"sampler '{name}' cannot drive this {type(pipe).__name__}'s flow-matching model; "
                         f"choose dpm++ or unipc.")
     pipe.scheduler = scheduler
@@ -138,11 +142,16 @@ def generate(pipe: StableDiffusionPipeline, prompts: list[str], seeds: list[int]
     ``negative_mask`` for those that read the token mask, PixArt).
     ``control`` (ControlNet pipelines): per prompt, a control image, or a list of them (one per
     ControlNet of a multi-ControlNet pipeline); ``pipe_kwargs`` go to the pipeline call
-    (``controlnet_conditioning_scale``, ``guess_mode``).
+    (``controlnet_conditioning_scale``, ``guess_mode``). StableDiffusion3ControlNetPipeline draws
+    the control image's latent from torch's global generator: it samples one image per call with
+    that generator seeded by the image's seed (``torch.manual_seed(seed)``, the caller's RNG state
+    restored after), so a stock call after ``torch.manual_seed(seed)`` reproduces the image.
     """
     images: list[Image.Image] = []
     device = (pipe.unet if hasattr(pipe, "unet") else pipe.transformer).device
-    if isinstance(pipe, StableDiffusion3Pipeline) and prompt_embeds is None:
+    if isinstance(pipe, StableDiffusion3ControlNetPipeline):
+        batch_size = 1
+    if isinstance(pipe, SD3_PIPELINES) and prompt_embeds is None:
         # as many T5 tokens as training read (none without a T5)
         pipe_kwargs.setdefault("max_sequence_length", pipe.tokenizer_3.model_max_length if pipe.text_encoder_3 else 0)
     if isinstance(pipe, (PixArtAlphaPipeline, PixArtSigmaPipeline)):
@@ -153,9 +162,23 @@ def generate(pipe: StableDiffusionPipeline, prompts: list[str], seeds: list[int]
             pipe_kwargs.setdefault("max_sequence_length", pipe.tokenizer.model_max_length)
     with _offset_fits(pipe, steps):
         for s in range(0, len(prompts), batch_size):
-            images += _generate_batch(pipe, prompts, seeds, steps, guidance, s, batch_size, device, prompt_embeds,
-                                      negative_embeds, control, pipe_kwargs, pooled, negative_pooled, mask, negative_mask)
+            with _global_seed(pipe, seeds[s], device):
+                images += _generate_batch(pipe, prompts, seeds, steps, guidance, s, batch_size, device, prompt_embeds,
+                                          negative_embeds, control, pipe_kwargs, pooled, negative_pooled, mask,
+                                          negative_mask)
     return images
+
+
+@contextlib.contextmanager
+def _global_seed(pipe, seed: int, device: torch.device):
+    """torch's global generators seeded with ``seed`` for an SD3 ControlNet pipeline call (it
+    samples the control latent from them), the caller's state restored after; nothing otherwise."""
+    if not isinstance(pipe, StableDiffusion3ControlNetPipeline):
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(int(seed))
+        yield
 
 
 class _offset_fits:
@@ -197,7 +220,9 @@ def _generate_batch(pipe, prompts, seeds, steps, guidance, s, batch_size, device
                       negative_prompt_attention_mask=negative_mask.to(device).long().expand(len(pe), -1))
     else:
         kw.update(prompt=prompts[s:s + batch_size], negative_prompt=[""] * len(prompts[s:s + batch_size]))
-    if control is not None:
+    if isinstance(pipe, StableDiffusion3ControlNetPipeline):  # one image per call; several nets: a list, one per net
+        kw["control_image"] = control[s] if isinstance(control[s], list) else [control[s]]
+    elif control is not None:
         kw["image"] = control[s:s + batch_size]  # multi-ControlNet: per prompt, a list with one per net
     return pipe(**kw).images
 
@@ -209,6 +234,22 @@ def build_controlnet_pipeline(vae, text_encoder, tokenizer, unet, controlnet, no
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, controlnet=controlnet,
         scheduler=make_sampler(sampler, noise_scheduler.config), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build_family_controlnet_pipeline(family: str, vae, text_encoders, backbone, controlnet, noise_scheduler,
+                                     sampler: str = "dpm++"):
+    """The stock ControlNet pipeline of the backbone's family around in-memory modules:
+    StableDiffusionControlNetPipeline (unet) or StableDiffusion3ControlNetPipeline (sd3: the
+    components of ``build_family_pipeline``'s StableDiffusion3Pipeline, plus the ControlNet)."""
+    if family == "unet":
+        for te in text_encoders:
+            te.tokenizer.model_max_length = te.max_length
+        te = text_encoders[0]
+        return build_controlnet_pipeline(vae, te.model, te.tokenizer, backbone, controlnet, noise_scheduler, sampler)
+    base = build_family_pipeline(family, vae, text_encoders, backbone, noise_scheduler, sampler)
+    pipe = StableDiffusion3ControlNetPipeline(**base.components, controlnet=controlnet)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

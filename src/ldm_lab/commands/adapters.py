@@ -48,8 +48,51 @@ def controlnet_args(items: list[str], images: list[str]) -> list[tuple[str, floa
             p = p / "controlnet"  # a run dir
         if not (p / "config.json").exists():
             raise UserError(f"ControlNet '{path}' is not a ControlNet dir (no config.json); give a dir "
-                            "ControlNetModel.from_pretrained reads, or a controlnet run dir.")
+                            "ControlNetModel (or SD3ControlNetModel).from_pretrained reads, or a controlnet run dir.")
         if not Path(img).is_file():
             raise UserError(f"--control-image '{img}' does not exist.")
         out.append((str(p), scale, img))
     return out
+
+
+def backbone_of(pipe):
+    """The denoiser a loaded pipeline holds (its UNet, or its transformer)."""
+    return pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+
+
+def controlnet_pipeline(pipe, dirs: list[str]):
+    """The stock ControlNet pipeline of ``pipe``'s family sharing its modules, with the ControlNet in
+    each of ``dirs`` (several: diffusers' multi-ControlNet, which sums each net's residuals times its
+    scale): StableDiffusionControlNetPipeline + ControlNetModel, or StableDiffusion3ControlNetPipeline +
+    SD3ControlNetModel for an SD3 base. Returns (pipeline, family)."""
+    from diffusers import (
+        ControlNetModel,
+        PixArtAlphaPipeline,
+        PixArtSigmaPipeline,
+        StableDiffusion3ControlNetPipeline,
+        StableDiffusion3Pipeline,
+        StableDiffusionControlNetPipeline,
+    )
+
+    from ..components.controlnets import load_controlnet
+    from ..components.denoiser import PixArtDenoiser
+
+    if isinstance(pipe, (PixArtAlphaPipeline, PixArtSigmaPipeline)):
+        raise UserError(PixArtDenoiser.no_controlnet)
+    if isinstance(pipe, StableDiffusion3Pipeline):
+        family, cls = "sd3", StableDiffusion3ControlNetPipeline
+        nets = [load_controlnet("sd3", d, pipe.transformer, what="ControlNet") for d in dirs]
+    else:
+        family, cls, nets = "unet", StableDiffusionControlNetPipeline, []
+        for d in dirs:
+            try:
+                nets.append(ControlNetModel.from_pretrained(d))
+            except (OSError, ValueError) as e:
+                raise UserError(f"cannot load a ControlNet from '{d}' ({str(e).splitlines()[0][:160]}).") from None
+            if nets[-1].config.cross_attention_dim != pipe.unet.config.cross_attention_dim:
+                raise UserError(f"ControlNet '{d}' was made for another base (cross_attention_dim "
+                                f"{nets[-1].config.cross_attention_dim}, the base has "
+                                f"{pipe.unet.config.cross_attention_dim}).")
+    cpipe = cls.from_pipe(pipe, controlnet=nets if len(nets) > 1 else nets[0])
+    cpipe.set_progress_bar_config(disable=True)
+    return cpipe, family

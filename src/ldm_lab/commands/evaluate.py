@@ -15,7 +15,7 @@ from ..evaluation.run import shapes_eval
 from ..recipe import load_recipe
 from ..recipe.plugins import ControlNetOptions
 from ..recipe.schema import AutoencoderSpec, EvalSpec
-from .adapters import lora_args
+from .adapters import backbone_of, controlnet_pipeline, lora_args
 from .data import restricted_world
 
 
@@ -80,8 +80,6 @@ def controlnet(args) -> int:
     """``control_eval`` (the ControlNet run's own final evaluation) for a saved ControlNet, with
     the stock diffusers ControlNet pipeline; settings from the run's recipe unless given."""
     # torch and diffusers load only for the eval actions that run a model
-    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
-
     from ..sampling import generate, load_pipeline, use_sampler
 
     src = Path(args.source)
@@ -100,33 +98,29 @@ def controlnet(args) -> int:
         raise UserError("give --base: the pipeline this ControlNet was trained for.")
     try:
         pipe = load_pipeline(base)
-        net = ControlNetModel.from_pretrained(net_dir)
     except (OSError, ValueError) as err:
-        raise UserError(f"cannot load the base '{base}' or the ControlNet '{net_dir}' "
-                        f"({str(err).splitlines()[0][:200]}).") from None
-    if net.config.cross_attention_dim != pipe.unet.config.cross_attention_dim:
-        raise UserError(f"ControlNet '{net_dir}' was made for another base (cross_attention_dim "
-                        f"{net.config.cross_attention_dim}, '{base}' has {pipe.unet.config.cross_attention_dim}).")
+        raise UserError(f"cannot load the base '{base}' ({str(err).splitlines()[0][:200]}).") from None
     sampler, steps = args.sampler or e.sampler, args.steps or e.steps
     guidance = args.guidance if args.guidance is not None else e.guidance_scale
     use_sampler(pipe, sampler)
-    cpipe = StableDiffusionControlNetPipeline.from_pipe(pipe, controlnet=net)
-    cpipe.set_progress_bar_config(disable=True)
+    cpipe, family = controlnet_pipeline(pipe, [str(net_dir)])
     low, high = (opts.canny_low, opts.canny_high) if opts is not None else (100, 200)
 
     def control_for(image, mask):
         return control_image(kind, image, mask, low, high)
 
     def with_control(prompts, controls, seeds, guess_mode):
-        return generate(cpipe, prompts, seeds, steps, guidance, control=controls, guess_mode=guess_mode)
+        kw = {"guess_mode": guess_mode} if family == "unet" else {}
+        return generate(cpipe, prompts, seeds, steps, guidance, control=controls, **kw)
 
     def without(prompts, controls, seeds):
         return generate(pipe, prompts, seeds, steps, guidance)
 
     n = args.n or (opts.eval_n if opts is not None else 64)
     seed = args.seed if args.seed is not None else e.seed
-    resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    result = control_eval(with_control, without, control_for, Path(args.out), n, seed, resolution)
+    resolution = backbone_of(pipe).config.sample_size * pipe.vae_scale_factor
+    result = control_eval(with_control, without, control_for, Path(args.out), n, seed, resolution,
+                          guess_mode=family == "unet")
     result["settings"] = {"controlnet": str(net_dir), "base": str(base), "kind": kind, "sampler": sampler,
                           "steps": steps, "guidance": guidance}
     ev.write_metrics(result, Path(args.out) / "metrics.json")

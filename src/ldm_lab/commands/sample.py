@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionPipeline
 from PIL import Image
 
 from ..errors import UserError
 from ..lora_io import apply_loras
 from ..sampling import default_steps, generate, grid, load_pipeline, use_sampler
-from .adapters import controlnet_args, lora_args
+from .adapters import backbone_of, controlnet_args, controlnet_pipeline, lora_args
 
 
 def sample(args) -> int:
@@ -70,27 +69,24 @@ def sample_cli(source: str, prompts: list[str], n: int = 1, steps: int | None = 
     return out_dir
 
 
-def with_controlnets(pipe: StableDiffusionPipeline, controlnets: list[tuple[str, float, str]], guess_mode: bool = False):
-    """A StableDiffusionControlNetPipeline sharing ``pipe``'s modules, with one ControlNet or
-    several (diffusers' MultiControlNetModel sums their residuals, each times its scale); returns
-    (pipeline, control image(s) for every prompt, extra call kwargs)."""
-    size = (pipe.unet.config.sample_size * pipe.vae_scale_factor,) * 2
-    nets, images = [], []
-    for d, _, img in controlnets:
-        try:
-            nets.append(ControlNetModel.from_pretrained(d))
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot load a ControlNet from '{d}' ({str(e).splitlines()[0][:160]}).") from None
-        if nets[-1].config.cross_attention_dim != pipe.unet.config.cross_attention_dim:
-            raise UserError(f"ControlNet '{d}' was made for another base (cross_attention_dim "
-                            f"{nets[-1].config.cross_attention_dim}, the base has {pipe.unet.config.cross_attention_dim}).")
+def with_controlnets(pipe, controlnets: list[tuple[str, float, str]], guess_mode: bool = False):
+    """The family's stock ControlNet pipeline sharing ``pipe``'s modules, with one ControlNet or
+    several (``adapters.controlnet_pipeline``); returns (pipeline, control image(s) for every prompt,
+    extra call kwargs)."""
+    cpipe, family = controlnet_pipeline(pipe, [d for d, _, _ in controlnets])
+    if guess_mode and family != "unet":
+        raise UserError("--guess-mode is a UNet ControlNet pipeline's; StableDiffusion3ControlNetPipeline has "
+                        "none, so sample without it.")
+    size = (backbone_of(pipe).config.sample_size * pipe.vae_scale_factor,) * 2
+    images = []
+    for _, _, img in controlnets:
         try:
             images.append(Image.open(img).convert("RGB").resize(size))
         except OSError:
             raise UserError(f"--control-image '{img}' is not an image file.") from None
     scales = [s for _, s, _ in controlnets]
-    cpipe = StableDiffusionControlNetPipeline.from_pipe(pipe, controlnet=nets if len(nets) > 1 else nets[0])
-    cpipe.set_progress_bar_config(disable=True)
-    one = len(nets) == 1
-    return cpipe, (images[0] if one else images), {"controlnet_conditioning_scale": scales[0] if one else scales,
-                                                   "guess_mode": guess_mode}
+    one = len(images) == 1
+    extra = {"controlnet_conditioning_scale": scales[0] if one else scales}
+    if family == "unet":
+        extra["guess_mode"] = guess_mode
+    return cpipe, (images[0] if one else images), extra

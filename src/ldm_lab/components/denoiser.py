@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from diffusers import PixArtTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
 
 from ..errors import UserError
@@ -23,11 +24,13 @@ from .record import Conditioning
 
 @dataclass
 class Residuals:
-    """Extra inputs a side network adds to the backbone (ControlNet: one tensor per skip
-    connection of the encoder, and one for the mid block)."""
+    """Extra inputs a side network adds to the backbone: a UNet ControlNet's one tensor per skip
+    connection of the encoder (``down``) and one for the mid block (``mid``); an SD3 ControlNet's
+    hidden states, one per ControlNet block, added after the transformer's blocks (``blocks``)."""
 
-    down: list[torch.Tensor]
-    mid: torch.Tensor
+    down: list[torch.Tensor] | None = None
+    mid: torch.Tensor | None = None
+    blocks: list[torch.Tensor] | None = None
 
 
 class Denoiser:
@@ -43,6 +46,9 @@ class Denoiser:
     # the flow-matching samplers its stock pipeline can run (it calls scheduler.scale_model_input,
     # which FlowMatchEuler lacks; the flow DPM-Solver / UniPC have it)
     flow_samplers: tuple[str, ...] = ("dpm++", "unipc")
+    # the ControlNet reads the control image's autoencoder latents (SD3's pipeline encodes it), not its pixels
+    control_latents = False
+    no_controlnet = ""  # why this family has no ControlNet path (one sentence), where it has none
 
     def __init__(self, net: torch.nn.Module | None = None):
         """``net``: the bare backbone the adapter serves (its config sets sizes the adapter needs)."""
@@ -61,7 +67,10 @@ class Denoiser:
 
     def control_residuals(self, controlnet, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning,
                           control: torch.Tensor) -> Residuals:
-        raise UserError(f"the {self.family} backbone has no ControlNet path; train a ControlNet on a UNet base.")
+        """The side network's residuals for ``x_t``, called as the family's stock ControlNet
+        pipeline calls it (``control``: what that pipeline feeds the net, see ``control_latents``)."""
+        raise UserError(self.no_controlnet or f"the {self.family} backbone has no ControlNet path; train a "
+                        "ControlNet on a UNet or SD3 base.")
 
 
 class UNetDenoiser(Denoiser):
@@ -94,6 +103,9 @@ class PixArtDenoiser(Denoiser):
     family = "pixart"
     component = "transformer"
     reads_mask = True
+    no_controlnet = ("the controlnet trainer has no pixart path: diffusers 0.42 has no PixArt ControlNet model or "
+                     "pipeline (its ControlNets are for SD / SDXL UNets, SD3, Flux, HunyuanDiT, Sana, Qwen-Image, "
+                     "Z-Image and Cosmos), so nothing stock could load one; train a ControlNet on a UNet or SD3 base.")
 
     def __init__(self, net):
         cfg = net.config
@@ -105,7 +117,7 @@ class PixArtDenoiser(Denoiser):
 
     def __call__(self, net, x_t, t, cond, residuals=None):
         if residuals is not None:
-            raise UserError("ControlNet residuals on the pixart backbone are not supported.")
+            raise UserError(self.no_controlnet)
         extra = {"resolution": None, "aspect_ratio": None}
         if self.extra:
             h, w = x_t.shape[-2] * self.latent_factor, x_t.shape[-1] * self.latent_factor
@@ -127,8 +139,10 @@ class SD3Denoiser(Denoiser):
 
     family = "sd3"
     pipeline_class = "StableDiffusion3Pipeline"
+    controlnet_pipeline_class = "StableDiffusion3ControlNetPipeline"
     component = "transformer"
     flow_samplers = ("euler", "dpm++", "unipc")
+    control_latents = True
 
     def __init__(self, net):
         self.patch_size = int(net.config.patch_size)
@@ -146,10 +160,21 @@ class SD3Denoiser(Denoiser):
         return Conditioning(torch.cat([clip, parts[2].states.to(clip.dtype)], dim=-2), None, pooled)
 
     def __call__(self, net, x_t, t, cond, residuals=None):
-        if residuals is not None:
-            raise UserError("ControlNet residuals on the sd3 backbone are not supported yet.")
+        blocks = None if residuals is None else residuals.blocks
         return net(hidden_states=x_t, timestep=t, encoder_hidden_states=cond.states, pooled_projections=cond.pooled,
-                   return_dict=False)[0]
+                   block_controlnet_hidden_states=blocks, return_dict=False)[0]
+
+    def control_residuals(self, controlnet, x_t, t, cond, control):
+        """An ``SD3ControlNetModel``'s block states, called as ``StableDiffusion3ControlNetPipeline``
+        calls it: ``control`` is the control image's latents; the pooled vector is zeros for a
+        ControlNet with ``force_zeros_for_pooled_projection`` (InstantX's), and a ControlNet without
+        a context embedder (``joint_attention_dim`` None, SD3.5's) reads no token states."""
+        cfg = extract_model_from_parallel(controlnet).config
+        pooled = torch.zeros_like(cond.pooled) if cfg.force_zeros_for_pooled_projection else cond.pooled
+        states = cond.states if cfg.joint_attention_dim is not None else None
+        blocks = controlnet(hidden_states=x_t, timestep=t, encoder_hidden_states=states, pooled_projections=pooled,
+                            controlnet_cond=control, return_dict=False)[0]
+        return Residuals(blocks=list(blocks))
 
 
 ADAPTERS: dict[type, type[Denoiser]] = {UNet2DConditionModel: UNetDenoiser, PixArtTransformer2DModel: PixArtDenoiser,

@@ -49,7 +49,9 @@ def control_image(kind: str, image: Image.Image, mask, canny_low: int = 100, can
 
 
 def control_eval(with_control: Callable, without: Callable, control_for: Callable, out: Path, n: int = 64,
-                 seed: int = 4242, resolution: int = 64) -> dict:
+                 seed: int = 4242, resolution: int = 64, guess_mode: bool = True) -> dict:
+    """The evaluation above (``guess_mode``: also sample the ControlNet in guess mode without a
+    prompt, where its pipeline has one: StableDiffusion3ControlNetPipeline has not)."""
     out = Path(out)
     world = sw.World(resolution=resolution)
     rows = [sw.row(world, seed, i) for i in range(n)]
@@ -67,7 +69,7 @@ def control_eval(with_control: Callable, without: Callable, control_for: Callabl
     for name, targets in sets:
         prompts = [t.caption() for t in targets] if targets else [""] * n
         models = [("controlnet", lambda p, c, s: with_control(p, c, s, False))]
-        if targets is None:
+        if targets is None and guess_mode:
             models.append(("controlnet_guess_mode", lambda p, c, s: with_control(p, c, s, True)))
         models.append(("base", without))
         part = {}

@@ -133,11 +133,14 @@ class ControlNetOptions(Strict):
     preprocessor: Literal["canny"] | None = None  # canny: OpenCV Canny edges of the target image
     canny_low: int = Field(100, ge=0)
     canny_high: int = Field(200, ge=0)
-    controlnet: str | None = None  # continue from this ControlNet dir / hub id instead of ControlNetModel.from_unet
+    # continue from this ControlNet dir / hub id instead of ControlNetModel.from_unet / SD3ControlNetModel.from_transformer
+    controlnet: str | None = None
     prompt_dropout: float = Field(0.5, ge=0, le=1)  # share of steps trained with the empty prompt (the paper: 50%)
     # channels of the control-image encoder, one stride-2 stage between entries; default: diffusers'
     # (16, 32, 96, 256) cut to as many stages as the autoencoder downsamples (3 for 8x)
     conditioning_embedding_out_channels: list[int] | None = None
+    # SD3 base: the MMDiT blocks a new ControlNet copies (fewer than the base's); default half the base's, at most 12
+    num_layers: int | None = Field(None, ge=1)
     validation_n: int = Field(4, ge=1)  # dataset rows (control + caption) sampled at each validation
     eval_n: int = Field(64, ge=1)  # shapes evaluation: fresh rows per prompt set
 

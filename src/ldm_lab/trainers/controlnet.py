@@ -1,41 +1,45 @@
 """ControlNet: spatial control (masks, edges, ...) for a frozen text-to-image model through a
-trainable copy of its UNet encoder joined by zero convolutions.
+trainable copy of part of its backbone joined by zero-initialised layers (``components.controlnets``).
 
-* ``ControlNetModel.from_unet`` (encoder weights copied, every output conv zero) or an existing
-  ControlNet (``plugin.controlnet``); UNet, autoencoder and text encoder are frozen.
+* UNet base: ``ControlNetModel.from_unet`` (encoder weights copied, every output conv zero); SD3
+  base: ``SD3ControlNetModel.from_transformer`` (the first blocks copied, zero output projections
+  and a zero patch embedding of the control latents); or an existing ControlNet
+  (``plugin.controlnet``). The backbone, autoencoder and text encoders are frozen. A PixArt base is
+  refused: diffusers has no PixArt ControlNet.
 * The control image is a dataset column (``plugin.conditioning_column``) or computed from the
   target by a preprocessor (``canny``: OpenCV's Canny). Image and control go through one
   torchvision v2 transform call, so random crops and flips hit both alike; with cached latents
   both are centre-cropped the same way.
 * Prompt dropout (``plugin.prompt_dropout``, default 0.5 as the paper trains) replaces the caption
   by the empty prompt, so the net learns to read the control without text.
-* Control images are in [0, 1] (what diffusers' ControlNet pipelines feed); the ControlNet's
-  residuals are added to the frozen UNet's skip connections and mid block.
-* The artifact is ``RUN/controlnet`` (``ControlNetModel.from_pretrained``), used by a stock
-  ``StableDiffusionControlNetPipeline``.
+* Control images are in [0, 1] (what diffusers' ControlNet pipelines take). The UNet's ControlNet
+  reads them as pixels and its residuals are added to the frozen UNet's skip connections and mid
+  block; SD3's reads their autoencoder latents, made as ``StableDiffusion3ControlNetPipeline`` makes
+  them (a posterior sample, shifted and scaled), and its block states are added after the MMDiT's
+  blocks.
+* The artifact is ``RUN/controlnet`` (``ControlNetModel`` / ``SD3ControlNetModel.from_pretrained``),
+  used by a stock ``StableDiffusionControlNetPipeline`` / ``StableDiffusion3ControlNetPipeline``.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
-import numpy as np
 import torch
-from diffusers import ControlNetModel
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from ..components.autoencoder import latent_factor
+from ..components.controlnets import control_latents, load_controlnet, new_controlnet
+from ..components.denoiser import ADAPTERS
 from ..data.checks import to_rgb
 from ..data.control import canny
 from ..data.loader import make_loader
 from ..errors import UserError
 from ..evaluation.control import control_eval, control_image, control_kind
 from ..recipe.plugins import ControlNetOptions
-from ..sampling import build_controlnet_pipeline, generate, grid
+from ..sampling import build_family_controlnet_pipeline, generate, grid
 from .base import eval_mode
 from .registry import register
 from .text_to_image import TextToImageTrainer
@@ -81,10 +85,14 @@ class ControlRows(Dataset):
 @register
 class ControlNetTrainer(TextToImageTrainer):
     name = "controlnet"
-    families = ("unet",)
+    families = ("unet", "sd3")
 
     def setup(self) -> None:
         self.opts = o = ControlNetOptions.model_validate(self.recipe.plugin)
+        family = self.recipe.model.denoiser_spec().family
+        for adapter in ADAPTERS.values():
+            if adapter.family == family and adapter.no_controlnet:
+                raise UserError(adapter.no_controlnet)
         self.refuse_single_file("a ControlNet run writes a ControlNet, which loads beside a base")
         if self.recipe.data.streaming or self.recipe.data.buckets.enabled:
             raise UserError("the controlnet trainer reads a map-style dataset with centre crops; set "
@@ -98,25 +106,11 @@ class ControlNetTrainer(TextToImageTrainer):
         self.unet.eval()
         if self.recipe.train.gradient_checkpointing:  # the backward pass runs through the frozen UNet too
             self.unet.enable_gradient_checkpointing()
+        family = self.denoiser.family
         if o.controlnet:
-            try:
-                self.controlnet = ControlNetModel.from_pretrained(o.controlnet)
-            except (OSError, ValueError) as e:
-                raise UserError(f"plugin.controlnet '{o.controlnet}' cannot be loaded ({str(e).splitlines()[0][:160]}); "
-                                  "give a ControlNet dir (config.json + weights) or a hub id.") from None
-            mine, base = self.controlnet.config, self.unet.config
-            for key in ("cross_attention_dim", "block_out_channels", "in_channels"):
-                if tuple(np.atleast_1d(mine[key])) != tuple(np.atleast_1d(base[key])):
-                    raise UserError(f"plugin.controlnet '{o.controlnet}' was made for another UNet ({key} "
-                                      f"{mine[key]} vs the base's {base[key]}); give a ControlNet of this base.")
+            self.controlnet = load_controlnet(family, o.controlnet, self.unet)
         else:
-            factor = latent_factor(self.vae)
-            chans = o.conditioning_embedding_out_channels or [16, 32, 96, 256, 512][:int(math.log2(factor)) + 1]
-            if 2 ** (len(chans) - 1) != factor:
-                raise UserError(f"plugin.conditioning_embedding_out_channels has {len(chans)} entries, which "
-                                  f"downsample the control image {2 ** (len(chans) - 1)}x, but the autoencoder's "
-                                  f"latents are {factor}x smaller; give {int(math.log2(factor)) + 1} entries.")
-            self.controlnet = ControlNetModel.from_unet(self.unet, conditioning_embedding_out_channels=tuple(chans))
+            self.controlnet = new_controlnet(family, self.unet, self.vae, o)
         self.controlnet.train()
 
         d = self.recipe.data
@@ -162,8 +156,15 @@ class ControlNetTrainer(TextToImageTrainer):
         return self.conditioner.drop(cond, self.opts.prompt_dropout, rng=self.rng)
 
     def residuals(self, batch, draw, cond):
-        """The loss-path hook: the ControlNet's residuals for the frozen UNet."""
+        """The loss-path hook: the ControlNet's residuals for the frozen backbone (SD3: from the
+        control image's latents, the posterior sample drawn from the run's BatchRNG)."""
         control = batch["control"].to(draw.x_t.device, draw.x_t.dtype)
+        if self.denoiser.control_latents:
+            factor = self.denoiser.latent_factor
+            noise = self.rng.randn((len(control), self.vae.config.latent_channels, control.shape[-2] // factor,
+                                    control.shape[-1] // factor))
+            control = control_latents(self.vae, self.unwrap(self.controlnet), control, noise,
+                                      self.shift_factor).to(draw.x_t.dtype)
         return self.denoiser.control_residuals(self.controlnet, draw.x_t, draw.t, cond, control)
 
     def ema_module(self):
@@ -174,16 +175,18 @@ class ControlNetTrainer(TextToImageTrainer):
 
     # -- sampling, artifact, evaluation --------------------------------------------------
     def control_pipeline(self, sampler: str):
-        te = self.text_encoder
-        te.tokenizer.model_max_length = te.max_length
-        return build_controlnet_pipeline(self.vae, te.model, te.tokenizer, self.unet, self.unwrap(self.controlnet),
-                                         self.objective.scheduler, sampler)
+        return build_family_controlnet_pipeline(self.denoiser.family, self.vae, self.text_encoders, self.unet,
+                                                self.unwrap(self.controlnet), self.objective.scheduler, sampler)
 
     def sample_control(self, prompts, controls, seeds, sampler, steps, guidance, guess_mode: bool = False):
+        sd3 = self.denoiser.family == "sd3"
+        if sd3 and guess_mode:
+            raise UserError("StableDiffusion3ControlNetPipeline has no guess mode; sample without it.")
         with eval_mode(self.unwrap(self.controlnet)):
-            return generate(self.control_pipeline(sampler), prompts, seeds, steps, guidance,
-                            prompt_embeds=self.conditioner.encode(prompts).states,
-                            negative_embeds=self.conditioner.null().states, control=controls, guess_mode=guess_mode)
+            cond, null = self.conditioner.encode(prompts), self.conditioner.null()
+            extra = {"pooled": cond.pooled, "negative_pooled": null.pooled} if sd3 else {"guess_mode": guess_mode}
+            return generate(self.control_pipeline(sampler), prompts, seeds, steps, guidance, prompt_embeds=cond.states,
+                            negative_embeds=null.states, control=controls, **extra)
 
     def validate(self, step: int) -> dict[str, float]:
         v = self.recipe.validation
@@ -240,7 +243,8 @@ class ControlNetTrainer(TextToImageTrainer):
             return control_image(kind, image, mask, self.opts.canny_low, self.opts.canny_high)
 
         return {"control_eval": control_eval(with_control, without, control_for, self.run_dir / "eval",
-                                             self.opts.eval_n, e.seed, self.recipe.data.resolution)}
+                                             self.opts.eval_n, e.seed, self.recipe.data.resolution,
+                                             guess_mode=self.denoiser.family != "sd3")}
 
     def build_cache(self, out: Path | None) -> None:
         """The whole set-up (ControlNet, control columns, then the cache), where runs of the recipe
