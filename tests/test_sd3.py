@@ -231,3 +231,24 @@ def test_dreambooth_text_encoder_training_is_unet_only_so_far(sd3_run, tmp_path,
     rc = cli_main(dreambooth_flags(sd3_run / "pipeline", tmp_path, "euler", ("--train-text-encoder",)))
     err = capsys.readouterr().err
     assert rc == 2 and "plugin.train_text_encoder is for the unet family so far" in err and "Traceback" not in err
+
+
+def test_bench_runs_on_sd3_training_and_its_flow_samplers(sd3_run, tiny_parts, tmp_path, capsys):
+    """`ldm-lab bench` on an SD3 recipe: the naive row runs both text encoders every step, ours reads
+    the cache; the sampling benchmark runs exactly the samplers a flow SD3 pipeline can call."""
+    from ldm_lab import bench
+
+    te = f"{{kind: clip, pretrained: {tiny_parts['clip']}, subfolder: text_encoder, projection: true, hidden_layer: -2}}"
+    ov = [f"model.text_encoders=[{te}, {te}]", "model.denoiser.overrides={num_layers: 2}",
+          *tiny_family_overrides(tiny_parts, tmp_path, PROMPT)]
+    assert cli_main(["bench", "--steps", "2", "--warmup", "1", "--compare", "naive", "--out", str(tmp_path / "b"),
+                     str(RECIPE), *ov]) == 0
+    table = capsys.readouterr().out
+    assert "| naive |" in table and "denoiser fwd ms" in table
+    by = {r["pipeline"]: r for r in json.loads((tmp_path / "b" / "training.json").read_text())["results"]}
+    assert by["naive"]["phases_s"]["text_encoder"] > 0 and "text_encoder" not in by["ldm-lab"]["phases_s"]
+    assert by["ldm-lab"]["model_flops_per_sample"] > 0 and by["ldm-lab"]["samples_per_s"] > 0
+    rep = bench.run_sampling(str(sd3_run), n=2, batch=2, out=tmp_path / "s")
+    assert [r["sampler"] for r in rep["samplers"]] == ["euler", "dpm++", "unipc"]
+    assert all(r["s_per_image"] > 0 and 0 <= r["adherence"]["all"] <= 1 for r in rep["samplers"])
+    assert "StableDiffusion3Pipeline; device:" in bench.format_sampling(rep)

@@ -31,14 +31,14 @@ from .data import shapes
 from .evaluation.run import shapes_eval
 from .perf import PeakMemory, Phases, device_name, peak_tflops, precision_of, release_host_memory
 from .recipe import Recipe, choices, load_recipe, pipeline_defaults
-from .sampling import generate, load_pipeline, use_sampler
+from .sampling import generate, is_flow, load_pipeline, usable_samplers, use_sampler
 from .trainers.loop import train
 
 NAIVE = ["data.cache_latents=false", "data.num_workers=0", "data.buckets.enabled=false", "train.channels_last=false",
          "train.compile=false", "train.optimizer_impl=torch", "train.ema.foreach=false", "train.host_allocator=system"]
 PHASES = ["data", "autoencoder", "text_encoder", "forward", "backward", "optimizer", "ema"]
-LABELS = {"data": "data wait", "autoencoder": "autoencoder", "text_encoder": "text encoder", "forward": "UNet fwd",
-          "backward": "UNet bwd", "optimizer": "optimizer", "ema": "EMA", "other": "other"}
+LABELS = {"data": "data wait", "autoencoder": "autoencoder", "text_encoder": "text encoder", "forward": "denoiser fwd",
+          "backward": "denoiser bwd", "optimizer": "optimizer", "ema": "EMA", "other": "other"}
 
 
 class _WindowPhases(Phases):
@@ -285,15 +285,26 @@ def format_training(report: dict) -> str:
 
 # -- sampling ---------------------------------------------------------------------------------
 STEPS = {"ddpm": 1000, "ddim": 50, "dpm++": 20, "euler": 30, "unipc": 15}  # per sampler; others: its usual count
-SAMPLERS = [(name, STEPS.get(name, choices.SAMPLERS[name].default_steps)) for name in choices.SAMPLER_NAMES]
+
+
+def default_samplers(pipe) -> list[tuple[str, int]]:
+    """(sampler, steps) for every sampler the loaded pipeline can run: each DDPM-family one for a
+    UNet or a DDPM PixArt, the flow-matching ones its pipeline can call for a flow model (SD3: euler,
+    dpm++, unipc; a flow PixArt: dpm++, unipc)."""
+    flow = is_flow(pipe.scheduler.config)
+    table = choices.FLOW_SAMPLERS if flow else choices.SAMPLERS
+    return [(name, STEPS.get(name, table[name].default_steps)) for name in usable_samplers(pipe)]
 
 
 def run_sampling(source: str, n: int = 48, heldout_n: int = 0, guidance: float = 2.5, batch: int = 16,
-                 samplers=SAMPLERS, out: Path = Path("runs/bench/sampling"), seed: int = 1234, log=print) -> dict:
-    """Latency per image of each (sampler, steps) at ``batch`` images per call, and the shapes
-    adherence its ``n`` images reach (fixed prompts and seeds, the same for every sampler)."""
+                 samplers=None, out: Path = Path("runs/bench/sampling"), seed: int = 1234, log=print) -> dict:
+    """Latency per image of each (sampler, steps) at ``batch`` images per call (default: every
+    sampler the pipeline's family and objective can run), and the shapes adherence its ``n`` images
+    reach (fixed prompts and seeds, the same for every sampler). Any family's pipeline: UNet,
+    PixArt, SD3."""
 
     pipe = load_pipeline(source)
+    samplers = default_samplers(pipe) if samplers is None else samplers
     world = shapes.World()
     rows = []
     for name, steps in samplers:
@@ -314,8 +325,8 @@ def run_sampling(source: str, n: int = 48, heldout_n: int = 0, guidance: float =
         result = shapes_eval(sample, world, Path(out) / f"{name}-{steps}", n, heldout_n, seed, name, steps, guidance)
         rows.append({"sampler": name, "steps": steps, "s_per_image": timing["s"] / max(timing["images"], 1),
                      "adherence": {k: result.get("seen", result)[k] for k in ("color", "shape", "size", "position", "background", "all")}})
-    return {"source": str(source), "n": n, "batch": batch, "guidance": guidance, "samplers": rows,
-            "device": device_name()}
+    return {"source": str(source), "pipeline": type(pipe).__name__, "n": n, "batch": batch, "guidance": guidance,
+            "samplers": rows, "device": device_name()}
 
 
 def format_sampling(report: dict) -> str:
@@ -325,7 +336,7 @@ def format_sampling(report: dict) -> str:
         a = r["adherence"]
         lines.append(f"| {r['sampler']} | {r['steps']} | {r['s_per_image']:.3f} | " +
                      " | ".join(f"{100 * a[k]:.1f}%" for k in ("color", "shape", "size", "position", "background", "all")) + " |")
-    lines.append(f"device: {report['device']}; {report['n']} prompts (fixed seeds), batches of {report['batch']}, "
+    lines.append(f"{report.get('pipeline', 'pipeline')}; device: {report['device']}; {report['n']} prompts (fixed seeds), batches of {report['batch']}, "
                  f"guidance {report['guidance']}")
     return "\n".join(lines)
 

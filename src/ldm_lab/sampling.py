@@ -74,10 +74,23 @@ def use_sampler(pipe, name: str) -> None:
         scheduler = make_sampler(name, pipe.scheduler.config)
     except ValueError as e:
         raise UserError(f"{e}.") from None
-    if not hasattr(scheduler, "scale_model_input") and not isinstance(pipe, SD3_PIPELINES):
+    if not _drives(pipe, scheduler):
         raise UserError(f"sampler '{name}' cannot drive this {type(pipe).__name__}'s flow-matching model; "
-                        f"choose dpm++ or unipc.")
+                        f"choose {' or '.join(usable_samplers(pipe))}.")
     pipe.scheduler = scheduler
+
+
+def _drives(pipe, scheduler) -> bool:
+    return hasattr(scheduler, "scale_model_input") or isinstance(pipe, SD3_PIPELINES)
+
+
+def usable_samplers(pipe) -> list[str]:
+    """The samplers ``use_sampler`` accepts for a loaded pipeline: the flow-matching ones its
+    pipeline class can call for a flow model (``FLOW_SAMPLERS``), every DDPM-family one otherwise."""
+    cfg = pipe.scheduler.config
+    if not is_flow(cfg):
+        return list(SAMPLERS)
+    return [name for name in FLOW_SAMPLERS if _drives(pipe, make_sampler(name, cfg))]
 
 
 def default_steps(name: str) -> int:
