@@ -305,3 +305,45 @@ def test_an_explicit_bucket_list_is_used_and_checked(tiny_parts, tmp_path, capsy
     capsys.readouterr()
     assert cli_main(["train", str(RECIPE), *ov[:-1], "data.buckets.sizes=[20x32]", f"output.dir={tmp_path / 'r2'}"]) == 2
     assert "data.buckets.sizes" in capsys.readouterr().err
+
+
+def test_transformer_buckets_step_by_patch_times_autoencoder_factor(tiny_parts, tmp_path, capsys):
+    """A transformer's buckets step by its patch size × the autoencoder factor (not the UNet's
+    depth): a PixArt with 2x2 patches trains on 2:1 and 1:2 buckets, cached, each batch one bucket;
+    a step that is not a multiple of it, and an SD3 bucket past its position embedding, are one
+    sentence each, exit 2."""
+    from accelerate import Accelerator
+
+    from ldm_lab.recipe import load_recipe
+    from ldm_lab.trainers.text_to_image import TextToImageTrainer
+
+    data = _folder(tmp_path / "imgs", [(64, 32)] * 8 + [(32, 64)] * 8)
+    pixart = REPO / "recipes/shapes/pixart.yaml"
+    ov = [f"model.text_encoder.pretrained={tiny_parts['clip']}", f"model.autoencoder.pretrained={tiny_parts['vae']}",
+          "model.denoiser.overrides={num_layers: 1, caption_channels: 32, patch_size: 2, sample_size: 8}",
+          *_folder_ov(data), f"data.cache_dir={tmp_path / 'cache'}", "data.resolution=32", "data.buckets.enabled=true",
+          "data.buckets.pixel_budget=1024", "train.batch_size=4", "train.max_steps=2", "train.checkpoint_every=null",
+          "validation.every=null", "eval.shapes=false", "logging.tracker=none", f"output.dir={tmp_path / 'run'}"]
+    tr = TextToImageTrainer(load_recipe(pixart, ov), Accelerator(cpu=True), tmp_path / "probe")
+    tr.build_models()
+    unit = tr.vae_factor * 2
+    buckets = tr.bucket_list()
+    assert all(h % unit == 0 and w % unit == 0 for h, w in buckets) and any(h != w for h, w in buckets)
+    assert cli_main(["train", str(pixart), *ov]) == 0
+    rep = json.loads((tmp_path / "run" / "buckets.json").read_text())
+    used = [k for k, v in rep["buckets"].items() if v["rows"]]
+    assert len(used) == 2 and all(int(k.split("x")[0]) != int(k.split("x")[1]) for k in used)
+    capsys.readouterr()
+    assert cli_main(["train", str(pixart), *ov, f"data.buckets.step={unit + tr.vae_factor}",
+                     f"output.dir={tmp_path / 'bad'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"not a multiple of {unit} px (a 2x2 latent patch of the pixart transformer" in err and "Traceback" not in err
+    te = f"{{kind: clip, pretrained: {tiny_parts['clip']}, subfolder: text_encoder, projection: true, hidden_layer: -2}}"
+    sd3 = [f"model.text_encoders=[{te}, {te}]", f"model.autoencoder.pretrained={tiny_parts['vae']}",
+           "model.denoiser.overrides={num_layers: 1, pos_embed_max_size: 4}", *_folder_ov(data),
+           f"data.cache_dir={tmp_path / 'cache'}", "data.resolution=32", "data.buckets.enabled=true",
+           "data.buckets.pixel_budget=2048", f"output.dir={tmp_path / 'sd3'}"]
+    assert cli_main(["train", str(REPO / "recipes/shapes/sd3.yaml"), *sd3]) == 2
+    err = capsys.readouterr().err
+    assert "the largest the sd3 transformer's position embedding covers" in err and "Traceback" not in err
+    assert len([ln for ln in err.splitlines() if ln.startswith("error:")]) == 1, err

@@ -49,9 +49,16 @@ class Denoiser:
     # the ControlNet reads the control image's autoencoder latents (SD3's pipeline encodes it), not its pixels
     control_latents = False
     no_controlnet = ""  # why this family has no ControlNet path (one sentence), where it has none
+    max_latent_side: int | None = None  # the largest latent side the backbone takes (None: any)
 
     def __init__(self, net: torch.nn.Module | None = None):
         """``net``: the bare backbone the adapter serves (its config sets sizes the adapter needs)."""
+
+    @property
+    def latent_multiple(self) -> int:
+        """What every latent side must be a multiple of for this backbone (a transformer: its patch
+        size; the UNet: its total downsampling); a bucket side steps by it × the autoencoder factor."""
+        return self.patch_size
 
     def combine(self, parts: list[Conditioning]) -> Conditioning:
         """The record this backbone reads from the records of the text encoders, in recipe order
@@ -82,6 +89,14 @@ class UNetDenoiser(Denoiser):
     family = "unet"
     pipeline_class = "StableDiffusionPipeline"
     controlnet_pipeline_class = "StableDiffusionControlNetPipeline"
+
+    def __init__(self, net=None):
+        # one latent cell of the deepest level: each down block but the last halves the sides
+        self.downsampling = 2 ** (len(net.config.block_out_channels) - 1) if net is not None else 1
+
+    @property
+    def latent_multiple(self) -> int:
+        return self.downsampling
 
     def __call__(self, net, x_t, t, cond, residuals=None):
         if residuals is None:
@@ -146,6 +161,9 @@ class SD3Denoiser(Denoiser):
 
     def __init__(self, net):
         self.patch_size = int(net.config.patch_size)
+        # the position embedding is cropped from a pos_embed_max_size² grid of patches: no latent side past it
+        self.max_latent_side = int(net.config.pos_embed_max_size or net.config.sample_size // self.patch_size) \
+            * self.patch_size
         self.width = int(net.config.joint_attention_dim)  # the token-state width the states are padded to
 
     def combine(self, parts):

@@ -112,22 +112,37 @@ class TextImageData(TrainerPlugin):
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def bucket_list(self) -> list[tuple[int, int]]:
-        """The recipe's aspect-ratio buckets (pixels): sides a multiple of one latent cell of the
-        UNet's deepest level unless ``data.buckets.step`` says otherwise."""
+        """The recipe's aspect-ratio buckets (pixels): sides a multiple of the autoencoder factor ×
+        the backbone's latent multiple (the UNet: one latent cell of its deepest level; a
+        transformer: its patch size) unless ``data.buckets.step`` says otherwise, which must be a
+        multiple of that."""
         b, d = self.recipe.data.buckets, self.recipe.data
-        step = b.step or self.vae_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
-        if step % self.vae_factor:
-            raise UserError(f"data.buckets.step is {step}, which is not a multiple of the autoencoder's downsampling "
-                              f"factor {self.vae_factor}; choose a multiple of it.")
+        unit = self.vae_factor * self.denoiser.latent_multiple
+        step = b.step or unit
+        if step % unit:
+            what = ("one latent cell of the UNet's deepest level" if self.denoiser.family == "unet" else
+                    f"a {self.denoiser.latent_multiple}x{self.denoiser.latent_multiple} latent patch of the "
+                    f"{self.denoiser.family} transformer")
+            raise UserError(f"data.buckets.step is {step}, which is not a multiple of {unit} px ({what}, the "
+                            f"autoencoder downsampling {self.vae_factor}x); choose a multiple of {unit}.")
         if b.sizes:
             try:
-                return parse_buckets(b.sizes, step)
+                buckets = parse_buckets(b.sizes, step)
             except ValueError as e:
                 raise UserError(f"data.buckets.sizes: {e}") from None
-        budget = b.pixel_budget or d.resolution ** 2
-        if budget < step * step:
-            raise UserError(f"data.buckets.pixel_budget {budget} is smaller than one {step}x{step} bucket; raise it.")
-        return make_buckets(budget, step, b.max_aspect)
+        else:
+            budget = b.pixel_budget or d.resolution ** 2
+            if budget < step * step:
+                raise UserError(f"data.buckets.pixel_budget {budget} is smaller than one {step}x{step} bucket; raise it.")
+            buckets = make_buckets(budget, step, b.max_aspect)
+        most = self.denoiser.max_latent_side
+        if most is not None and max(max(hw) for hw in buckets) > most * self.vae_factor:
+            h, w = max(buckets, key=max)
+            raise UserError(f"bucket {h}x{w} has a side past {most * self.vae_factor} px, the largest the "
+                            f"{self.denoiser.family} transformer's position embedding covers (pos_embed_max_size "
+                            f"{most // self.denoiser.patch_size} patches); lower data.buckets.max_aspect or "
+                            "pixel_budget, or raise model.denoiser.overrides.pos_embed_max_size.")
+        return buckets
 
     def raw_rows(self, rows, image_column: str, caption_column: str):
         """On-the-fly rows: decoded, cropped (centre/random, or to the row's bucket), flipped, and
