@@ -216,6 +216,9 @@ np.save(sys.argv[1], np.stack([(x * 255).round().astype(np.uint8) for x in (base
                          "--out", str(d)]) == 0
         img = np.asarray(__import__("PIL.Image").Image.open(d / "0000.png").convert("RGB")).astype(int)
         assert np.abs(img - (ours if scale else base)).max() <= 1
+    # export lora converts UNet LoRAs: a PixArt adapter dir is one sentence saying how it loads
+    assert cli_main(["export", "lora", str(run), "--format", "peft", "--out", str(tmp_path / "p")]) == 2
+    assert not (tmp_path / "p").exists()
 
 
 def test_dreambooth_full_with_prior_on_pixart_is_a_stock_pixart_pipeline(pixart_run, tmp_path):

@@ -174,8 +174,9 @@ img = pipe({PROMPT!r}, generator=torch.Generator().manual_seed({seed}), **kw).im
 np.save(sys.argv[1], np.stack([(x * 255).round().astype(np.uint8) for x in (base, img)]))
 """
     stock_lora_check(code, tmp_path / "stock.npy", ours)
-
-
+    # export lora converts UNet LoRAs: an SD3 one is one sentence saying how it loads, nothing written
+    assert cli_main(["export", "lora", str(run), "--format", "kohya", "--out", str(tmp_path / "k.safetensors")]) == 2
+    assert not (tmp_path / "k.safetensors").exists()
 
 
 def test_dreambooth_full_on_sd3_is_a_stock_sd3_pipeline(sd3_run, tmp_path):

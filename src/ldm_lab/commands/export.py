@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from safetensors import safe_open
+
 from .. import lora_io, single_file
 from ..errors import UserError
 from .adapters import lora_args
@@ -15,6 +17,7 @@ WRITERS = {"diffusers": lora_io.write_diffusers, "peft": lora_io.write_peft, "ko
 
 def lora(args) -> int:
     (src, _), = lora_args([args.source])
+    refuse_transformer_lora(Path(src))
     try:
         w = lora_io.read_lora(src)
     except (OSError, ValueError, KeyError) as e:
@@ -33,6 +36,24 @@ def lora(args) -> int:
         raise UserError(f"cannot write '{args.out}' ({e.strerror or type(e).__name__}); choose a writable path.") from None
     print(f"wrote {args.format} LoRA ({len(w.modules())} adapted modules) to {out}")
     return 0
+
+
+def refuse_transformer_lora(src: Path) -> None:
+    """``export lora`` converts UNet (+ text encoder) LoRAs; a transformer family's LoRA is one
+    sentence saying how it loads as written."""
+    if lora_io.peft_adapter_dir(src) is not None:
+        raise UserError(f"'{src}' is a PEFT adapter dir (a PixArt LoRA run's); it loads as written with "
+                        "PeftModel.from_pretrained(pipe.transformer, DIR), and export lora converts UNet LoRA files "
+                        "only so far.")
+    f = src if src.is_file() else src / "pytorch_lora_weights.safetensors"
+    try:
+        with safe_open(str(f), "pt") as fh:
+            keys = list(fh.keys())
+    except Exception:  # noqa: BLE001 - not a safetensors file: read_lora below says so in its own words
+        return
+    if any(k.startswith("transformer.") for k in keys):
+        raise UserError(f"'{src}' is a transformer LoRA (an SD3 LoRA run's); it loads as written with the "
+                        "family pipeline's load_lora_weights, and export lora converts UNet LoRA files only so far.")
 
 
 def merge(args) -> int:
