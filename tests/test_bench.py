@@ -330,3 +330,15 @@ def test_sd15_random_bench_recipe_runs_scaled_down(tmp_path, capsys):
     by = {r["pipeline"]: r for r in rep["results"]}
     assert by["naive"]["phases_s"]["autoencoder"] > 0 and by["ldm-lab"]["recipe"]["cache_latents"] is True
     assert by["ldm-lab"]["model_flops_per_sample"] == by["naive"]["model_flops_per_sample"] > 0
+
+
+def test_host_allocator_auto_changes_glibc_only_when_training_on_the_cpu():
+    """The default leaves glibc's process-wide policy alone on an accelerator host (issue: it used
+    to change it on every host); explicit choices stand."""
+    from ldm_lab.perf import resolve_host_allocator
+    from ldm_lab.recipe.schema import TrainSpec
+
+    assert TrainSpec().host_allocator == "auto"
+    assert [resolve_host_allocator("auto", d) for d in ("cpu", "cuda", "xpu", "mps")] == ["reuse", "system", "system",
+                                                                                            "system"]
+    assert resolve_host_allocator("reuse", "cuda") == "reuse" and resolve_host_allocator("system", "cpu") == "system"

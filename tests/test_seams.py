@@ -148,3 +148,32 @@ def test_clip_record_has_no_mask_and_the_pooled_output(tiny_parts):
     r = te(["a red circle", ""])
     out = te.model(te.tokenize(["a red circle", ""]))
     assert r.mask is None and torch.equal(r.states, out.last_hidden_state) and torch.equal(r.pooled, out.pooler_output)
+
+
+def test_zero_terminal_snr_needs_v_prediction_and_samples_with_cfg_rescale(tiny_parts, tmp_path, capsys):
+    """Lin et al.: zero terminal SNR with epsilon prediction is refused in one sentence (sampling
+    would divide by alpha_bar = 0); with v-prediction, validation and evaluation rescale CFG by the
+    paper's 0.7 unless the recipe says otherwise, and the rescale reaches the stock pipeline."""
+    import numpy as np
+    from accelerate import Accelerator
+
+    from conftest import REPO, tiny_t2i_overrides
+    from ldm_lab.cli import main as cli_main
+    from ldm_lab.recipe import load_recipe
+    from ldm_lab.trainers.text_to_image import TextToImageTrainer
+
+    recipe = REPO / "recipes/shapes/t2i.yaml"
+    ov = tiny_t2i_overrides(tiny_parts, tmp_path / "run", tmp_path / "data")
+    assert cli_main(["train", str(recipe), *ov, "noise.zero_terminal_snr=true"]) == 2
+    err = capsys.readouterr().err
+    assert "zero_terminal_snr needs prediction_type v_prediction" in err and "Traceback" not in err
+    zsnr = [*ov, "noise.zero_terminal_snr=true", "noise.prediction_type=v_prediction", "validation.sampler=ddim"]
+    tr = TextToImageTrainer(load_recipe(recipe, zsnr), Accelerator(cpu=True), tmp_path / "probe")
+    tr.build_models()
+    assert tr.guidance_rescale(tr.recipe.validation) == 0.7 and tr.guidance_rescale(tr.recipe.eval) == 0.7
+    plain = load_recipe(recipe, [*ov, "validation.guidance_rescale=0.3"])
+    assert TextToImageTrainer(plain, Accelerator(cpu=True), tmp_path / "p2").recipe.validation.guidance_rescale == 0.3
+    with torch.no_grad():
+        torch.nn.init.normal_(tr.unet.conv_out.weight, std=0.5)  # a prediction that depends on the prompt
+        imgs = [np.asarray(tr.sample(["a red circle"], [3], "ddim", 4, 7.5, r)[0], dtype=int) for r in (0.0, 0.7)]
+    assert np.abs(imgs[0] - imgs[1]).max() > 0  # the rescale reached StableDiffusionPipeline

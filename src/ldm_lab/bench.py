@@ -29,7 +29,15 @@ from accelerate.state import AcceleratorState
 
 from .data import shapes
 from .evaluation.run import shapes_eval
-from .perf import PeakMemory, Phases, device_name, peak_tflops, precision_of, release_host_memory
+from .perf import (
+    PeakMemory,
+    Phases,
+    device_name,
+    peak_tflops,
+    precision_of,
+    release_host_memory,
+    resolve_host_allocator,
+)
 from .recipe import Recipe, choices, load_recipe, pipeline_defaults
 from .sampling import generate, is_flow, load_pipeline, usable_samplers, use_sampler
 from .trainers.loop import train
@@ -163,6 +171,9 @@ def run(recipe: Recipe, steps: int = 20, warmup: int = 3, compare: str | None = 
     plan.append(("ldm-lab", recipe))
     for name, ov in (variants or {}).items():
         plan.append((name, apply_overrides(recipe, ov)))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for _, r in plan:  # each row's allocator policy as training will resolve it, so rows sort and report it
+        r.train.host_allocator = resolve_host_allocator(r.train.host_allocator, device)
     if rounds == 1:
         # rows on glibc's own allocator policy run before any row that changes it: once changed, glibc's
         # dynamic mmap threshold cannot be restored in this process (perf.host_allocator)

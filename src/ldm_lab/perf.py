@@ -198,6 +198,15 @@ def _glibc():
         return None
 
 
+def resolve_host_allocator(mode: str, device_type: str) -> str:
+    """``train.host_allocator`` for a device: ``auto`` is ``reuse`` on the CPU (the measured win:
+    docs/performance.md) and ``system`` elsewhere (the process-wide glibc thresholds are not changed
+    on a GPU host, where host memory is not the training step's working memory)."""
+    if mode != "auto":
+        return mode
+    return "reuse" if device_type == "cpu" else "system"
+
+
 def host_allocator(mode: str) -> str:
     """Set this process's host-memory policy; returns one line saying what was done.
 

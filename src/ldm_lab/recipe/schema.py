@@ -165,6 +165,10 @@ class NoiseSpec(Strict):
         if self.beta_start >= self.beta_end:
             raise ValueError(f"beta_start ({self.beta_start}) must be below beta_end ({self.beta_end}): noise grows "
                              "over the timesteps")
+        if self.zero_terminal_snr and self.prediction_type == "epsilon":
+            # at the last timestep alpha_bar is 0: x0 = (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar) divides by 0
+            raise ValueError("zero_terminal_snr needs prediction_type v_prediction (Lin et al.): with epsilon the "
+                             "last timestep has no signal to recover, and sampling divides by zero (NaN images)")
         return self
 
 
@@ -310,8 +314,9 @@ class TrainSpec(Strict):
     compile: bool = False  # torch.compile (inductor) the trained modules; falls back to eager if it fails
     allow_tf32: bool = True  # TF32 matmuls and convolutions on Ampere+ GPUs
     optimizer_impl: Literal["auto", "fused", "foreach", "for_loop", "torch"] = "auto"  # AdamW kernel (torch: its default)
-    # reuse: glibc keeps freed host memory for the next step instead of unmapping and faulting it in again
-    host_allocator: Literal["reuse", "system"] = "reuse"
+    # reuse: glibc keeps freed host memory for the next step instead of unmapping and faulting it in again;
+    # auto: reuse when training on the CPU (where it was measured), glibc's own policy on an accelerator
+    host_allocator: Literal["auto", "reuse", "system"] = "auto"
     peak_tflops: float | None = Field(None, gt=0)  # device peak for the logged utilisation (GPU default: data sheet)
     ema: EMASpec = Field(default_factory=EMASpec)
     checkpoint_every: int | None = Field(None, ge=1)
@@ -336,6 +341,9 @@ class SamplingSpec(Strict):
     sampler: SamplerName = "dpm++"
     steps: int = Field(20, ge=1)
     guidance_scale: float = 4.0
+    # StableDiffusionPipeline's CFG rescale (Lin et al. §3.4, φ); default: 0.7 with noise.zero_terminal_snr
+    # on a UNet (the paper's value), else 0 (the transformer pipelines have none)
+    guidance_rescale: float | None = Field(None, ge=0, le=1)
     seed: int = 0
 
 

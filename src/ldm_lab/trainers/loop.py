@@ -17,7 +17,7 @@ import torch
 from accelerate.utils import set_seed
 
 from ..errors import TrainingDiverged, UserError
-from ..perf import OFF, Phases, host_allocator
+from ..perf import OFF, Phases, host_allocator, resolve_host_allocator
 from ..recipe import Recipe, dump_recipe, pipeline_defaults
 from .batches import StreamPosition, batch_size, endless_batches, set_up_loader
 from .checkpoints import CKPT_PREFIX, checkpoints, load_checkpoint, load_rank_states, loop_state, save_checkpoint
@@ -121,7 +121,7 @@ class _Run:
             accelerator.register_save_state_pre_hook(hooks[0])
             accelerator.register_load_state_pre_hook(hooks[1])
 
-        accelerator.print(host_allocator(t.host_allocator))
+        accelerator.print(host_allocator(resolve_host_allocator(t.host_allocator, accelerator.device.type)))
         self.rank_states = plugin.checkpoint_objects()  # saved per process by save_checkpoint
         self.position = StreamPosition(accelerator.num_processes, accelerator.process_index)
         if self.stream:

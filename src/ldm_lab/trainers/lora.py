@@ -151,14 +151,16 @@ class LoRATrainer(TextToImageTrainer):
             cond = self.text_encoder.encode_ids(ids)
         return z, cond
 
-    def sample(self, prompts, seeds, sampler, steps, guidance):
+    def sample(self, prompts, seeds, sampler, steps, guidance, rescale: float = 0.0):
         if self.te_model is None:
-            return super().sample(prompts, seeds, sampler, steps, guidance)
+            return super().sample(prompts, seeds, sampler, steps, guidance, rescale)
         unet, te = self.unwrap(self.unet), self.unwrap(self.te_model)
         with eval_mode(unet, te):
             pipe = self.pipeline(sampler)
             pipe.text_encoder = te
-            return generate(pipe, prompts, seeds, steps, guidance)  # the pipeline encodes through the adapters
+            extra = {"guidance_rescale": rescale} if rescale else {}
+            # the pipeline encodes through the adapters
+            return generate(pipe, prompts, seeds, steps, guidance, **extra)
 
     # -- checkpoints: adapters only ------------------------------------------------------
     def checkpoint_hooks(self):

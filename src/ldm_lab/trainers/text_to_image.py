@@ -7,6 +7,7 @@ Its data side (rows, cache, buckets, batches) is ``text_image_data.TextImageData
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -158,16 +159,30 @@ class TextToImageTrainer(TextImageData):
         return build_family_pipeline(self.denoiser.family, self.vae, self.text_encoders, self.unwrap(self.unet),
                                      self.objective.scheduler, sampler)
 
-    def sample(self, prompts: list[str], seeds: list[int], sampler: str, steps: int, guidance: float):
+    def guidance_rescale(self, spec) -> float:
+        """The CFG rescale a validation / eval spec samples with (see ``SamplingSpec``); a non-zero
+        one on a family whose pipeline has none is one sentence."""
+        noise = self.recipe.noise
+        unet = self.denoiser.family == "unet"
+        if spec.guidance_rescale is None:
+            return 0.7 if unet and noise.objective == "ddpm" and noise.zero_terminal_snr else 0.0
+        if spec.guidance_rescale and not unet:
+            raise UserError(f"guidance_rescale is StableDiffusionPipeline's; the {self.denoiser.family} pipeline has "
+                            "none, so set it to 0 (or leave it out).")
+        return float(spec.guidance_rescale)
+
+    def sample(self, prompts: list[str], seeds: list[int], sampler: str, steps: int, guidance: float,
+               rescale: float = 0.0):
         """Images from the stock pipeline around the modules in memory, conditioned through the
-        conditioner (the null condition as the negative)."""
+        conditioner (the null condition as the negative); ``rescale``: the CFG rescale (UNet only)."""
         with eval_mode(self.unwrap(self.unet)):
             pipe = self.pipeline(sampler)
             cond, null = self.conditioner.encode(prompts), self.conditioner.null()
             fam = self.denoiser.family
+            extra = {"guidance_rescale": rescale} if rescale else {}
             return generate(pipe, prompts, seeds, steps, guidance, prompt_embeds=cond.states, negative_embeds=null.states,
                             pooled=cond.pooled if fam == "sd3" else None, negative_pooled=null.pooled,
-                            mask=cond.mask if fam == "pixart" else None, negative_mask=null.mask)
+                            mask=cond.mask if fam == "pixart" else None, negative_mask=null.mask, **extra)
 
     def validate(self, step: int) -> dict[str, float]:
         v = self.recipe.validation
@@ -175,7 +190,7 @@ class TextToImageTrainer(TextImageData):
             return {}
         prompts = [p for p in v.prompts for _ in range(v.images_per_prompt)]
         seeds = [v.seed + i for i in range(len(prompts))]
-        images = self.sample(prompts, seeds, v.sampler, v.steps, v.guidance_scale)
+        images = self.sample(prompts, seeds, v.sampler, v.steps, v.guidance_scale, self.guidance_rescale(v))
         out = self.run_dir / "samples"
         (out / f"step-{step:06d}").mkdir(parents=True, exist_ok=True)
         grid(images, prompts, cols=min(8, len(prompts))).save(out / f"step-{step:06d}.png")
@@ -248,7 +263,8 @@ def evaluate_shapes(trainer, out: Path, e) -> dict:
     """Sample fixed-seed prompts from the shapes world (seen and held-out colour-shape pairs),
     read attributes back with the analytic evaluator and return adherence per attribute."""
     world = shapes.load_world(_shapes_root(trainer.recipe))
-    result = shapes_eval(trainer.sample, world, out, e.n, e.heldout_n, e.seed, e.sampler, e.steps, e.guidance_scale)
+    sample = functools.partial(trainer.sample, rescale=trainer.guidance_rescale(e))
+    result = shapes_eval(sample, world, out, e.n, e.heldout_n, e.seed, e.sampler, e.steps, e.guidance_scale)
     return {"shapes_eval": result}
 
 
