@@ -124,3 +124,28 @@ def test_lerp_ema_matches_diffusers_ema_and_the_closed_form():
     d = ema.cur_decay_value  # diffusers' schedule: min(decay, (1 + step) / (10 + step)) = 2 / 11
     assert d == pytest.approx(2 / 11)
     torch.testing.assert_close(ema.shadow_params[0], module.weight.detach() - d)  # lagging by d of the +1
+
+
+def test_offloaded_ema_readers_wait_for_the_copy_to_the_host():
+    """An offloaded EMA is copied to pinned host memory without blocking (``ema_step`` records a
+    CUDA event after the copy); every host-side reader (the checkpoint's state_dict, copy_to, a
+    load, the next step) waits for that event first, once. The event here is a stand-in with the
+    one method the EMA calls (this host has no CUDA)."""
+    from ldm_lab.trainers.ema import LerpEMA
+
+    class Event:
+        waits = 0
+
+        def synchronize(self):
+            Event.waits += 1
+
+    p = torch.nn.Parameter(torch.ones(3))
+    ema = LerpEMA([p], decay=0.5)
+    for read in (lambda: ema.state_dict(), lambda: ema.copy_to([p]), lambda: ema.step([p]),
+                 lambda: ema.load_state_dict(ema.state_dict())):
+        before = Event.waits
+        ema._pending = Event()
+        read()
+        assert Event.waits == before + 1 and ema._pending is None
+    ema.state_dict()  # nothing pending: nothing to wait for
+    assert Event.waits == 4

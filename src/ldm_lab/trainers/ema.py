@@ -20,8 +20,30 @@ class LerpEMA(EMAModel):
     temporary copy of every parameter its ``_foreach_sub`` makes (the bench's EMA phase, shapes
     UNet on the AVX-512 host: 5 -> 3 ms). ``foreach=False`` keeps diffusers' per-tensor loop."""
 
+    _pending = None  # a CUDA event recorded after an offloaded EMA's non-blocking copy back to the host
+
+    def settle(self) -> None:
+        """Wait for an offloaded EMA's copy to pinned host memory (``ema_step``): until it has
+        finished, a host-side reader (checkpoint serialisation) could see a partly written average."""
+        if self._pending is not None:
+            self._pending.synchronize()
+            self._pending = None
+
+    def state_dict(self, *args, **kwargs):
+        self.settle()
+        return super().state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict) -> None:
+        self.settle()
+        return super().load_state_dict(state_dict)
+
+    def copy_to(self, parameters) -> None:
+        self.settle()
+        return super().copy_to(parameters)
+
     @torch.no_grad()
     def step(self, parameters) -> None:
+        self.settle()
         parameters = list(parameters.parameters() if isinstance(parameters, torch.nn.Module) else parameters)
         if not self.foreach:
             return super().step(parameters)
@@ -68,6 +90,9 @@ def ema_step(ema: EMAModel, t, plugin, accelerator: Accelerator) -> None:
     ema.step(ema_params(plugin, accelerator))
     if offload:
         ema.to("cpu", non_blocking=True)
+        # the copy runs on the device's stream while training goes on; readers of the host copy wait for it
+        ema._pending = torch.cuda.Event()
+        ema._pending.record()
 
 
 class ema_weights:  # lower case: used like a function, in ``with``
