@@ -1,6 +1,9 @@
 """The same recipe on 2 processes (torchrun, gloo on CPU) as on 1: 2 ranks x batch B make the
 same parameter update as 1 rank x batch 2B, the LR schedule is the same, checkpoints and
-validation do not deadlock, and only rank 0 writes (the run dirs hold the same files)."""
+validation do not deadlock, and only rank 0 writes (the run dirs hold the same files). A
+checkpoint of either resumes on the other process count with the same global batch and ends
+where the uninterrupted run ends; another global batch is refused in one sentence; a "latest"
+that one rank cannot load makes both ranks fall back to the same older checkpoint."""
 
 from __future__ import annotations
 
@@ -25,7 +28,8 @@ def _overrides(parts, run: Path, data: Path, batch: int, seed: int = 0) -> list[
     keep = [o for o in tiny_t2i_overrides(parts, run, data)
             if not o.startswith(("train.batch_size", "train.max_steps", "train.checkpoint_every", "validation.every",
                                  "logging.log_every"))]
-    return keep + [f"train.batch_size={batch}", "train.max_steps=4", "train.checkpoint_every=2", "validation.every=2",
+    return keep + [f"train.batch_size={batch}", "train.max_steps=4", "train.checkpoint_every=1",
+                   "train.checkpoints_total_limit=null", "validation.every=2",
                    "logging.log_every=1", "eval.shapes=false", "train.lr_scheduler=linear",
                    "train.lr_warmup_steps=2", "train.learning_rate=1e-3", "data.caption_dropout=0.3",
                    "noise.noise_offset=0.05", f"seed={seed}"]
@@ -83,8 +87,10 @@ def test_a_different_layout_is_not_equivalent(runs, tiny_parts, tmp_path):
 def test_only_rank_zero_writes_and_checkpoints_validation_complete(runs):
     one, two = _files(runs / "one"), _files(runs / "two")
     per_rank = {f for f in two if f.endswith(("random_states_1.pkl", "rank1.json", "rank1.safetensors"))}  # each rank's RNG
-    assert per_rank == {"checkpoints/checkpoint-2/random_states_1.pkl", "checkpoints/checkpoint-2/plugin_state_0_rank1.json",
-                        "checkpoints/checkpoint-2/plugin_state_0_rank1.safetensors"}
+    steps = sorted(int(f.split("/")[1].split("-")[1]) for f in per_rank if f.endswith(".pkl"))
+    assert steps[:3] == [1, 2, 3]
+    assert per_rank == {f"checkpoints/checkpoint-{n}/{name}" for n in steps for name in (
+        "random_states_1.pkl", "plugin_state_0_rank1.json", "plugin_state_0_rank1.safetensors")}
     assert one == two - per_rank
     assert (runs / "two" / "checkpoints" / "checkpoint-2" / "loop.json").exists()
     assert (runs / "two" / "samples" / "step-000004.png").exists()
@@ -122,4 +128,69 @@ def test_two_rank_stream_resumes_each_rank_at_its_own_epoch(tiny_parts, tmp_path
     out = run(b, "train.resume=latest")
     assert f"resuming in epoch {pos[0]['epoch']} after its first {pos[0]['batch']} batches" in out
     ua, ub = _unet(a), _unet(b)
+    assert all(torch.equal(ua[k], ub[k]) for k in ua)
+
+
+def _torchrun(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "ldm_lab.cli",
+                           *args], capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+
+
+def _copy_checkpoints(src: Path, dst: Path, steps) -> None:
+    import shutil
+
+    for n in steps:
+        shutil.copytree(src / "checkpoints" / f"checkpoint-{n}", dst / "checkpoints" / f"checkpoint-{n}")
+
+
+def _same_ending(a: Path, b: Path) -> None:
+    ua, ub = _unet(a), _unet(b)
+    diff = max((ua[k] - ub[k]).abs().max().item() for k in ua)
+    assert diff < 1e-5, diff  # as 1 x 2B against 2 x B above; a wrong LR or data position moves ~1e-4 and more
+    assert [h["lr"] for h in _history(a)] == pytest.approx([h["lr"] for h in _history(b)], rel=1e-12)
+    assert [h["step"] for h in _history(a)] == [1, 2, 3, 4]
+
+
+def test_two_process_checkpoint_resumes_on_one_process_with_the_same_global_batch(runs, tiny_parts, tmp_path, capsys):
+    _copy_checkpoints(runs / "two", tmp_path / "a", [2])
+    assert cli_main(["train", str(RECIPE), *_overrides(tiny_parts, tmp_path / "a", runs / "data", 8),
+                     "train.resume=latest"]) == 0
+    assert "resumed on 1 process(es) from a checkpoint of 2: global batch 8 (1 process x batch 8" in capsys.readouterr().out
+    _same_ending(tmp_path / "a", runs / "one")
+    layout = json.loads((tmp_path / "a" / "checkpoints" / "checkpoint-3" / "loop.json").read_text())["layout"]
+    assert layout == {"processes": 1, "batch_size": 8, "accumulation": 1, "stream": False, "epoch_samples": layout[
+        "epoch_samples"]} and layout["epoch_samples"] > 0
+
+
+def test_one_process_checkpoint_resumes_on_two_processes(runs, tiny_parts, tmp_path):
+    _copy_checkpoints(runs / "one", tmp_path / "b", [2])
+    r = _torchrun("train", str(RECIPE), *_overrides(tiny_parts, tmp_path / "b", runs / "data", 4), "train.resume=latest")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    _same_ending(tmp_path / "b", runs / "two")
+
+
+def test_another_global_batch_is_refused_with_what_to_set(runs, tiny_parts, tmp_path, capsys):
+    _copy_checkpoints(runs / "two", tmp_path / "c", [2])
+    before = {f: (tmp_path / "c" / f).read_bytes() for f in _files(tmp_path / "c")}
+    assert cli_main(["train", str(RECIPE), *_overrides(tiny_parts, tmp_path / "c", runs / "data", 4),
+                     "train.resume=latest"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "global batch of 8 (2 processes x batch 4 x accumulation 1)" in err[0], err
+    assert "this run's is 4 (1 process x batch 4 x accumulation 1); set train.batch_size=8" in err[0], err
+    assert {f: (tmp_path / "c" / f).read_bytes() for f in before} == before  # nothing written is lost
+    assert not (tmp_path / "c" / "checkpoints" / "checkpoint-3").exists()
+
+
+def test_a_latest_checkpoint_one_rank_cannot_load_sends_both_ranks_to_the_one_before(runs, tiny_parts, tmp_path):
+    """Rank 1's RNG file of checkpoint 3 is damaged: rank 0 could load checkpoint 3 alone, but both
+    ranks resume from checkpoint 2 and end with the uninterrupted run's weights."""
+    d = tmp_path / "d"
+    _copy_checkpoints(runs / "two", d, [2, 3])
+    (d / "checkpoints" / "checkpoint-3" / "random_states_1.pkl").write_bytes(b"not a pickle")
+    r = _torchrun("train", str(RECIPE), *_overrides(tiny_parts, d, runs / "data", 4), "train.resume=latest")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "checkpoint-3 is damaged on process 1" in r.stdout, r.stdout[-3000:]
+    assert "checkpoint-2 at step 2" in r.stdout
+    ua, ub = _unet(d), _unet(runs / "two")
     assert all(torch.equal(ua[k], ub[k]) for k in ua)

@@ -2,11 +2,12 @@
 
 A checkpoint is ``RUN/checkpoints/checkpoint-N``: accelerate's ``save_state`` (models, optimiser,
 scheduler, RNG, registered objects such as the EMA), one file per process for each per-process
-state (the plugin's BatchRNG, a stream position), ``loop.json`` (the step, the non-finite
-count and the run's id), the resolved recipe and the history so far. It is written into a temp dir renamed into place, so one that
-looks complete is complete; resume picks the newest that loads, after comparing its recipe with
-the resumed one (``rundir.recipe_changes``): a checkpoint another recipe wrote is *incompatible*,
-named with the keys that differ, never reported as damaged.
+state (the plugin's BatchRNG, a stream position), ``loop.json`` (the step, the layout, the non-finite
+count and the run's id), the resolved recipe and the history so far. It is written into a temp
+dir renamed into place, so one that looks complete is complete; resume picks the newest that
+loads on every process, after comparing its recipe with the resumed one
+(``rundir.recipe_changes``) and its layout with this run's (``layout.py``): a checkpoint another
+recipe wrote is *incompatible*, named with the keys that differ, never reported as damaged.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from accelerate.utils import load as accelerate_load
 
 from ..errors import UserError
 from . import state_files
-from .engine import main_decides
-from .rundir import recipe_changes
+from .engine import everyone, main_decides
+from .layout import LAYOUT_KEYS, Layout, check_layout, saved_layout
+from .rundir import covered, recipe_changes
 from .runlog import write_history
 
 CKPT_PREFIX = "checkpoint-"
@@ -65,17 +67,27 @@ def loop_state(ckpt: Path | None) -> dict:
     return json.loads((ckpt / "loop.json").read_text()) if ckpt is not None else {}
 
 
-def check_recipe(ckpt: Path, recipe: dict | None, allowed: list[str]) -> None:
+def check_recipe(ckpt: Path, recipe: dict | None, allowed: list[str], layout: Layout | None = None) -> None:
     """One sentence when ``ckpt`` was written with a recipe that computes differently from
-    ``recipe`` (checkpoints without a stored recipe are not compared)."""
+    ``recipe`` (checkpoints without a stored recipe are not compared), or on a layout this run
+    cannot continue exactly (``layout.check_layout``); batch and accumulation may change when the
+    global batch stays the same."""
     saved = ckpt / "recipe.yaml"
-    if recipe is None or not saved.exists():
+    old = None
+    if saved.exists():
+        try:
+            old = yaml.safe_load(saved.read_text())
+        except (OSError, yaml.YAMLError):
+            return  # the load itself will say what is wrong with the checkpoint
+    old = old if isinstance(old, dict) else None
+    then = saved_layout(ckpt, old)
+    if layout is not None:
+        check_layout(ckpt, then, layout, any(covered(k, allowed) for k in LAYOUT_KEYS))
+        if then is not None and then.global_batch == layout.global_batch:
+            allowed = [*allowed, *LAYOUT_KEYS]
+    if recipe is None or old is None:
         return
-    try:
-        old = yaml.safe_load(saved.read_text())
-    except (OSError, yaml.YAMLError):
-        return  # the load itself will say what is wrong with the checkpoint
-    changes = recipe_changes(old if isinstance(old, dict) else {}, recipe, allowed)
+    changes = recipe_changes(old, recipe, allowed)
     if changes:
         raise UserError(f"checkpoint {ckpt} is incompatible with this recipe: {', '.join(changes[:6])}"
                         f"{f' and {len(changes) - 6} more' if len(changes) > 6 else ''} changed; resume with the "
@@ -126,31 +138,52 @@ def _load_state(accelerator: Accelerator, ck: Path, shared: dict, trust_pickles:
             accelerator._custom_objects.remove(o)  # accelerate has no public unregister
 
 
+def _attempt(accelerator: Accelerator, ck: Path, recipe: dict | None, allowed: list[str], shared: dict,
+             trust_pickles: bool, layout: Layout | None) -> tuple[str, str] | None:
+    """None when this process loaded ``ck``; else (``user`` | ``incompatible`` | ``damaged``, why)."""
+    try:
+        check_recipe(ck, recipe, allowed, layout)
+        _load_state(accelerator, ck, shared, trust_pickles)
+        json.loads((ck / "loop.json").read_text())["step"]
+    except UserError as e:
+        return "user", str(e)
+    except Exception as e:  # noqa: BLE001 - any failure to read a checkpoint: damaged or incompatible
+        return ("incompatible" if _incompatible(e) else "damaged"), _why(e)
+    return None
+
+
+def _agreed(accelerator: Accelerator, outcome):
+    """(process, outcome) of the first process whose load failed, or None when every process
+    loaded: all processes see every process's outcome, so they take the same path."""
+    outcomes = everyone(accelerator, outcome)
+    return next(((r, o) for r, o in enumerate(outcomes) if o is not None), None)
+
+
 def load_checkpoint(accelerator: Accelerator, run_dir: Path, resume: str | None, recipe: dict | None = None,
                     allowed: list[str] | None = None, run_id: str | None = None, shared: dict | None = None,
-                    trust_pickles: bool = False) -> Path | None:
-    """Load the checkpoint ``resume`` names, after ``check_recipe``. For ``latest``, a checkpoint
-    that fails to load is named and the next older one is tried; an explicit checkpoint that fails,
-    or one that holds other modules than this recipe builds, is a clear error."""
-    allowed = allowed or []
+                    trust_pickles: bool = False, layout: Layout | None = None) -> Path | None:
+    """Load the checkpoint ``resume`` names, after ``check_recipe``. For ``latest``, the main
+    process lists the candidates and every process tries the same one: a checkpoint that fails to
+    load on any process is named and every process tries the next older one, so all train on
+    from the same step or all stop; an explicit checkpoint that fails anywhere, or one that holds
+    other modules than this recipe builds, is a clear error on every process."""
+    allowed, shared = allowed or [], shared or {}
+    where = (lambda r: "") if accelerator.num_processes == 1 else (lambda r: f" on process {r}")
     if resume == "latest":
         tried = []
-        for ck in reversed(checkpoints(run_dir, run_id)):
-            check_recipe(ck, recipe, allowed)
-            try:
-                _load_state(accelerator, ck, shared or {}, trust_pickles)
-                json.loads((ck / "loop.json").read_text())["step"]
-            except UserError:
-                raise
-            except Exception as e:  # noqa: BLE001 - any failure to read a checkpoint: damaged or incompatible
-                if _incompatible(e):
-                    raise UserError(f"checkpoint {ck} is incompatible with the models this recipe builds ({_why(e)}); "
-                                    "resume with the recipe it was written with (its recipe.yaml) or start a new run "
-                                    "in another output.dir.") from None
-                accelerator.print(f"warning: checkpoint {ck} is damaged ({_why(e)}); trying the one before it")
-                tried.append(ck.name)
-                continue
-            return ck
+        for ck in map(Path, main_decides(accelerator, [str(p) for p in reversed(checkpoints(run_dir, run_id))])):
+            failed = _agreed(accelerator, _attempt(accelerator, ck, recipe, allowed, shared, trust_pickles, layout))
+            if failed is None:
+                return ck
+            rank, (kind, why) = failed
+            if kind == "user":
+                raise UserError(why)
+            if kind == "incompatible":
+                raise UserError(f"checkpoint {ck} is incompatible with the models this recipe builds ({why}); "
+                                "resume with the recipe it was written with (its recipe.yaml) or start a new run "
+                                "in another output.dir.")
+            accelerator.print(f"warning: checkpoint {ck} is damaged{where(rank)} ({why}); trying the one before it")
+            tried.append(ck.name)
         if tried:
             raise UserError(f"no checkpoint in {run_dir / 'checkpoints'} can be loaded ({', '.join(tried)} are "
                               "damaged); remove them or start without train.resume.")
@@ -158,14 +191,14 @@ def load_checkpoint(accelerator: Accelerator, run_dir: Path, resume: str | None,
     ck = resolve_resume(run_dir, resume, run_id)
     if ck is None:
         return None
-    check_recipe(ck, recipe, allowed)
-    try:
-        _load_state(accelerator, ck, shared or {}, trust_pickles)
-    except UserError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        kind = "is incompatible with the models this recipe builds" if _incompatible(e) else "cannot be loaded"
-        raise UserError(f"checkpoint {ck} {kind} ({_why(e)}); give another checkpoint or train.resume=latest.") from None
+    failed = _agreed(accelerator, _attempt(accelerator, ck, recipe, allowed, shared, trust_pickles, layout))
+    if failed is not None:
+        rank, (kind, why) = failed
+        if kind == "user":
+            raise UserError(why)
+        what = "is incompatible with the models this recipe builds" if kind == "incompatible" else "cannot be loaded"
+        raise UserError(f"checkpoint {ck} {what}{where(rank)} ({why}); give another checkpoint or "
+                        "train.resume=latest.")
     return ck
 
 
@@ -190,7 +223,8 @@ def _last_good(run_dir: Path, run_id: str | None) -> str:
 
 def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, limit: int | None, history: list,
                     nonfinite_steps: int = 0, rank_states: list | None = None, run_id: str | None = None,
-                    recipe_text: str | None = None, shared_states: dict | None = None) -> Path:
+                    recipe_text: str | None = None, shared_states: dict | None = None,
+                    layout: Layout | None = None) -> Path:
     """accelerate ``save_state`` into a temp dir renamed into place, so a kill mid-save never
     leaves a checkpoint that looks complete; then prune to ``limit``. The disk's free space is
     checked first against the run's newest checkpoint; a full disk (before or while writing) is
@@ -206,7 +240,7 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, limit: i
     tmp = run_dir / "checkpoints" / f".tmp-{CKPT_PREFIX}{step}"
     try:
         return _write_checkpoint(accelerator, run_dir, step, limit, history, nonfinite_steps, rank_states, run_id,
-                                 recipe_text, shared_states)
+                                 recipe_text, shared_states, layout)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"checkpoint {step} could not be written in {run_dir / 'checkpoints'} "
@@ -215,7 +249,7 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, limit: i
 
 def _write_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, limit: int | None, history: list,
                       nonfinite_steps: int, rank_states: list | None, run_id: str | None, recipe_text: str | None,
-                      shared_states: dict | None) -> Path:
+                      shared_states: dict | None, layout: Layout | None) -> Path:
     root = run_dir / "checkpoints"
     final = root / f"{CKPT_PREFIX}{step}"
     tmp = root / f".tmp-{CKPT_PREFIX}{step}"
@@ -231,7 +265,8 @@ def _write_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, limit:
     if accelerator.is_main_process:
         for name, obj in (shared_states or {}).items():  # the same in every process (the EMA)
             state_files.save_state(obj.state_dict(), tmp / name)
-        (tmp / "loop.json").write_text(json.dumps({"step": step, "nonfinite_steps": nonfinite_steps, "run": run_id}))
+        (tmp / "loop.json").write_text(json.dumps({"step": step, "nonfinite_steps": nonfinite_steps, "run": run_id,
+                                                   "layout": layout.to_json() if layout else None}))
         if recipe_text is not None:
             (tmp / "recipe.yaml").write_text(recipe_text)
         write_history(tmp, history)

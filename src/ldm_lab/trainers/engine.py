@@ -22,6 +22,7 @@ from accelerate.utils import (
     GradientAccumulationPlugin,
     ProjectConfiguration,
     broadcast_object_list,
+    gather_object,
     is_mps_available,
     is_npu_available,
     is_xpu_available,
@@ -161,6 +162,13 @@ def main_decides(accelerator: Accelerator, value):
     box = [value]
     broadcast_object_list(box)
     return box[0]
+
+
+def everyone(accelerator: Accelerator, value) -> list:
+    """Every process's ``value``, in process order, on every process (one all-gather of objects)."""
+    if accelerator.num_processes == 1:
+        return [value]
+    return gather_object([value])
 
 
 def step_values(accelerator: Accelerator, loss: torch.Tensor, bad, stop: bool, norm) -> tuple:

@@ -35,6 +35,7 @@ from .engine import (
     set_up_modules,
     step_values,
 )
+from .layout import current_layout, move_schedule, saved_layout
 from .registry import get_trainer
 from .rundir import RunDir, claim
 from .runlog import (
@@ -114,6 +115,8 @@ class _Run:
         self.stream = isinstance(dataloader.dataset, torch.utils.data.IterableDataset)
         self.wrapped, self.optimizer, self.dataloader, self.lr_scheduler = prepare(
             accelerator, modules, optimizer, dataloader, lr_scheduler, self.stream)
+        self.layout = current_layout(accelerator.num_processes, t.batch_size, t.gradient_accumulation_steps,
+                                     self.dataloader, self.stream)
         for name, w in zip(list(modules), self.wrapped):
             setattr(plugin, name, w)
         hooks = plugin.checkpoint_hooks()
@@ -150,12 +153,19 @@ class _Run:
         accelerator, t = self.accelerator, self.t
         self.step = 0
         self.ckpt = load_checkpoint(accelerator, self.run_dir, t.resume, self.recipe.model_dump(mode="json"),
-                                    t.resume_allow_changes, self.run_id, self._shared_states(), t.resume_trust_pickles)
+                                    t.resume_allow_changes, self.run_id, self._shared_states(), t.resume_trust_pickles,
+                                    self.layout)
         if self.ckpt is not None:
             load_rank_states(accelerator, self.ckpt, self.rank_states)
             if self.ema is not None:
                 ema_home(self.ema, t, accelerator)  # accelerate reloads custom objects on the CPU
             self.step = loop_state(self.ckpt)["step"]
+            then = saved_layout(self.ckpt)
+            if then is not None and then.processes != accelerator.num_processes:
+                move_schedule(self.lr_scheduler, self.step, accelerator.num_processes)
+                accelerator.print(f"resumed on {accelerator.num_processes} process(es) from a checkpoint of "
+                                  f"{then.processes}: global batch {self.layout.words()}, LR schedule at step "
+                                  f"{self.step}")
             accelerator.print(f"resumed from {self.ckpt} at step {self.step}")
         if accelerator.is_main_process:
             (self.run_dir / "recipe.yaml").write_text(self.recipe_text)
@@ -280,7 +290,7 @@ class _Run:
     def _checkpoint(self) -> Path:
         return save_checkpoint(self.accelerator, self.run_dir, self.step, self.t.checkpoints_total_limit,
                                self.history, self.nonfinite.total, self.rank_states, self.run_id, self.recipe_text,
-                               self._shared_states())
+                               self._shared_states(), self.layout)
 
     def _shared_states(self) -> dict:
         return {"ema": self.ema} if self.ema is not None else {}

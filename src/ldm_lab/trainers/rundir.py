@@ -131,7 +131,7 @@ def _flatten(tree, prefix: str = "") -> dict[str, object]:
     return {prefix[:-1]: tree}
 
 
-def _covered(key: str, prefixes) -> bool:
+def covered(key: str, prefixes) -> bool:
     return any(p == "*" or key == p or key.startswith(p + ".") for p in prefixes)
 
 
@@ -141,7 +141,7 @@ def recipe_changes(saved: dict, now: dict, allowed: list[str]) -> list[str]:
     a, b = _flatten(saved), _flatten(now)
     out = []
     for k in sorted(set(a) | set(b)):
-        if a.get(k) != b.get(k) and not _covered(k, CHANGEABLE) and not _covered(k, allowed):
+        if a.get(k) != b.get(k) and not covered(k, CHANGEABLE) and not covered(k, allowed):
             out.append(f"{k} ({_short(a.get(k, '<unset>'))} -> {_short(b.get(k, '<unset>'))})")
     return out
 
