@@ -182,6 +182,23 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(lora_env, tmp_path):
     assert hist == [1, 2, 3, 4, 5, 6]
 
 
+def test_resume_with_adapters_the_checkpoint_lacks_is_refused(lora_env, tmp_path, capsys):
+    """Text-encoder adapters switched on at resume (the change allowed on purpose): the checkpoint
+    holds none, so they would train on from their initial values; one sentence, nothing lost."""
+    run = tmp_path / "run"
+    shutil.copytree(lora_env["run"], run)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}  # the lock names its holder
+    ck = run / "checkpoints" / "checkpoint-3"
+    args = _flags(lora_env["base"], lora_env["data"], run, lora_env["root"] / "cache",
+                  extra=("--resume", str(ck), "--train-text-encoder"))
+    capsys.readouterr()
+    assert cli_main([*args, "train.resume_allow_changes=[plugin.train_text_encoder]"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "is incompatible with the models this recipe builds" in err[0], err
+    assert "holds no text_encoder adapter weights" in err[0], err
+    assert [str(p) for p, b in before.items() if p.read_bytes() != b] == []
+
+
 def test_clipping_applies_to_exactly_the_adapters(lora_env, tmp_path):
     from accelerate import Accelerator
 

@@ -193,10 +193,17 @@ class LoRATrainer(TextToImageTrainer):
                 if name is None:
                     continue
                 sub = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
-                result = set_peft_model_state_dict(acc.unwrap_model(models.pop(i)), sub)
-                missing = [k for k in getattr(result, "unexpected_keys", []) or [] if "lora" in k]
-                if missing:
-                    raise RuntimeError(f"checkpoint adapter keys not in the model: {missing[:3]}")
+                model = acc.unwrap_model(models.pop(i))
+                # adapters this run has and the checkpoint lacks would stay at their initial values
+                # (e.g. train_text_encoder switched on at resume): incompatible, not resumed silently
+                absent = sorted(set(_adapter_state(model)) - set(sub))
+                if absent:
+                    raise RuntimeError(f"Missing keys: the checkpoint holds no {name} adapter weights for "
+                                       f"{len(absent)} of this run's ({absent[0]}, ...)")
+                result = set_peft_model_state_dict(model, sub)
+                extra = [k for k in getattr(result, "unexpected_keys", []) or [] if "lora" in k]
+                if extra:
+                    raise RuntimeError(f"checkpoint adapter keys not in the model: {extra[:3]}")
 
         return save_hook, load_hook
 
