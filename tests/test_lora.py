@@ -199,6 +199,34 @@ def test_resume_with_adapters_the_checkpoint_lacks_is_refused(lora_env, tmp_path
     assert [str(p) for p, b in before.items() if p.read_bytes() != b] == []
 
 
+def test_ema_averages_the_text_encoder_adapters_with_the_unet(lora_env, tmp_path, capsys):
+    """With text-encoder adapters, EMA averages them too: the artifact's text-encoder tensors are
+    the EMA's (its last tensors), none of them the raw trained adapters left in the model."""
+    from ldm_lab.trainers.loop import train
+    from ldm_lab.trainers.lora import _adapter_state
+
+    flags = _flags(lora_env["base"], lora_env["data"], tmp_path / "run", lora_env["root"] / "cache", steps=4,
+                   extra=("--train-text-encoder", "--print-recipe"))
+    assert cli_main(flags) == 0
+    (tmp_path / "r.yaml").write_text(capsys.readouterr().out)
+    recipe = load_recipe(tmp_path / "r.yaml", ["train.ema.enabled=true", "train.ema.decay=0.9", "validation.every=null",
+                                               "train.checkpoint_every=null"])
+    state: dict = {}
+    train(recipe, state=state)
+    plugin, ema = state["plugin"], state["ema"]
+    raw = list(_adapter_state(plugin.unwrap(plugin.te_model)).values())
+    written = [v for k, v in load_file(tmp_path / "run" / "pytorch_lora_weights.safetensors").items()
+               if k.startswith("text_encoder.")]
+    assert len(written) == len(raw) > 0
+    averaged = [t.detach().cpu() for t in ema.shadow_params[-len(raw):]]
+
+    def matches(xs, ys):
+        return sum(any(x.shape == y.shape and torch.equal(x, y) for y in ys) for x in xs)
+
+    assert matches(written, averaged) == len(written)
+    assert matches(written, raw) == 0
+
+
 def test_clipping_applies_to_exactly_the_adapters(lora_env, tmp_path):
     from accelerate import Accelerator
 

@@ -150,3 +150,4 @@ def test_recipe_changes_compares_what_changes_the_training():
     assert recipe_changes(saved, now, ["*"]) == []
     assert recipe_changes(saved, {**now, "train": {**now["train"], "ema": {}}}, ["seed", "train.learning_rate"]) \
         == ["train.ema (<unset> -> {})", "train.ema.enabled (true -> <unset>)"]
+

@@ -74,9 +74,10 @@ class TrainerPlugin:
         params = [p for m in self.trainable_modules().values() for p in m.parameters() if p.requires_grad]
         return [{"params": params}]
 
-    def ema_module(self) -> nn.Module | None:
-        """The module whose weights EMA tracks (the first trainable module by default)."""
-        return next(iter(self.trainable_modules().values()))
+    def ema_modules(self) -> list[nn.Module]:
+        """The modules whose trained weights EMA tracks: every trainable module by default (a
+        trained text encoder is averaged with the UNet, so the artifact holds one EMA model)."""
+        return list(self.trainable_modules().values())
 
     def checkpoint_hooks(self):
         """Optional (save_hook, load_hook) for accelerate's save_state/load_state, when a plugin

@@ -167,8 +167,8 @@ class ControlNetTrainer(TextToImageTrainer):
                                       self.shift_factor).to(draw.x_t.dtype)
         return self.denoiser.control_residuals(self.controlnet, draw.x_t, draw.t, cond, control)
 
-    def ema_module(self):
-        return self.controlnet
+    def ema_modules(self):
+        return [self.controlnet]
 
     def train_flops_per_sample(self) -> float | None:
         return None  # the ControlNet and the frozen UNet it feeds: not counted yet

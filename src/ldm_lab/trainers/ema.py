@@ -35,7 +35,11 @@ class LerpEMA(EMAModel):
 
     def load_state_dict(self, state_dict) -> None:
         self.settle()
-        return super().load_state_dict(state_dict)
+        count = len(self.shadow_params)
+        super().load_state_dict(state_dict)
+        if len(self.shadow_params) != count:  # e.g. an EMA of the UNet alone, resumed with a trained text encoder
+            raise RuntimeError(f"size mismatch: the checkpoint's EMA averages {len(self.shadow_params)} tensors, "
+                               f"this run's {count}")
 
     def copy_to(self, parameters) -> None:
         self.settle()
@@ -60,9 +64,9 @@ class LerpEMA(EMAModel):
 
 
 def ema_params(plugin, accelerator) -> list[torch.nn.Parameter]:
-    """What EMA averages: the trained parameters of the plugin's EMA module (adapters only when
-    the base is frozen)."""
-    return [p for p in accelerator.unwrap_model(plugin.ema_module()).parameters() if p.requires_grad]
+    """What EMA averages: the trained parameters of the plugin's EMA modules, in their order
+    (adapters only when the base is frozen)."""
+    return [p for m in plugin.ema_modules() for p in accelerator.unwrap_model(m).parameters() if p.requires_grad]
 
 
 def make_ema(t, plugin, accelerator: Accelerator) -> LerpEMA:

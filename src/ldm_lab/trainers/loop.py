@@ -57,14 +57,14 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, profile: Phases | N
     """Run the recipe's trainer plugin to ``train.max_steps``; returns the run dir.
 
     ``profile`` (``ldm-lab bench``) times the phases of every step; ``finish=False`` skips the
-    artifact, evaluation and history; ``state`` receives the plugin and accelerator."""
+    artifact, evaluation and history; ``state`` receives the plugin, accelerator and EMA."""
     profile = profile or OFF
     recipe = pipeline_defaults(recipe)
     run = _Run(recipe, Path(run_dir or recipe.output.dir), profile)
     try:
         run.set_up()
         if state is not None:
-            state.update(plugin=run.plugin, accelerator=run.accelerator)
+            state.update(plugin=run.plugin, accelerator=run.accelerator, ema=run.ema)
         run.resume()
         if not run.step_loop():  # stopped by a signal, with a checkpoint to resume from
             return run.run_dir

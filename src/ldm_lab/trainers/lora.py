@@ -132,8 +132,8 @@ class LoRATrainer(TextToImageTrainer):
             groups.append({"params": [p for p in self.te_model.parameters() if p.requires_grad], "lr": lr})
         return groups
 
-    def ema_module(self):
-        return self.unet
+    def ema_modules(self):
+        return [self.unet] + ([self.te_model] if self.te_model is not None else [])  # their adapters
 
     # -- conditioning through a trained text encoder ------------------------------------
     def latents_and_condition(self, batch):
