@@ -194,3 +194,29 @@ def test_a_latest_checkpoint_one_rank_cannot_load_sends_both_ranks_to_the_one_be
     assert "checkpoint-2 at step 2" in r.stdout
     ua, ub = _unet(d), _unet(runs / "two")
     assert all(torch.equal(ua[k], ub[k]) for k in ua)
+
+
+def test_clip_on_two_processes_of_b_trains_like_one_of_2b(tmp_path):
+    """The contrastive loss sees the global batch's negatives on every process: 2 x 8 logs the
+    loss of 1 x 16 (with local negatives it would be near log 8, not log 16, at the start) and
+    ends with its weights."""
+    from safetensors.torch import load_file as load
+
+    def args(run: Path, batch: int) -> list[str]:
+        return ["train", str(REPO / "recipes/shapes/clip.yaml"),
+                "plugin.text={hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2}",
+                "plugin.vision={hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2, "
+                "patch_size: 8}", "plugin.projection_dim=16", "data.shapes.n=48", "data.shapes.resolution=32",
+                "data.resolution=32", f"data.cache_dir={tmp_path / 'data'}", f"train.batch_size={batch}",
+                "train.max_steps=3", "validation.every=null", "train.checkpoint_every=null", "logging.log_every=1",
+                "logging.tracker=none", f"output.dir={run}", "output.export_to=null"]
+
+    assert cli_main(args(tmp_path / "one", 16)) == 0
+    r = _torchrun(*args(tmp_path / "two", 8))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    h1, h2 = _history(tmp_path / "one"), _history(tmp_path / "two")
+    assert [h["loss"] for h in h1] == pytest.approx([h["loss"] for h in h2], rel=1e-5)
+    w1 = load(next((tmp_path / "one" / "text_encoder").glob("*.safetensors")))
+    w2 = load(next((tmp_path / "two" / "text_encoder").glob("*.safetensors")))
+    diff = max((w1[k] - w2[k]).abs().max().item() for k in w1)
+    assert diff < 1e-5, diff

@@ -5,6 +5,10 @@ transformers CLIPTokenizer, so stock diffusers pipelines load and use it like SD
 The saved artifact is a ``text_encoder`` (CLIPTextModel) dir and a ``tokenizer`` dir; the
 vision tower is only a training aid and is saved alongside as ``clip`` for scoring.
 
+The contrastive loss is open_clip's ``ClipLoss`` over the *global* batch: every process gathers
+all processes' embeddings (with gradients), so the negatives, the loss and the update are those
+of one process with the whole batch, whatever the process count.
+
 Plugin options: ``max_length`` (tokens, default 20), ``text`` / ``vision`` (CLIP config
 overrides), ``projection_dim``.
 """
@@ -16,6 +20,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from open_clip.loss import ClipLoss
 from transformers import CLIPConfig, CLIPModel, CLIPTextModel, CLIPTokenizer
 
 from ..components import write_clip_bpe_vocab
@@ -61,6 +66,9 @@ class ClipTrainer(TrainerPlugin):
             return {"pixel_values": [tf(to_rgb(im)) for im in b[icol]], "input_ids": list(ids)}
 
         self.rows.set_transform(transform)
+        acc = self.accelerator
+        self.contrastive = ClipLoss(local_loss=False, gather_with_grad=True, rank=acc.process_index,
+                                    world_size=acc.num_processes)
 
     def trainable_modules(self):
         return {"clip": self.clip}
@@ -69,10 +77,11 @@ class ClipTrainer(TrainerPlugin):
         return make_loader(self.rows, self.recipe.data, self.recipe.train.batch_size)
 
     def loss(self, batch):
-        out = self.clip(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], return_loss=True)
+        out = self.clip(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"])
+        loss = self.contrastive(out.image_embeds, out.text_embeds, self.unwrap(self.clip).logit_scale.exp())
         with torch.no_grad():
             acc = (out.logits_per_text.argmax(-1) == torch.arange(len(out.logits_per_text), device=out.logits_per_text.device)).float().mean()
-        return out.loss, {"retrieval_acc": acc.detach()}
+        return loss, {"retrieval_acc": acc.detach()}
 
     @torch.no_grad()
     def retrieval_accuracy(self, n: int = 256) -> float:
