@@ -97,7 +97,8 @@ def test_resume_with_a_changed_batch_size_refuses_naming_it(tiny_parts, done, tm
     ov = _ov(tiny_parts, run, done / "data", "train.resume=latest", "train.max_steps=6", "train.batch_size=4")
     rc = cli_main(["train", str(RECIPE), *ov])
     err = capsys.readouterr().err
-    assert rc == 2 and "is incompatible with this recipe: train.batch_size (8 -> 4)" in err, err[-400:]
+    assert rc == 2 and "global batch of 8" in err and "set train.batch_size=8" in err, err[-400:]
+    assert sum(line.startswith("error:") for line in err.splitlines()) == 1
     assert "damaged" not in err and _hashes(run) == before
     # meant: the user lists the key, and the run goes on from the checkpoint
     assert cli_main(["train", str(RECIPE), *ov, "train.resume_allow_changes=[train.batch_size]"]) == 0
