@@ -146,7 +146,7 @@ def run_training(recipe: Recipe, name: str, steps: int, warmup: int, out: Path, 
                    "channels_last": recipe.train.channels_last, "compile": recipe.train.compile,
                    "optimizer_impl": recipe.train.optimizer_impl, "attention": recipe.train.attention,
                    "mixed_precision": recipe.train.mixed_precision, "ema": recipe.train.ema.enabled,
-                   "host_allocator": recipe.train.host_allocator},
+                   "host_allocator": recipe.train.host_allocator, "frozen_dtype": recipe.train.frozen_dtype},
     }
     state.clear()
     del plugin

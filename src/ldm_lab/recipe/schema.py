@@ -200,6 +200,9 @@ class TrainSpec(Strict):
     weight_decay: float = 1e-2
     max_grad_norm: float | None = Field(1.0, gt=0)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    # under fp16/bf16, the frozen weights (autoencoder, text encoders, a LoRA / ControlNet base) are held
+    # in that dtype during training (about half their memory); fp32 keeps them as loaded
+    frozen_dtype: Literal["compute", "fp32"] = "compute"
     gradient_checkpointing: bool = False
     channels_last: bool = False
     # speed stack (docs/performance.md has each one's measured effect)

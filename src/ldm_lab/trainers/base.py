@@ -79,6 +79,11 @@ class TrainerPlugin:
         trained text encoder is averaged with the UNet, so the artifact holds one EMA model)."""
         return list(self.trainable_modules().values())
 
+    def frozen_modules(self) -> list[nn.Module]:
+        """The modules the plugin runs but does not train (held in the compute dtype under mixed
+        precision; see ``frozen.py``); the frozen parts of trained modules are found on their own."""
+        return []
+
     def checkpoint_hooks(self):
         """Optional (save_hook, load_hook) for accelerate's save_state/load_state, when a plugin
         checkpoints less than its modules' full state (LoRA: adapters only)."""

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 
 from ..errors import TrainingDiverged, UserError
 from ..perf import OFF, Phases, host_allocator, resolve_host_allocator
@@ -35,6 +35,7 @@ from .engine import (
     set_up_modules,
     step_values,
 )
+from .frozen import cast_frozen
 from .layout import current_layout, move_schedule, saved_layout
 from .registry import get_trainer
 from .rundir import RunDir, claim
@@ -64,7 +65,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, profile: Phases | N
     try:
         run.set_up()
         if state is not None:
-            state.update(plugin=run.plugin, accelerator=run.accelerator, ema=run.ema)
+            state.update(plugin=run.plugin, accelerator=run.accelerator, ema=run.ema, frozen=run.frozen)
         run.resume()
         if not run.step_loop():  # stopped by a signal, with a checkpoint to resume from
             return run.run_dir
@@ -107,6 +108,8 @@ class _Run:
         plugin.prof = self.profile
         plugin.setup()
         modules = self.modules = plugin.trainable_modules()
+        self.frozen = cast_frozen(plugin, modules, accelerator.mixed_precision, t.frozen_dtype,
+                                  accelerator.distributed_type == DistributedType.FSDP)
         set_up_modules(recipe, plugin, modules, accelerator)
         optimizer = make_optimizer(recipe, plugin.param_groups(), accelerator.device)
         lr_scheduler = make_lr_scheduler(recipe, optimizer, accelerator.num_processes)
@@ -252,7 +255,7 @@ class _Run:
         self._log(batch, logs, step_loss, skip)
         v = self.recipe.validation
         if v.every and (step % v.every == 0 or step == t.max_steps):
-            with ema_weights(self.ema, self.plugin, accelerator):
+            with ema_weights(self.ema, self.plugin, accelerator), self.frozen.as_loaded():
                 vlogs = self.plugin.validate(step)
             if vlogs and self.tracker:
                 accelerator.log(vlogs, step=step)
@@ -351,7 +354,7 @@ class _Run:
         """The artifact (saved with EMA weights), history and loss plot, then evaluation and its metrics."""
         accelerator, plugin, run_dir = self.accelerator, self.plugin, self.run_dir
         accelerator.wait_for_everyone()
-        with ema_weights(self.ema, plugin, accelerator):
+        with ema_weights(self.ema, plugin, accelerator), self.frozen.as_loaded():
             failed = self._save_artifact()
             if failed is None and accelerator.is_main_process:
                 write_history(run_dir, self.history)

@@ -88,6 +88,9 @@ class TextToImageTrainer(TextImageData):
     def trainable_modules(self):
         return {"unet": self.unet}
 
+    def frozen_modules(self):
+        return [self.vae, *self.text_encoders, self.unet]  # the UNet where a plugin trains beside it
+
     # -- loss --------------------------------------------------------------------------
     def latents_and_condition(self, batch) -> tuple[torch.Tensor, Conditioning]:
         """Scaled latents (B, C, h, w) and the conditioning record of a cached or raw batch, with
@@ -149,8 +152,9 @@ class TextToImageTrainer(TextImageData):
         def forward(x, t, c):
             return self.denoiser(net, x, t, Conditioning(c, None, None if pooled is None else pooled.expand(len(c), -1)))
 
-        flops = denoiser_train_flops(net, forward, shape, (shape[0], *null.states.shape[1:]), self.accelerator.device,
-                                     dtype)
+        with self.accelerator.autocast():  # frozen weights may be in the compute dtype (frozen.py)
+            flops = denoiser_train_flops(net, forward, shape, (shape[0], *null.states.shape[1:]),
+                                         self.accelerator.device, dtype)
         return flops / shape[0]
 
     # -- sampling, artifact, evaluation ------------------------------------------------
