@@ -93,7 +93,7 @@ def test_cache_split_across_two_processes_equals_one(tiny_parts, tmp_path):
         a, b = one[i], two[i]
         assert torch.allclose(a["mean"], b["mean"], atol=1e-5) and torch.allclose(a["std"], b["std"], atol=1e-5)
         assert one.captions[int(a["caption_index"])] == two.captions[int(b["caption_index"])] == f"a {list(COLORS)[i % 4]} square, item {i}"
-        assert torch.allclose(one.conditioning.states[a["caption_index"]], two.conditioning.states[b["caption_index"]], atol=1e-5)
+        assert torch.allclose(one.conditioning[a["caption_index"]].states, two.conditioning[b["caption_index"]].states, atol=1e-5)
 
 
 def test_caption_variants_are_cached_and_picked_like_on_the_fly(tiny_parts, tmp_path):
@@ -118,10 +118,11 @@ def test_caption_variants_are_cached_and_picked_like_on_the_fly(tiny_parts, tmp_
     # the cached embedding of each variant is the text encoder's encoding of that string
     enc = tr.conditioner.encode(strings)
     idx = row["variants"][:4]
-    assert torch.allclose(tr.cached.conditioning.states[idx], enc.states, atol=1e-5)
+    cached = tr.cached.conditioning[idx]
+    assert torch.allclose(cached.states, enc.states, atol=1e-5)
     # the cache holds the whole record: the pooled vector too (CLIP reads the states whole: no mask)
-    assert torch.allclose(tr.cached.conditioning.pooled[idx], enc.pooled, atol=1e-5)
-    assert tr.cached.conditioning.mask is None and enc.mask is None
+    assert torch.allclose(cached.pooled, enc.pooled, atol=1e-5)
+    assert cached.mask is None and enc.mask is None
     # a step picks among the variants of each row, all of them over many steps
     from torch.utils.data import default_collate
 

@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "text encoder every step, no workers, no cache) in this process and print the ratio")
     b.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE ...",
                    help="also run the recipe with these overrides (repeatable), e.g. 'no-cl:train.channels_last=false'")
+    b.add_argument("--caption-counts", metavar="N,N,...", help="also run the recipe from copies of its latent cache "
+                   "holding N distinct captions each (random embeddings), e.g. 20000,200000: memory vs caption count")
     b.add_argument("--rounds", type=count, default=1, help="run every row N times, each in a fresh process, the order "
                    "reversed every other round, and report medians (for machines whose speed drifts; default 1: "
                    "every row once, in this process)")

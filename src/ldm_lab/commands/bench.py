@@ -26,6 +26,10 @@ def bench(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     for ov in variants.values():  # a bad override is found before anything runs
         benchmark.apply_overrides(recipe, ov)
+    if args.caption_counts:
+        from ..bench_captions import caption_variants, parse_counts
+
+        variants.update(caption_variants(recipe, parse_counts(args.caption_counts), out))
     report = benchmark.run(recipe, args.steps, args.warmup, args.compare, args.peak_tflops, out, variants,
                            rounds=args.rounds)
     report["command"] = "ldm-lab bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else None

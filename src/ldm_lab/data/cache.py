@@ -5,9 +5,10 @@ Layout of a cache dir (``ldm-lab cache RECIPE`` writes one; training finds or bu
     manifest.json                 what the contents depend on (see ``cache_inputs``) + the parts
     part-R-of-W/latents.json      per row: source row, latent shape, offset, caption variants
     part-R-of-W/mean.bin std.bin  float32, the autoencoder posterior's mean and std, row after row
-    part-R-of-W/embeddings.safetensors + captions.json   the part's distinct caption strings, encoded:
-                                  the conditioning record (token states, pooled vector, and the
-                                  attention mask of encoders that use one) of each text encoder
+    part-R-of-W/embeddings.npy pooled.npy mask.npy + captions.json   the part's distinct caption
+                                  strings, encoded: the conditioning record (token states, pooled
+                                  vector, and the attention mask of encoders that use one) of each
+                                  text encoder (``embedding_store``), read per row through memory maps
 
 Process R of W encodes rows [R*N/W, (R+1)*N/W) into its own part; process 0 writes the manifest
 when all parts are there and renames the build dir into place, so a half-built cache is never
@@ -39,7 +40,6 @@ import datasets
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
 from ..components.record import Conditioning
@@ -47,9 +47,10 @@ from ..errors import UserError
 from .bucket_transforms import bucket_transform
 from .captions import caption_variants
 from .checks import to_rgb
+from .embedding_store import MappedRecords, encoder_count, write_records
 from .transforms import image_transform
 
-FORMAT = 3  # 3: the whole conditioning record (pooled vector, mask) beside the token states
+FORMAT = 4  # 3: the whole conditioning record (pooled vector, mask) beside the token states; 4: as .npy, mapped
 
 
 def module_digest(module: torch.nn.Module) -> str:
@@ -127,24 +128,37 @@ class LatentCache(Dataset):
         self.root = Path(root)
         self.manifest = json.loads((self.root / "manifest.json").read_text())
         self.parts = [self.root / p for p in self.manifest["parts"]]
-        records, self.captions, rows = [], [], []  # records: per cache part, one record per text encoder
+        rows, base = [], 0
+        self._caption_counts = []
         for k, part in enumerate(self.parts):
             meta = json.loads((part / "latents.json").read_text())
-            base = len(self.captions)
-            self.captions += json.loads((part / "captions.json").read_text())
-            records.append(_read_encodings(load_file(part / "embeddings.safetensors")))
             for r in meta["rows"]:
                 rows.append((k, r["offset"], tuple(r["shape"]), r["row"], [base + v for v in r["variants"]]))
-        # one record (U rows: states (U, L, D), pooled, mask) per text encoder
-        self.encodings = [Conditioning.cat(list(r)) for r in zip(*records)] if records else [Conditioning(torch.empty(0))]
+            count = meta.get("captions")
+            if count is None:
+                count = len(json.loads((part / "captions.json").read_text()))
+            self._caption_counts.append(count)
+            base += count
+        # per text encoder, the U caption rows (states (U, L, D), pooled, mask) of every part, read
+        # per row through memory maps (embedding_store): memory does not grow with U
+        n_enc = max((encoder_count(p) for p in self.parts), default=1)
+        self.encodings = [MappedRecords(self.parts, k, n_enc) for k in range(n_enc)]
+        self._captions: list[str] | None = None
         self.rows = rows
         self._source_rows = [r[3] for r in rows]
         self.vmax = max((len(r[4]) for r in rows), default=1)
         self._maps: list | None = None
 
     @property
-    def conditioning(self) -> Conditioning:
-        """The record of the one text encoder (several: ``encodings``)."""
+    def captions(self) -> list[str]:
+        """The U distinct caption strings the rows' variants index into (read when first asked for)."""
+        if self._captions is None:
+            self._captions = [c for p in self.parts for c in json.loads((p / "captions.json").read_text())]
+        return self._captions
+
+    @property
+    def conditioning(self) -> MappedRecords:
+        """The records of the one text encoder (several: ``encodings``)."""
         if len(self.encodings) != 1:
             raise ValueError("this cache holds several text encoders' records; read .encodings")
         return self.encodings[0]
@@ -236,33 +250,14 @@ def _encode_part(rows, lo: int, hi: int, vae, conditioner, data, inputs: dict, i
     captions = list(strings)
     chunks = [[p.to("cpu", torch.float32) for p in conditioner.encode_parts(captions[i:i + 256])]
               for i in range(0, len(captions), 256)]
-    tensors = _encodings_tensors([Conditioning.cat(list(c)) for c in zip(*chunks)] if chunks else
-                                 [Conditioning(torch.empty(0))] * len(conditioner.encoders))
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "embeddings.safetensors"))
+    write_records(tmp, [Conditioning.cat(list(c)) for c in zip(*chunks)] if chunks else
+                  [Conditioning(torch.empty(0))] * len(conditioner.encoders))
     (tmp / "captions.json").write_text(json.dumps(captions))
     (tmp / "latents.json").write_text(json.dumps({"inputs": inputs, "range": [lo, hi], "rows": meta,
-                                                  "skipped": skipped}))
+                                                  "captions": len(captions), "skipped": skipped}))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return {"rows": len(meta), "skipped": skipped}
-
-
-def _encodings_tensors(encodings: list[Conditioning]) -> dict[str, torch.Tensor]:
-    """One text encoder: ``embeddings`` (the token states), ``pooled``, ``mask``; several: the same
-    names with the encoder's index, ``embeddings.0``, ``pooled.0``, ..."""
-    out = {}
-    for k, rec in enumerate(encodings):
-        suffix = "" if len(encodings) == 1 else f".{k}"
-        for name, t in rec.tensors().items():
-            out[("embeddings" if name == "states" else name) + suffix] = t
-    return out
-
-
-def _read_encodings(f: dict[str, torch.Tensor]) -> list[Conditioning]:
-    if "embeddings" in f:
-        return [Conditioning(f["embeddings"], f.get("mask"), f.get("pooled"))]
-    n = len([k for k in f if k.startswith("embeddings.")])
-    return [Conditioning(f[f"embeddings.{k}"], f.get(f"mask.{k}"), f.get(f"pooled.{k}")) for k in range(n)]
 
 
 def _open_image(value):

@@ -93,7 +93,6 @@ class TextImageData(TrainerPlugin):
                 rows, self.vae, self.conditioner, d, image_column, caption_column, self.accelerator,
                 fingerprint=fingerprint, buckets=self.buckets, bucket_of=bucket_of, log=self.accelerator.print,
                 out=cache_out)
-            self.cached_encodings = [e.to(self.accelerator.device) for e in self.cached.encodings]
             if self.buckets:
                 index = {tuple(b): i for i, b in enumerate(self.buckets)}
                 f = self.vae_factor

@@ -98,7 +98,8 @@ class TextToImageTrainer(TextImageData):
         z = self.posterior_sample(batch)
         if "mean" in batch:
             index = self.caption_choice(batch)
-            parts = [e[index] for e in self.cached_encodings]
+            # only this batch's caption rows, out of the cache's memory maps (data/embedding_store.py)
+            parts = [e[index].to(self.accelerator.device) for e in self.cached.encodings]
         else:
             with torch.no_grad(), self.prof.phase("text_encoder"):
                 parts = self.conditioner.encode_ids_parts(self.token_choices(batch))
