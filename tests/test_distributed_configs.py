@@ -68,9 +68,11 @@ def test_deepspeed_zero2_plugin_is_constructed(monkeypatch):
     assert cfg["train_micro_batch_size_per_gpu"] == "auto"
 
 
-@pytest.mark.parametrize("kind,stage,refused", [("FSDP", None, True), ("DEEPSPEED", 3, True), ("DEEPSPEED", 2, False),
-                                                ("MULTI_GPU", None, False)])
-def test_ema_is_refused_where_parameters_are_sharded(kind, stage, refused):
+@pytest.mark.parametrize("kind,stage,refused", [("FSDP", 1, True), ("FSDP", 2, False), ("DEEPSPEED", 3, True),
+                                                ("DEEPSPEED", 2, False), ("MULTI_GPU", None, False)])
+def test_ema_is_refused_where_parameters_are_sharded_whole(kind, stage, refused):
+    """EMA keeps whole copies: refused under FSDP1 and ZeRO-3; FSDP2 averages each process's shards
+    (tests/test_fsdp.py runs it)."""
     from accelerate.utils import DistributedType
 
     from ldm_lab.errors import UserError
@@ -79,7 +81,8 @@ def test_ema_is_refused_where_parameters_are_sharded(kind, stage, refused):
 
     recipe = load_recipe(REPO / "recipes/shapes/t2i.yaml", ["train.ema.enabled=true"])
     engine = SimpleNamespace(distributed_type=DistributedType[kind],
-                             state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage)))
+                             state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage),
+                                                   fsdp_plugin=SimpleNamespace(fsdp_version=stage)))
     if refused:
         with pytest.raises(UserError, match="train.ema"):
             check_distributed(engine, recipe)

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import yaml
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from accelerate.utils import load as accelerate_load
 
 from ..errors import UserError
@@ -95,6 +96,19 @@ def check_recipe(ckpt: Path, recipe: dict | None, allowed: list[str], layout: La
                         "on purpose.")
 
 
+def check_sharding(ckpt: Path, fsdp: bool) -> None:
+    """One sentence when the checkpoint's weights are FSDP shards (accelerate's distributed
+    checkpoint dirs) and this run is not sharded, or the other way round."""
+    sharded = any(ckpt.glob("pytorch_model_fsdp_*"))
+    whole = any(ckpt.glob("model*.safetensors")) or any(ckpt.glob("pytorch_model*.bin"))
+    if sharded and not fsdp:
+        raise UserError(f"checkpoint {ckpt} holds FSDP-sharded weights; resume it under FSDP (accelerate launch "
+                        "--config_file docs/accelerate/fsdp.yaml), or start without train.resume.")
+    if fsdp and whole and not sharded:
+        raise UserError(f"checkpoint {ckpt} was written without FSDP; resume it the way it was trained (DDP or one "
+                        "process), or start without train.resume.")
+
+
 def _incompatible(e: Exception) -> bool:
     """A load failure that says the checkpoint holds other modules or shapes (not a damaged file)."""
     text = str(e)
@@ -143,6 +157,7 @@ def _attempt(accelerator: Accelerator, ck: Path, recipe: dict | None, allowed: l
     """None when this process loaded ``ck``; else (``user`` | ``incompatible`` | ``damaged``, why)."""
     try:
         check_recipe(ck, recipe, allowed, layout)
+        check_sharding(ck, accelerator.distributed_type == DistributedType.FSDP)
         _load_state(accelerator, ck, shared, trust_pickles)
         json.loads((ck / "loop.json").read_text())["step"]
     except UserError as e:
@@ -261,10 +276,12 @@ def _write_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, limit:
     for k, obj in enumerate(rank_states or []):  # per-process state: the plugin's BatchRNG, a stream position
         name = getattr(obj, "checkpoint_name", f"plugin_state_{k}")
         state_files.save_state(obj.state_dict(), tmp / f"{name}_rank{accelerator.process_index}")
+    # the same in every process (the EMA); read by every process (under FSDP: gathered from the shards)
+    shared = {name: obj.state_dict() for name, obj in (shared_states or {}).items()}
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        for name, obj in (shared_states or {}).items():  # the same in every process (the EMA)
-            state_files.save_state(obj.state_dict(), tmp / name)
+        for name, state in shared.items():
+            state_files.save_state(state, tmp / name)
         (tmp / "loop.json").write_text(json.dumps({"step": step, "nonfinite_steps": nonfinite_steps, "run": run_id,
                                                    "layout": layout.to_json() if layout else None}))
         if recipe_text is not None:

@@ -8,9 +8,13 @@ validation, export and evaluation.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
+
+from .sharding import full_tensors, reshard_like
 
 
 class LerpEMA(EMAModel):
@@ -30,20 +34,43 @@ class LerpEMA(EMAModel):
             self._pending = None
 
     def state_dict(self, *args, **kwargs):
+        """The average as whole tensors: under FSDP (shards of it on each process) every process
+        must call this, as the shards are gathered (``sharding.full_tensors``)."""
         self.settle()
-        return super().state_dict(*args, **kwargs)
+        state = super().state_dict(*args, **kwargs)
+        return {**state, "shadow_params": full_tensors(state["shadow_params"])}
 
     def load_state_dict(self, state_dict) -> None:
+        """Whole tensors back; under FSDP each process keeps its shards of them, laid out like the
+        parameters' (so a checkpoint of another process count loads too)."""
         self.settle()
-        count = len(self.shadow_params)
+        before = list(self.shadow_params)
         super().load_state_dict(state_dict)
-        if len(self.shadow_params) != count:  # e.g. an EMA of the UNet alone, resumed with a trained text encoder
+        if len(self.shadow_params) != len(before):  # e.g. an EMA of the UNet alone, resumed with a trained text encoder
             raise RuntimeError(f"size mismatch: the checkpoint's EMA averages {len(self.shadow_params)} tensors, "
-                               f"this run's {count}")
+                               f"this run's {len(before)}")
+        self.shadow_params = reshard_like(self.shadow_params, before)
 
     def copy_to(self, parameters) -> None:
         self.settle()
-        return super().copy_to(parameters)
+        with self._per_tensor_if_sharded():
+            return super().copy_to(parameters)
+
+    def restore(self, parameters) -> None:
+        with self._per_tensor_if_sharded():
+            return super().restore(parameters)
+
+    @contextmanager
+    def _per_tensor_if_sharded(self):
+        """diffusers' per-tensor copies for FSDP shards (DTensors have no sharding rule for
+        ``_foreach_copy_``)."""
+        foreach = self.foreach
+        if foreach and any(hasattr(s, "device_mesh") for s in self.shadow_params):
+            self.foreach = False
+        try:
+            yield
+        finally:
+            self.foreach = foreach
 
     @torch.no_grad()
     def step(self, parameters) -> None:

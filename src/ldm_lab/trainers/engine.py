@@ -33,6 +33,7 @@ from torch._dynamo.utils import counters
 
 from ..errors import UserError
 from ..recipe import Recipe
+from .sharding import fsdp_on_cpu, fsdp_requested
 
 
 def multi_process_without_accelerator() -> bool:
@@ -51,7 +52,7 @@ def make_accelerator(recipe: Recipe, run_dir: Path, tracker: str | None) -> Acce
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = t.allow_tf32
         torch.backends.cudnn.allow_tf32 = t.allow_tf32
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=multi_process_without_accelerator(),
         dynamo_backend="inductor" if t.compile else "no",
         # every optimiser step is exactly gradient_accumulation_steps batches, also across epoch ends, so a
@@ -65,17 +66,23 @@ def make_accelerator(recipe: Recipe, run_dir: Path, tracker: str | None) -> Acce
         # batches the uninterrupted one would have seen
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=recipe.seed),
     )
+    if fsdp_requested() and multi_process_without_accelerator():
+        fsdp_on_cpu(accelerator)  # accelerate sets FSDP up on accelerators only (sharding.py)
+    return accelerator
 
 
 def check_distributed(accelerator: Accelerator, recipe: Recipe) -> None:
     """Recipe settings the engine accelerate was configured with cannot run, found before any
-    model loads: EMA keeps a full copy of parameters that FSDP / ZeRO-3 shard."""
+    model loads: EMA keeps a full copy of parameters that FSDP1 / ZeRO-3 shard (under FSDP2 each
+    process averages its own shards, ``sharding.py``)."""
     kind = accelerator.distributed_type
     zero3 = kind == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3
-    if recipe.train.ema.enabled and (kind == DistributedType.FSDP or zero3):
-        engine = "FSDP" if kind == DistributedType.FSDP else "DeepSpeed ZeRO-3"
+    fsdp1 = kind == DistributedType.FSDP and accelerator.state.fsdp_plugin.fsdp_version == 1
+    if recipe.train.ema.enabled and (fsdp1 or zero3):
+        engine = "FSDP1" if fsdp1 else "DeepSpeed ZeRO-3"
         raise UserError(f"train.ema cannot average parameters that {engine} shards across processes; set "
-                          "train.ema.enabled=false, or use DDP / DeepSpeed ZeRO-2 (docs/scaling.md).")
+                          "train.ema.enabled=false, or use FSDP2 (fsdp_version: 2), DDP or DeepSpeed ZeRO-2 "
+                          "(docs/scaling.md).")
 
 
 def set_up_modules(recipe: Recipe, plugin, modules: dict, accelerator: Accelerator) -> None:
@@ -88,7 +95,10 @@ def set_up_modules(recipe: Recipe, plugin, modules: dict, accelerator: Accelerat
                 m.set_attn_processor(AttnProcessor())
     if t.compile:
         compile_fallback(accelerator)
-    if t.channels_last:
+    if t.channels_last and accelerator.distributed_type == DistributedType.FSDP:
+        # torch's FSDP2 shards contiguous parameters only ("FSDP does not support non-contiguous parameters")
+        accelerator.print("train.channels_last is off under FSDP: FSDP2 shards contiguous parameters only")
+    elif t.channels_last:
         for m in modules.values():
             m.to(memory_format=torch.channels_last)
     if t.gradient_checkpointing:

@@ -50,6 +50,7 @@ from .runlog import (
     wandb_offline_unless_configured,
     write_history,
 )
+from .sharding import is_fsdp, same_weights_everywhere, unsharded
 from .signals import StopRequest
 
 
@@ -111,6 +112,8 @@ class _Run:
         self.frozen = cast_frozen(plugin, modules, accelerator.mixed_precision, t.frozen_dtype,
                                   accelerator.distributed_type == DistributedType.FSDP)
         set_up_modules(recipe, plugin, modules, accelerator)
+        if is_fsdp(accelerator):
+            same_weights_everywhere(modules.values())
         optimizer = make_optimizer(recipe, plugin.param_groups(), accelerator.device)
         lr_scheduler = make_lr_scheduler(recipe, optimizer, accelerator.num_processes)
         dataloader = plugin.train_dataloader()
@@ -123,6 +126,10 @@ class _Run:
         for name, w in zip(list(modules), self.wrapped):
             setattr(plugin, name, w)
         hooks = plugin.checkpoint_hooks()
+        if hooks is not None and is_fsdp(accelerator):
+            raise UserError(f"the {recipe.trainer} trainer checkpoints and saves adapters through PEFT's state-dict "
+                            "helpers, which do not read FSDP shards; train it with DDP (plain `accelerate launch`, "
+                            "or docs/accelerate/multi-cpu.yaml) instead of FSDP.")
         if hooks is not None:
             accelerator.register_save_state_pre_hook(hooks[0])
             accelerator.register_load_state_pre_hook(hooks[1])
@@ -255,7 +262,8 @@ class _Run:
         self._log(batch, logs, step_loss, skip)
         v = self.recipe.validation
         if v.every and (step % v.every == 0 or step == t.max_steps):
-            with ema_weights(self.ema, self.plugin, accelerator), self.frozen.as_loaded():
+            with ema_weights(self.ema, self.plugin, accelerator), self.frozen.as_loaded(), \
+                    unsharded(accelerator, self.plugin, list(self.modules)):
                 vlogs = self.plugin.validate(step)
             if vlogs and self.tracker:
                 accelerator.log(vlogs, step=step)
@@ -354,7 +362,8 @@ class _Run:
         """The artifact (saved with EMA weights), history and loss plot, then evaluation and its metrics."""
         accelerator, plugin, run_dir = self.accelerator, self.plugin, self.run_dir
         accelerator.wait_for_everyone()
-        with ema_weights(self.ema, plugin, accelerator), self.frozen.as_loaded():
+        with ema_weights(self.ema, plugin, accelerator), self.frozen.as_loaded(), \
+                unsharded(accelerator, plugin, list(self.modules)):
             failed = self._save_artifact()
             if failed is None and accelerator.is_main_process:
                 write_history(run_dir, self.history)
