@@ -10,14 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from conftest import tiny_t2i_overrides
 from ldm_lab.cli import main as cli_main
 from ldm_lab.components.record import Conditioning
-from ldm_lab.data.embedding_store import MappedRecords, write_records
+from ldm_lab.data.embedding_store import StoredRecords, write_records
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,7 +34,7 @@ def test_rows_come_back_exactly_across_parts_and_encoders(tmp_path):
         for e in range(2):
             whole[e].append(recs[e])
     for e in range(2):
-        store, ref = MappedRecords(parts, e, 2), Conditioning.cat(whole[e])
+        store, ref = StoredRecords(parts, e, 2), Conditioning.cat(whole[e])
         assert len(store) == 12
         index = torch.tensor([11, 0, 4, 5, 4, -1])
         got = store[index]
@@ -45,7 +44,6 @@ def test_rows_come_back_exactly_across_parts_and_encoders(tmp_path):
         assert torch.equal(store[3].states, ref[3].states) and torch.equal(store.all().states, ref.states)
         with pytest.raises(IndexError):
             store[torch.tensor([12])]
-        assert isinstance(store._open()[0]["states"], np.memmap)  # mapped, not read into memory
 
 
 PEAK = """import sys

@@ -8,7 +8,7 @@ Layout of a cache dir (``ldm-lab cache RECIPE`` writes one; training finds or bu
     part-R-of-W/embeddings.npy pooled.npy mask.npy + captions.json   the part's distinct caption
                                   strings, encoded: the conditioning record (token states, pooled
                                   vector, and the attention mask of encoders that use one) of each
-                                  text encoder (``embedding_store``), read per row through memory maps
+                                  text encoder (``embedding_store``), read per row (positioned reads)
 
 Process R of W encodes rows [R*N/W, (R+1)*N/W) into its own part; process 0 writes the manifest
 when all parts are there and renames the build dir into place, so a half-built cache is never
@@ -47,7 +47,7 @@ from ..errors import UserError
 from .bucket_transforms import bucket_transform
 from .captions import caption_variants
 from .checks import to_rgb
-from .embedding_store import MappedRecords, encoder_count, write_records
+from .embedding_store import StoredRecords, encoder_count, write_records
 from .transforms import image_transform
 
 FORMAT = 4  # 3: the whole conditioning record (pooled vector, mask) beside the token states; 4: as .npy, mapped
@@ -140,9 +140,9 @@ class LatentCache(Dataset):
             self._caption_counts.append(count)
             base += count
         # per text encoder, the U caption rows (states (U, L, D), pooled, mask) of every part, read
-        # per row through memory maps (embedding_store): memory does not grow with U
+        # per row from the files (embedding_store): memory does not grow with U
         n_enc = max((encoder_count(p) for p in self.parts), default=1)
-        self.encodings = [MappedRecords(self.parts, k, n_enc) for k in range(n_enc)]
+        self.encodings = [StoredRecords(self.parts, k, n_enc) for k in range(n_enc)]
         self._captions: list[str] | None = None
         self.rows = rows
         self._source_rows = [r[3] for r in rows]
@@ -157,7 +157,7 @@ class LatentCache(Dataset):
         return self._captions
 
     @property
-    def conditioning(self) -> MappedRecords:
+    def conditioning(self) -> StoredRecords:
         """The records of the one text encoder (several: ``encodings``)."""
         if len(self.encodings) != 1:
             raise ValueError("this cache holds several text encoders' records; read .encodings")

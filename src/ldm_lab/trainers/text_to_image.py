@@ -98,7 +98,7 @@ class TextToImageTrainer(TextImageData):
         z = self.posterior_sample(batch)
         if "mean" in batch:
             index = self.caption_choice(batch)
-            # only this batch's caption rows, out of the cache's memory maps (data/embedding_store.py)
+            # only this batch's caption rows, read from the cache's files (data/embedding_store.py)
             parts = [e[index].to(self.accelerator.device) for e in self.cached.encodings]
         else:
             with torch.no_grad(), self.prof.phase("text_encoder"):
