@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
@@ -17,6 +18,17 @@ from ldm_lab.trainers.frozen import FrozenWeights
 from ldm_lab.trainers.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state, and its mixed precision cannot change once set: these
+    runs use bf16 in a process where other tests already trained without it (and leave it unset)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
 
 
 def test_frozen_weights_cast_and_come_back_exactly():
