@@ -78,22 +78,13 @@ class FrozenWeights:
             self.cast(self.dtype)
 
 
-class _Nothing:
-    entries: list = []
-    nbytes = 0
-
-    @contextmanager
-    def as_loaded(self):
-        yield
-
-
 def cast_frozen(plugin, trainable: dict[str, nn.Module], mixed_precision: str, frozen_dtype: str,
-                fsdp: bool = False) -> FrozenWeights | _Nothing:
+                fsdp: bool = False) -> FrozenWeights:
     """The plugin's frozen modules and the frozen parts of its trained ones, cast to the compute
     dtype (see the module docstring); a no-op without mixed precision or with ``frozen_dtype: fp32``."""
     dtype = DTYPES.get(mixed_precision)
     if dtype is None or frozen_dtype == "fp32":
-        return _Nothing()
+        return FrozenWeights([], torch.float32)  # nothing held: every method is a no-op
     ids = {id(m) for m in trainable.values()}
     frozen = [m for m in plugin.frozen_modules() if id(m) not in ids]
     if dtype == torch.float16:
