@@ -63,7 +63,7 @@ def tiny_t2i_overrides(parts: dict[str, Path], run_dir: Path, data_dir: Path) ->
         "data.shapes.n=64", "data.shapes.resolution=32", "data.resolution=32", f"data.cache_dir={data_dir}",
         "train.batch_size=8", "train.max_steps=12", "train.checkpoint_every=6", "validation.every=6",
         "validation.prompts=[a large red circle at the center on a white background]", "validation.steps=2",
-        "eval.n=4", "eval.heldout_n=2", "eval.steps=2", "logging.tracker=none", "logging.log_every=4",
+        "eval.n=4", "eval.heldout_n=2", "eval.steps=2", "eval.every=0", "logging.tracker=none", "logging.log_every=4",
         f"output.dir={run_dir}",
     ]
 
@@ -155,7 +155,7 @@ def tiny_family_overrides(parts: dict[str, Path], root: Path, prompt: str) -> li
             "data.shapes.n=64", "data.shapes.resolution=32", "data.resolution=32", f"data.cache_dir={root / 'data'}",
             "train.batch_size=8", "train.max_steps=6", "train.checkpoint_every=6", "validation.every=6",
             "train.ema.enabled=false", f"validation.prompts=[{prompt}]", "validation.steps=3",
-            "eval.n=4", "eval.heldout_n=2", "eval.steps=2", "logging.tracker=none", "logging.log_every=3",
+            "eval.n=4", "eval.heldout_n=2", "eval.steps=2", "eval.every=0", "logging.tracker=none", "logging.log_every=3",
             f"output.dir={root / 'run'}"]
 
 

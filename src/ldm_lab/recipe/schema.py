@@ -250,12 +250,21 @@ class ValidationSpec(SamplingSpec):
 
 
 class EvalSpec(SamplingSpec):
-    """Final evaluation of a trained text-to-image model on the shapes world."""
+    """Evaluation of a text-to-image model on the shapes world: at the end of training (``n`` seen
+    and ``heldout_n`` held-out prompts) and, every ``every`` steps, on a smaller fixed set."""
 
     shapes: bool = False
     n: int = Field(240, ge=1)
     heldout_n: int = Field(120, ge=0)
     seed: int = 1234
+    # adherence during training: every `every` steps and at the last one (0: the final evaluation
+    # only), `every_n` seen + `every_heldout_n` held-out prompts with fixed seeds, logged to the
+    # tracker and history.jsonl and drawn in metrics.png
+    every: int = Field(0, ge=0)
+    every_n: int = Field(32, ge=1)
+    every_heldout_n: int = Field(16, ge=0)
+    # time-to-quality in metrics.json: the first step and seconds at which each adherence reached these
+    thresholds: list[float] = Field(default_factory=lambda: [0.8, 0.9, 0.95])
 
 
 class LoggingSpec(Strict):

@@ -105,6 +105,11 @@ class TrainerPlugin:
     def validate(self, step: int) -> dict[str, float]:
         return {}
 
+    def evaluate_during(self, step: int) -> dict[str, float]:
+        """Metrics at an ``eval.every`` step, with the weights the artifact would hold (EMA): flat
+        names to numbers, logged to the tracker and kept in the history (``trainers/quality.py``)."""
+        return {}
+
     def evaluate(self) -> dict[str, Any]:
         """Final evaluation after ``save``; returned dict goes to metrics.json."""
         return {}

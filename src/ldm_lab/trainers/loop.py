@@ -37,6 +37,7 @@ from .engine import (
 )
 from .frozen import cast_frozen
 from .layout import current_layout, move_schedule, saved_layout
+from .quality import Clock, evaluate_during, is_eval_step, plot_metrics, time_to_quality
 from .registry import get_trainer
 from .rundir import RunDir, claim
 from .runlog import (
@@ -202,6 +203,7 @@ class _Run:
         self.scaled = accelerator.scaler is not None  # fp16 with a loss scaler
         self.deepspeed = is_deepspeed(accelerator)  # steps inside backward: cannot skip
         self.throughput = Throughput(self.plugin, self.recipe, accelerator)
+        self.clock = Clock(self.history)
         while self.step < self.t.max_steps:
             batch, logs, step_loss, skip, stop_now = self._batch()
             if not accelerator.sync_gradients:
@@ -260,15 +262,24 @@ class _Run:
             with self.profile.phase("ema"):
                 ema_step(self.ema, t, self.plugin, accelerator)
         self._log(batch, logs, step_loss, skip)
-        v = self.recipe.validation
+        v, e = self.recipe.validation, self.recipe.eval
         if v.every and (step % v.every == 0 or step == t.max_steps):
-            with ema_weights(self.ema, self.plugin, accelerator), self.frozen.as_loaded(), \
+            with self.clock.paused(), ema_weights(self.ema, self.plugin, accelerator), self.frozen.as_loaded(), \
                     unsharded(accelerator, self.plugin, list(self.modules)):
                 vlogs = self.plugin.validate(step)
             if vlogs and self.tracker:
                 accelerator.log(vlogs, step=step)
+        if is_eval_step(e.every, step, t.max_steps):
+            with self.clock.paused(), ema_weights(self.ema, self.plugin, accelerator), self.frozen.as_loaded(), \
+                    unsharded(accelerator, self.plugin, list(self.modules)):
+                elogs = evaluate_during(self.plugin, step)
+            if elogs:
+                self.history.append({"step": step, **elogs, **self.clock.now()})
+                if self.tracker:
+                    accelerator.log(elogs, step=step)
         if t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.max_steps:
-            self._checkpoint()
+            with self.clock.paused():
+                self._checkpoint()
         if stop_now and step < t.max_steps:
             path = self._checkpoint()
             accelerator.print(f"stopped by {self.stop.signal_name or 'a signal to another process'} at step {step}; "
@@ -294,6 +305,7 @@ class _Run:
             # a plugin's own logs stay on the device until a step that logs (no sync per step)
             logs = {k: v.item() if torch.is_tensor(v) else v for k, v in logs.items()}
             logs.update(self.throughput.logs(logs["samples_per_s"]))
+            logs.update(self.clock.now())
             self.history.append({"step": step, **logs})
             if self.tracker:
                 accelerator.log(logs, step=step)
@@ -368,6 +380,9 @@ class _Run:
             if failed is None and accelerator.is_main_process:
                 write_history(run_dir, self.history)
                 plot_loss(run_dir, self.history)
+                if plot_metrics(run_dir, self.history, self.recipe.eval.thresholds):
+                    merge_metrics(run_dir, {"time_to_quality": time_to_quality(self.history,
+                                                                               self.recipe.eval.thresholds)})
             accelerator.wait_for_everyone()
             metrics = plugin.evaluate() if failed is None else None
         if failed is not None:  # the trained weights back in place (not the EMA's) for the checkpoint

@@ -143,6 +143,9 @@ def plot_loss(run_dir: Path, history: list[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    history = [h for h in history if "loss" in h]  # not the evaluation entries (quality.py)
+    if not history:
+        return
     steps = [h["step"] for h in history]
     loss = [h["loss"] for h in history]
     fig, ax = plt.subplots(figsize=(6, 3.5))

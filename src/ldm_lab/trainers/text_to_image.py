@@ -26,6 +26,7 @@ from ..evaluation.run import shapes_eval
 from ..perf import denoiser_train_flops
 from ..sampling import build_family_pipeline, generate, grid
 from .base import eval_mode
+from .quality import adherence_logs
 from .randomness import BatchRNG
 from .registry import register
 from .text_image_data import TextImageData
@@ -212,6 +213,18 @@ class TextToImageTrainer(TextImageData):
         self.export(out_dir / "pipeline")
         if self.denoiser.family == "unet":
             self.write_single_file(pipe, out_dir / "pipeline")
+
+    def evaluate_during(self, step: int) -> dict[str, float]:
+        """Shapes adherence on the fixed ``eval.every_n`` / ``every_heldout_n`` prompts, samples and
+        scores in RUN/eval-steps/step-NNNNNN."""
+        e = self.recipe.eval
+        if not e.shapes or not self.accelerator.is_main_process:
+            return {}
+        world = shapes.load_world(_shapes_root(self.recipe))
+        sample = functools.partial(self.sample, rescale=self.guidance_rescale(e))
+        result = shapes_eval(sample, world, self.run_dir / "eval-steps" / f"step-{step:06d}", e.every_n,
+                             e.every_heldout_n, e.seed, e.sampler, e.steps, e.guidance_scale)
+        return adherence_logs(result)
 
     def evaluate(self) -> dict:
         e = self.recipe.eval
