@@ -114,3 +114,62 @@ def test_resume_keeps_the_evaluations_before_the_checkpoint_and_continues_the_cl
     walls = [h["wall_s"] for h in history if "wall_s" in h]
     assert walls == sorted(walls)
     assert _unet_sha(run) == _unet_sha(evaluated / "run")  # and the resumed run is the uninterrupted one
+
+
+# -- the held-out split and its deterministic validation loss (trainers/heldout.py) ----------------
+
+def test_split_rows_holds_out_a_fixed_disjoint_set():
+    from ldm_lab.errors import UserError
+    from ldm_lab.trainers.heldout import split_rows
+
+    train, val = split_rows(100, 10, seed=3)
+    assert len(val) == 10 and len(train) == 90 and not set(train) & set(val)
+    assert sorted(train + val) == list(range(100))
+    assert split_rows(100, 10, seed=3)[1] == val and split_rows(100, 10, seed=4)[1] != val
+    with pytest.raises(UserError, match="data.val_n=100 holds out every row"):
+        split_rows(100, 100, seed=0)
+
+
+def test_the_validation_loss_is_deterministic_and_held_out_rows_are_never_trained_on(tiny_parts, tmp_path):
+    import torch
+
+    from ldm_lab.recipe import load_recipe
+    from ldm_lab.trainers.loop import train
+
+    recipe = load_recipe(RECIPE, _overrides(tiny_parts, tmp_path / "run", tmp_path / "data", 2,
+                                            ["data.val_n=8", "eval.shapes=false"]))
+    state: dict = {}
+    train(recipe, finish=False, state=state)
+    plugin = state["plugin"]
+    loader = plugin.train_dataloader()
+    trained_rows = set(loader.dataset.indices)
+    assert len(plugin.val_rows) == 8 and not trained_rows & set(plugin.val_rows)
+    assert len(trained_rows) == 64 - 8
+    rng_before = plugin.rng.generator.get_state()
+    a, b = plugin.validation_loss()["val_loss"], plugin.validation_loss()["val_loss"]
+    assert a == b and a > 0  # fixed rows, noise and timesteps: the same number for the same weights
+    assert torch.equal(plugin.rng.generator.get_state(), rng_before)  # the training stream is untouched
+    with torch.no_grad():
+        for p in plugin.unwrap(plugin.unet).parameters():
+            p.mul_(0.9)
+    assert plugin.validation_loss()["val_loss"] != a  # and it moves with the weights
+
+
+def test_validation_loss_is_logged_at_eval_steps_without_changing_the_weights(tiny_parts, tmp_path):
+    runs = {}
+    for name, every in (("logged", 4), ("silent", 0)):
+        run = tmp_path / name
+        assert cli_main(["train", str(RECIPE), *_overrides(tiny_parts, run, tmp_path / "data", 8,
+                        ["data.val_n=8", "eval.shapes=false", f"eval.every={every}"])]) == 0
+        runs[name] = run
+    history = [json.loads(line) for line in (runs["logged"] / "history.jsonl").read_text().splitlines()]
+    vals = [(h["step"], h["val_loss"]) for h in history if "val_loss" in h]
+    assert [s for s, _ in vals] == [4, 8] and all(v > 0 for _, v in vals)
+    assert _unet_sha(runs["logged"]) == _unet_sha(runs["silent"])
+
+
+def test_holding_out_every_row_is_one_sentence(tiny_parts, tmp_path, capsys):
+    rc = cli_main(["train", str(RECIPE), *_overrides(tiny_parts, tmp_path / "run", tmp_path / "data", 2,
+                                                     ["data.val_n=64", "eval.shapes=false"])])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert rc == 2 and len(err) == 1 and "data.val_n=64 holds out every row" in err[0]

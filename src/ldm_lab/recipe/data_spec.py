@@ -88,6 +88,9 @@ class DataSpec(Strict):
     random_flip: bool = False
     buckets: BucketSpec = Field(default_factory=BucketSpec)
     caption_dropout: float = Field(0.0, ge=0, le=1)
+    # rows held out of training for the deterministic validation loss (logged at eval.every steps):
+    # a fixed random set of this many rows (recipe seed), never in a training batch
+    val_n: int = Field(0, ge=0)
     captions: CaptionSpec = Field(default_factory=CaptionSpec)
     cache_latents: bool = True
     cache_dir: str | None = None  # root of generated data and latent caches (default data/cache)

@@ -149,6 +149,7 @@ class ControlNetTrainer(TextToImageTrainer):
             rows = rows.select_columns([self.cond_col])  # latents are cached: decode only the control image
         ds = ControlRows(rows, self.control_of, self.tf, self.cached, self.text_encoder.tokenize,
                          d.image_column, d.caption_column)
+        ds, _ = self.hold_out(ds)
         return make_loader(ds, d, t.batch_size)
 
     def condition(self, batch, cond):

@@ -143,6 +143,7 @@ def plot_loss(run_dir: Path, history: list[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    val = [(h["step"], h["val_loss"]) for h in history if "val_loss" in h]  # held-out rows (heldout.py)
     history = [h for h in history if "loss" in h]  # not the evaluation entries (quality.py)
     if not history:
         return
@@ -154,10 +155,14 @@ def plot_loss(run_dir: Path, history: list[dict]) -> None:
         k = max(len(loss) // 20, 2)
         smooth = [sum(loss[max(0, i - k):i + 1]) / len(loss[max(0, i - k):i + 1]) for i in range(len(loss))]
         ax.plot(steps, smooth, lw=2, label="moving average")
+    if val:
+        ax.plot(*zip(*val), "o-", color="C3", lw=1.5, ms=3, label="validation (held-out rows, fixed noise)")
+    if len(loss) > 8 or val:
         ax.legend()
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.set_yscale("log" if min(loss) > 0 and max(loss) / max(min(loss), 1e-12) > 20 else "linear")
+    every = loss + [v for _, v in val]
+    ax.set_yscale("log" if min(every) > 0 and max(every) / max(min(every), 1e-12) > 20 else "linear")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(run_dir / "loss.png", dpi=100)

@@ -30,6 +30,7 @@ from ..data.stream_checks import safe_rows
 from ..data.transforms import image_transform
 from ..errors import UserError
 from .base import TrainerPlugin
+from .heldout import VAL_SEED_OFFSET, split_rows, training_view, val_batches, validation_loss
 
 
 class TextImageData(TrainerPlugin):
@@ -229,12 +230,37 @@ class TextImageData(TrainerPlugin):
     def train_dataloader(self):
         d = self.recipe.data
         if self.stream is not None:  # already this process's share: the loop does not shard it again
+            if d.val_n:
+                raise UserError("data.val_n holds out rows of a dataset read whole, and a stream has no fixed rows "
+                                "to hold out; set data.streaming=false or data.val_n=0.")
             return make_loader(self.stream, d, self.recipe.train.batch_size, self.stream_collate())
         ds = self.cached if self.cached is not None else self.rows
+        ds, bucket_of_row = self.hold_out(ds, self.bucket_of_row if self.buckets else None)
         if self.buckets:
-            sampler = BucketBatchSampler(self.bucket_of_row, self.recipe.train.batch_size, seed=self.recipe.seed)
+            sampler = BucketBatchSampler(bucket_of_row, self.recipe.train.batch_size, seed=self.recipe.seed)
             return make_loader(ds, d, self.recipe.train.batch_size, batch_sampler=sampler)
         return make_loader(ds, d, self.recipe.train.batch_size)
+
+    def hold_out(self, ds, bucket_of_row=None):
+        """``ds`` (or its bucket list) without the ``data.val_n`` held-out rows, which are kept for
+        ``validation_loss``."""
+        self.val_rows: list[int] = []
+        if not self.recipe.data.val_n:
+            return ds, bucket_of_row
+        _, self.val_rows = split_rows(len(ds), self.recipe.data.val_n, self.recipe.seed)
+        self.val_data = (ds, bucket_of_row)
+        if bucket_of_row is not None:
+            return ds, training_view(ds, self.val_rows, bucket_of_row)
+        return training_view(ds, self.val_rows), None
+
+    def validation_loss(self) -> dict[str, float]:
+        """The deterministic loss on the ``data.val_n`` held-out rows (``heldout.py``)."""
+        if not getattr(self, "val_rows", None):
+            return {}
+        ds, bucket_of_row = self.val_data
+        batches = val_batches(ds, self.val_rows, self.recipe.train.batch_size, bucket_of_row)
+        return {"val_loss": validation_loss(self, batches, self.recipe.seed + VAL_SEED_OFFSET,
+                                            list(self.trainable_modules()))}
 
     def caption_choice(self, batch) -> torch.Tensor:
         """Index (into the cache's captions) of the caption variant each cached row uses this step."""

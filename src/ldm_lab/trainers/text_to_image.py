@@ -215,16 +215,19 @@ class TextToImageTrainer(TextImageData):
             self.write_single_file(pipe, out_dir / "pipeline")
 
     def evaluate_during(self, step: int) -> dict[str, float]:
-        """Shapes adherence on the fixed ``eval.every_n`` / ``every_heldout_n`` prompts, samples and
-        scores in RUN/eval-steps/step-NNNNNN."""
+        """The held-out validation loss (``data.val_n``) and shapes adherence on the fixed
+        ``eval.every_n`` / ``every_heldout_n`` prompts (samples and scores in RUN/eval-steps/step-NNNNNN)."""
         e = self.recipe.eval
-        if not e.shapes or not self.accelerator.is_main_process:
+        if not self.accelerator.is_main_process:
             return {}
-        world = shapes.load_world(_shapes_root(self.recipe))
-        sample = functools.partial(self.sample, rescale=self.guidance_rescale(e))
-        result = shapes_eval(sample, world, self.run_dir / "eval-steps" / f"step-{step:06d}", e.every_n,
-                             e.every_heldout_n, e.seed, e.sampler, e.steps, e.guidance_scale)
-        return adherence_logs(result)
+        logs = self.validation_loss()
+        if e.shapes:
+            world = shapes.load_world(_shapes_root(self.recipe))
+            sample = functools.partial(self.sample, rescale=self.guidance_rescale(e))
+            result = shapes_eval(sample, world, self.run_dir / "eval-steps" / f"step-{step:06d}", e.every_n,
+                                 e.every_heldout_n, e.seed, e.sampler, e.steps, e.guidance_scale)
+            logs.update(adherence_logs(result))
+        return logs
 
     def evaluate(self) -> dict:
         e = self.recipe.eval
