@@ -265,6 +265,10 @@ class EvalSpec(SamplingSpec):
     every_heldout_n: int = Field(16, ge=0)
     # time-to-quality in metrics.json: the first step and seconds at which each adherence reached these
     thresholds: list[float] = Field(default_factory=lambda: [0.8, 0.9, 0.95])
+    # FID, KID, CMMD and CLIP score at every `every` step, of samples for the data.val_n held-out
+    # rows' captions against those rows' images, in this CLIP model's space (a CLIPModel +
+    # CLIPProcessor dir or hub id; offline: data/pretrained/shapes-clip/clip)
+    features: str | None = None
 
 
 class LoggingSpec(Strict):

@@ -2,8 +2,9 @@
 
 The tokenizer is the real CLIP BPE vocabulary shipped inside open_clip_torch, written out as a
 transformers CLIPTokenizer, so stock diffusers pipelines load and use it like SD's.
-The saved artifact is a ``text_encoder`` (CLIPTextModel) dir and a ``tokenizer`` dir; the
-vision tower is only a training aid and is saved alongside as ``clip`` for scoring.
+The saved artifact is a ``text_encoder`` (CLIPTextModel) dir and a ``tokenizer`` dir; the whole
+model is saved alongside as ``clip`` (CLIPModel + CLIPProcessor) for scoring: the feature space
+of FID / KID / CMMD and the CLIP score (evaluation/image_metrics.py).
 
 The contrastive loss is open_clip's ``ClipLoss`` over the *global* batch: every process gathers
 all processes' embeddings (with gradients), so the negatives, the loss and the update are those
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 from open_clip.loss import ClipLoss
-from transformers import CLIPConfig, CLIPModel, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextModel, CLIPTokenizer
 
 from ..components import write_clip_bpe_vocab
 from ..data.checks import to_rgb
@@ -31,6 +32,15 @@ from ..data.transforms import image_transform
 from ..recipe.plugins import CLIPOptions
 from .base import TrainerPlugin
 from .registry import register
+
+
+def clip_processor(tokenizer, resolution: int) -> CLIPProcessor:
+    """The processor that prepares images as ``image_transform`` did in training: resized and
+    centre-cropped to ``resolution``, scaled to [-1, 1] (mean 0.5, std 0.5 per channel)."""
+    images = CLIPImageProcessor(do_resize=True, size={"shortest_edge": resolution}, do_center_crop=True,
+                                crop_size={"height": resolution, "width": resolution}, do_rescale=True,
+                                do_normalize=True, image_mean=[0.5] * 3, image_std=[0.5] * 3, do_convert_rgb=True)
+    return CLIPProcessor(image_processor=images, tokenizer=tokenizer)
 
 
 @register
@@ -110,11 +120,15 @@ class ClipTrainer(TrainerPlugin):
         getattr(text, "text_model", text).load_state_dict(clip.text_model.state_dict())  # transformers 4 and 5 layouts
         text.save_pretrained(out_dir / "text_encoder")
         self.tokenizer.save_pretrained(out_dir / "tokenizer")
+        # the whole model with a processor that prepares images as training did: the image-metrics
+        # feature extractor and CLIP-score model (evaluation/image_metrics.py)
+        clip.save_pretrained(out_dir / "clip")
+        clip_processor(self.tokenizer, self.recipe.data.resolution).save_pretrained(out_dir / "clip")
         acc = self.retrieval_accuracy()
         (out_dir / "metrics.json").write_text(json.dumps({"retrieval_top1_256": acc}, indent=2))
         if self.recipe.output.export_to:
             dst = Path(self.recipe.output.export_to)
             shutil.rmtree(dst, ignore_errors=True)
             dst.mkdir(parents=True)
-            shutil.copytree(out_dir / "text_encoder", dst / "text_encoder")
-            shutil.copytree(out_dir / "tokenizer", dst / "tokenizer")
+            for part in ("text_encoder", "tokenizer", "clip"):
+                shutil.copytree(out_dir / part, dst / part)

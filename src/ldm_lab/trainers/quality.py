@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 ADHERENCE = "adherence/"
+IMAGE = "image/"  # FID, KID, CMMD, CLIP score (evaluation/image_metrics.py)
 
 
 class Clock:
@@ -84,14 +85,24 @@ def plot_metrics(run_dir: Path, history: list[dict], thresholds: list[float]) ->
     """``metrics.png``: every adherence series against the step (seen solid, held-out dashed) with
     the thresholds as dotted lines; False (nothing drawn) when the history has no evaluation."""
     evals = [h for h in history if any(k.startswith(ADHERENCE) for k in h)]
-    if not evals:
+    images = [h for h in history if any(k.startswith(IMAGE) for k in h)]
+    if not evals and not images:
         return False
     import matplotlib  # at the end of a run only (seconds of import)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    panels = int(bool(evals)) + int(bool(images))
+    fig, axes = plt.subplots(1, panels, figsize=(7 * panels, 4), squeeze=False)
+    if images:
+        _plot_image_metrics(axes[0, -1], images)
+    if not evals:
+        fig.tight_layout()
+        fig.savefig(run_dir / "metrics.png", dpi=100)
+        plt.close(fig)
+        return True
+    ax = axes[0, 0]
     attrs = ("color", "shape", "size", "position", "background", "all")
     for i, attr in enumerate(attrs):
         for split, style in (("seen", "-"), ("heldout", "--")):
@@ -111,3 +122,23 @@ def plot_metrics(run_dir: Path, history: list[dict], thresholds: list[float]) ->
     fig.savefig(run_dir / "metrics.png", dpi=100)
     plt.close(fig)
     return True
+
+
+def _plot_image_metrics(ax, entries: list[dict]) -> None:
+    """FID, KID × 100 and CMMD against the step (log scale, lower is better), CLIP score on a twin axis."""
+    for i, (key, scale, label) in enumerate(((f"{IMAGE}fid", 1, "FID"), (f"{IMAGE}kid", 100, "KID x 100"),
+                                             (f"{IMAGE}cmmd", 1, "CMMD"))):
+        pts = [(h["step"], max(h[key] * scale, 1e-6)) for h in entries if key in h]
+        if pts:
+            ax.plot(*zip(*pts), "-o", color=f"C{i}", ms=3, label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("distance to the held-out images (lower is better)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper right")
+    pts = [(h["step"], h[f"{IMAGE}clip_score"]) for h in entries if f"{IMAGE}clip_score" in h]
+    if pts:
+        twin = ax.twinx()
+        twin.plot(*zip(*pts), "--s", color="C3", ms=3, label="CLIP score")
+        twin.set_ylabel("CLIP score")
+        twin.legend(fontsize=7, loc="lower right")

@@ -85,6 +85,7 @@ class TextImageData(TrainerPlugin):
         tokenizes. With ``data.buckets.enabled`` each row is cropped to its aspect-ratio bucket."""
         d = self.recipe.data
         self.rows, self.cached, self.bucket_of_row = rows, None, None
+        self.checked_rows = rows  # the rows as read (images, captions): the held-out split's real images
         self.buckets = self.bucket_list() if d.buckets.enabled else None
         dropped: dict[str, list] = {}
         if d.cache_latents:
@@ -246,12 +247,28 @@ class TextImageData(TrainerPlugin):
         ``validation_loss``."""
         self.val_rows: list[int] = []
         if not self.recipe.data.val_n:
+            if self.recipe.eval.features:
+                raise UserError("eval.features scores samples against held-out real images, and none are held out; "
+                                "set data.val_n (e.g. data.val_n=256) or leave eval.features out.")
             return ds, bucket_of_row
         _, self.val_rows = split_rows(len(ds), self.recipe.data.val_n, self.recipe.seed)
         self.val_data = (ds, bucket_of_row)
         if bucket_of_row is not None:
             return ds, training_view(ds, self.val_rows, bucket_of_row)
         return training_view(ds, self.val_rows), None
+
+    def heldout_examples(self) -> tuple[list, list[str]]:
+        """The held-out rows' images (PIL) and first captions, read from the checked rows."""
+        ds, _ = self.val_data
+        source = getattr(ds, "source_rows", None)  # a latent cache: its rows' dataset rows
+        d = self.recipe.data
+        images, captions = [], []
+        for i in self.val_rows:
+            row = self.checked_rows[int(source[i]) if source is not None else i]
+            c = row[d.caption_column]
+            images.append(to_rgb(row[d.image_column]))
+            captions.append(c if isinstance(c, str) else c[0])
+        return images, captions
 
     def validation_loss(self) -> dict[str, float]:
         """The deterministic loss on the ``data.val_n`` held-out rows (``heldout.py``)."""

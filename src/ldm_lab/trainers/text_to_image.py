@@ -221,6 +221,8 @@ class TextToImageTrainer(TextImageData):
         if not self.accelerator.is_main_process:
             return {}
         logs = self.validation_loss()
+        if e.features and self.val_rows:
+            logs.update(self.image_metrics())
         if e.shapes:
             world = shapes.load_world(_shapes_root(self.recipe))
             sample = functools.partial(self.sample, rescale=self.guidance_rescale(e))
@@ -228,6 +230,19 @@ class TextToImageTrainer(TextImageData):
                                  e.every_heldout_n, e.seed, e.sampler, e.steps, e.guidance_scale)
             logs.update(adherence_logs(result))
         return logs
+
+    def image_metrics(self) -> dict[str, float]:
+        """FID, KID, CMMD and CLIP score of samples for the held-out rows' captions (fixed seeds)
+        against their images, in the space of the ``eval.features`` CLIP model."""
+        from ..evaluation.image_metrics import image_metrics, load_clip  # torchmetrics: only when asked for
+
+        e = self.recipe.eval
+        if getattr(self, "feature_model", None) is None:
+            self.feature_model = load_clip(e.features)
+        real, captions = self.heldout_examples()
+        seeds = [e.seed + i for i in range(len(captions))]
+        fake = self.sample(captions, seeds, e.sampler, e.steps, e.guidance_scale, self.guidance_rescale(e))
+        return {f"image/{k}": v for k, v in image_metrics(fake, real, captions, *self.feature_model).items()}
 
     def evaluate(self) -> dict:
         e = self.recipe.eval
