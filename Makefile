@@ -79,6 +79,8 @@ subject:
 pretrained:
 	$(BIN)/ldm-lab train recipes/shapes/autoencoder.yaml
 	$(BIN)/ldm-lab train recipes/shapes/clip.yaml
+	$(BIN)/ldm-lab train recipes/shapes/clip.yaml output.dir=runs/shapes-judge output.export_to=null
+	rm -rf data/pretrained/shapes-judge && cp -r runs/shapes-judge/clip data/pretrained/shapes-judge
 	$(BIN)/ldm-lab train recipes/shapes/t2i.yaml output.export_to=data/pretrained/shapes-t2i
 
 clean:

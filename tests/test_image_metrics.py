@@ -126,3 +126,27 @@ def test_image_metrics_without_held_out_rows_is_one_sentence(tiny_parts, tmp_pat
     rc = cli_main(_t2i(tiny_parts, tmp_path, ["eval.every=4", f"eval.features={tmp_path}"]))
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert rc == 2 and len(err) == 1 and "set data.val_n" in err[0]
+
+
+def test_eval_images_scores_a_samples_dir_against_the_drawn_ground_truth(tiny_clip, tmp_path, capsys):
+    import json
+
+    from ldm_lab.cli import main as cli_main
+
+    model, processor = tiny_clip
+    model.save_pretrained(tmp_path / "judge")
+    processor.save_pretrained(tmp_path / "judge")
+    d = tmp_path / "samples"
+    d.mkdir()
+    lines = []
+    for i, s in enumerate([shapes.Shape(c, "circle", "large", "center", "white") for c in ("red", "blue")] * 4):
+        shapes.render(s, 32)[0].save(d / f"{i}.png")
+        lines.append(json.dumps({"file_name": f"{i}.png", "text": s.caption()}))
+    (d / "samples.jsonl").write_text("\n".join(lines) + "\n")
+    assert cli_main(["eval", "images", str(d), "--features", str(tmp_path / "judge"), "--out", str(tmp_path / "m.json")]) == 0
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["n_fake"] == m["n_real"] == 8 and abs(m["fid"]) < 1e-3 and m["cmmd"] == pytest.approx(0.0, abs=1e-6)
+    capsys.readouterr()
+    assert cli_main(["eval", "images", str(d), "--features", str(tmp_path / "nothing")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "cannot load a CLIP model" in err[0]

@@ -59,7 +59,7 @@ def _dispatch(args) -> int:
         from .commands import evaluate
 
         return {"shapes": evaluate.shapes, "autoencoder": evaluate.autoencoder, "pipeline": evaluate.pipeline,
-                "controlnet": evaluate.controlnet}[action](args)
+                "controlnet": evaluate.controlnet, "images": evaluate.images}[action](args)
     if command == "export":
         from .commands import export
 

@@ -153,6 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
     eae.add_argument("path", help="an AutoencoderKL dir (or a pipeline dir with vae/)")
     eae.add_argument("--n", type=count, default=256)
     eae.add_argument("--resolution", type=count, default=64)
+    eim = es.add_parser("images", help="FID, KID, CMMD and CLIP score of a samples dir against real images, "
+                        "in a CLIP model's feature space")
+    eim.add_argument("path", help="a run dir (its eval/ samples) or a samples dir (samples.jsonl: file_name, text)")
+    eim.add_argument("--features", required=True,
+                     help="a CLIPModel + CLIPProcessor dir or hub id, e.g. data/pretrained/shapes-judge")
+    eim.add_argument("--real", help="a dir of real images (metadata.jsonl or samples.jsonl); default: the shapes "
+                     "world's ground truth drawn for each sample's caption")
+    eim.add_argument("--out", help="a .json file for the numbers")
 
     f = sub.add_parser("finetune", help="fine-tune a pipeline with a plugin trainer (flags override a built-in recipe)")
     fs = f.add_subparsers(dest="action", required=True, metavar="TRAINER")

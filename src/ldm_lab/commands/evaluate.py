@@ -1,6 +1,7 @@
 """``ldm-lab eval``: score images (``shapes``), an autoencoder's reconstructions (``autoencoder``),
-a pipeline's samples of the fixed shapes prompts (``pipeline``) and how well a ControlNet places
-the shape its control image shows (``controlnet``)."""
+a pipeline's samples of the fixed shapes prompts (``pipeline``), how well a ControlNet places
+the shape its control image shows (``controlnet``) and image-set metrics against real images
+(``images``: FID, KID, CMMD, CLIP score)."""
 
 from __future__ import annotations
 
@@ -124,5 +125,64 @@ def controlnet(args) -> int:
     result["settings"] = {"controlnet": str(net_dir), "base": str(base), "kind": kind, "sampler": sampler,
                           "steps": steps, "guidance": guidance}
     ev.write_metrics(result, Path(args.out) / "metrics.json")
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _image_rows(path: Path, what: str) -> list[dict]:
+    for name in ("samples.jsonl", "metadata.jsonl"):
+        if (path / name).exists():
+            rows = [r for r in ev._read_rows(path / name) if "file_name" in r]
+            if rows:
+                return rows
+    raise UserError(f"{what} '{path}' has no samples.jsonl or metadata.jsonl with file_name rows; give a samples "
+                    "dir (ldm-lab sample or a run's eval/ writes one) or an imagefolder.")
+
+
+def _open_images(path: Path, rows: list[dict]) -> list:
+    from PIL import Image
+
+    out = []
+    for r in rows:
+        try:
+            with Image.open(path / r["file_name"]) as im:
+                out.append(im.convert("RGB"))
+        except (OSError, ValueError) as e:
+            raise UserError(f"the image '{path / r['file_name']}' cannot be read ({type(e).__name__}); restore it "
+                            "or remove its line.") from None
+    return out
+
+
+def images(args) -> int:
+    from ..evaluation.image_metrics import image_metrics, load_clip
+
+    path = Path(args.path)
+    if (path / "eval" / "samples.jsonl").exists():
+        path = path / "eval"
+    if not path.is_dir():
+        raise UserError(f"'{path}' is not a directory; give a run dir or a samples dir.")
+    rows = _image_rows(path, "the samples dir")
+    fake = _open_images(path, rows)
+    captions = [r.get("text") or r.get("prompt") or "" for r in rows]
+    if args.real:
+        real_dir = Path(args.real)
+        if not real_dir.is_dir():
+            raise UserError(f"--real '{real_dir}' is not a directory; give a dir of real images.")
+        real = _open_images(real_dir, _image_rows(real_dir, "--real"))
+    else:
+        targets = [sw.parse_caption(c) for c in captions]
+        if not all(targets):
+            raise UserError(f"some captions in '{path}' are not shapes-world captions, so there is no ground truth "
+                            "to draw; give --real DIR.")
+        real = [sw.render(t, fake[i].size[0])[0] for i, t in enumerate(targets)]
+    try:
+        model, processor = load_clip(args.features)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load a CLIP model and processor from '{args.features}' ({str(e).splitlines()[0]}); "
+                        "give a CLIPModel dir with its processor files or a hub id.") from None
+    result = {**image_metrics(fake, real, captions, model, processor), "n_fake": len(fake), "n_real": len(real),
+              "features": args.features}
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
     return 0

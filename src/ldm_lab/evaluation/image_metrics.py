@@ -112,8 +112,8 @@ def image_metrics(fake: list[Image.Image], real: list[Image.Image], captions: li
     against ``captions`` (one per fake image)."""
     features = ClipImageFeatures(model, processor)
     fid = FrechetInceptionDistance(feature=features, reset_real_features=True, normalize=False)
-    subset = min(len(fake), len(real))
-    kid = KernelInceptionDistance(feature=features, subsets=50, subset_size=subset, normalize=False)
+    subset = max(2, min(1000, len(fake) // 2, len(real) // 2))  # half of each set per subset: the subsets vary
+    kid = KernelInceptionDistance(feature=features, subsets=100, subset_size=subset, normalize=False)
     clip_score = CLIPScore(model_name_or_path=lambda: (_TensorFeatures(model), processor))
     fake_x, real_x = to_uint8(fake, features.size), to_uint8(real, features.size)
     fake_f, real_f = [], []
