@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 RUN := $(BIN)/python
 
-.PHONY: setup test test-slow lint bench bench-gpu demo demo-sd3 demo-pixart demo-lora demo-dreambooth demo-controlnet subject pretrained clean
+.PHONY: setup test test-slow lint bench bench-gpu demo demo-sd3 demo-pixart demo-pixart-flow demo-lora demo-dreambooth demo-controlnet subject pretrained clean
 
 setup:
 	$(PY) -m venv $(VENV)
@@ -52,6 +52,9 @@ demo-sd3:
 
 demo-pixart:
 	$(BIN)/ldm-lab train recipes/shapes/pixart.yaml $(ARGS)
+
+demo-pixart-flow:
+	$(BIN)/ldm-lab train recipes/shapes/pixart-flow.yaml $(ARGS)
 
 demo-lora:
 	$(BIN)/ldm-lab train recipes/shapes/lora.yaml $(ARGS)

@@ -159,6 +159,33 @@ np.save(sys.argv[1], (img * 255).round().astype(np.uint8))
     assert np.abs(stock - ours).max() <= 1
 
 
+def test_stock_pixart_pipeline_samples_the_flow_recipe_as_in_training(tiny_parts, tmp_path):
+    """recipes/shapes/pixart-flow.yaml: the same DiT trained with flow matching; its artifact's
+    scheduler is the flow DPM-Solver, and stock PixArtSigmaPipeline reproduces the in-training sample."""
+    ov = [f"model.text_encoder.pretrained={tiny_parts['clip']}",
+          "model.denoiser.overrides={num_layers: 2, caption_channels: 32, out_channels: 4}",
+          *tiny_family_overrides(tiny_parts, tmp_path, PROMPT)]
+    assert cli_main(["train", str(REPO / "recipes/shapes/pixart-flow.yaml"), *ov]) == 0
+    run = tmp_path / "run"
+    sched = json.loads((run / "pipeline" / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["prediction_type"] == "flow_prediction" and sched["use_flow_sigmas"]
+    seed, ours = in_training_sample(run, 6)
+    code = f"""
+import sys, numpy as np, torch
+from diffusers import PixArtSigmaPipeline
+pipe = PixArtSigmaPipeline.from_pretrained({str(run / 'pipeline')!r})
+img = pipe({PROMPT!r}, negative_prompt="", num_inference_steps=3, guidance_scale=2.5, clean_caption=False,
+           use_resolution_binning=False, max_sequence_length=pipe.tokenizer.model_max_length,
+           generator=torch.Generator().manual_seed({seed}), output_type="np").images[0]
+np.save(sys.argv[1], (img * 255).round().astype(np.uint8))
+"""
+    out = tmp_path / "stock.npy"
+    run_without_ldm_lab(code, out)
+    stock = np.load(out).astype(int)
+    assert stock.shape == ours.shape == (32, 32, 3)
+    assert np.abs(stock - ours).max() <= 1
+
+
 def test_pixart_run_evaluates_and_logs(pixart_run):
     m = json.loads((pixart_run / "metrics.json").read_text())["shapes_eval"]
     assert m["n"] == 6
