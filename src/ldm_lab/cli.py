@@ -64,6 +64,10 @@ def _dispatch(args) -> int:
         from .commands import export
 
         return {"lora": export.lora, "merge": export.merge, "single-file": export.single_file_checkpoint}[action](args)
+    if command == "report":
+        from .commands import report
+
+        return report.report(args)
     if command == "sample":
         from .commands import sample
 

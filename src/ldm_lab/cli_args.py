@@ -144,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "{background} background' ({color} {shape} {size} {position} {background} are filled in, "
                      "anything else such as {id} is kept); default: the full shapes caption")
 
+    rp = sub.add_parser("report", help="rebuild RUN/report.html: recipe, curves, sample grids, metrics, timings "
+                        "on one self-contained page")
+    rp.add_argument("run", help="a run dir")
     e = sub.add_parser("eval", help="evaluate images")
     es = e.add_subparsers(dest="action", required=True, metavar="ACTION")
     esh = es.add_parser("shapes", help="read colour/shape/size/position/background back from images")

@@ -39,6 +39,7 @@ from .frozen import cast_frozen
 from .layout import current_layout, move_schedule, saved_layout
 from .quality import Clock, evaluate_during, is_eval_step, plot_metrics, time_to_quality
 from .registry import get_trainer
+from .report import write_report
 from .rundir import RunDir, claim
 from .runlog import (
     NonFinite,
@@ -394,3 +395,5 @@ class _Run:
             metrics = {**(metrics or {}), "nonfinite_steps_skipped": self.nonfinite.total}
         if accelerator.is_main_process and metrics:
             merge_metrics(run_dir, metrics)
+        if accelerator.is_main_process:
+            write_report(run_dir)

@@ -28,7 +28,7 @@ LOCK_FILE = ".lock"
 # what a run writes into its dir: removed by output.overwrite (anything else the user put there stays,
 # and so do DreamBooth's class images, generated from the base and reused by later runs)
 RUN_OUTPUTS = ("checkpoints", "pipeline", "pipeline.safetensors", "samples", "eval", "eval-base", "eval-steps",
-               "logs", "history.jsonl", "metrics.json", "loss.png", "metrics.png", "recipe.yaml", "data_report.json",
+               "logs", "history.jsonl", "metrics.json", "loss.png", "metrics.png", "report.html", "recipe.yaml", "data_report.json",
                "pytorch_lora_weights.safetensors", "transformer", "controlnet", RUN_FILE)
 # keys a resume may change: how long to train and how often to save, log, validate and evaluate,
 # where outputs go, and speed switches that leave the arithmetic alone
