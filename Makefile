@@ -4,12 +4,20 @@ VENV := .venv
 BIN := $(VENV)/bin
 RUN := $(BIN)/python
 
-.PHONY: setup test test-slow lint bench bench-gpu demo demo-sd3 demo-pixart demo-pixart-flow demo-lora demo-dreambooth demo-controlnet subject pretrained clean
+.PHONY: setup lock test test-slow lint bench bench-gpu demo demo-sd3 demo-pixart demo-pixart-flow demo-lora demo-dreambooth demo-controlnet subject pretrained clean
 
+# `make setup` installs exactly the versions in requirements.lock (what was tested), then ldm-lab
+# itself without resolving again; `make lock` re-resolves the ranges in pyproject.toml into the lock
+# (universal: every platform and Python >= 3.10 the ranges allow).
+UV_VERSION := 0.13.9
 setup:
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip uv
-	$(BIN)/uv pip install --python $(RUN) -e ".[dev]"
+	$(BIN)/pip install -q --upgrade pip uv==$(UV_VERSION)
+	$(BIN)/uv pip install --python $(RUN) -r requirements.lock
+	$(BIN)/uv pip install --python $(RUN) --no-deps -e .
+
+lock:
+	$(BIN)/uv pip compile pyproject.toml --extra dev --universal --python-version 3.10 -o requirements.lock
 
 test:
 	$(BIN)/pytest -q -m "not slow"
