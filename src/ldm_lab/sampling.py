@@ -26,6 +26,7 @@ from diffusers import (
 from PIL import Image, ImageDraw, ImageFont
 
 from .errors import UserError
+from .progress import bar
 from .recipe.choices import FLOW_SAMPLERS, SAMPLERS
 
 SD3_PIPELINES = (StableDiffusion3Pipeline, StableDiffusion3ControlNetPipeline)
@@ -173,12 +174,13 @@ def generate(pipe: StableDiffusionPipeline, prompts: list[str], seeds: list[int]
         pipe_kwargs.setdefault("use_resolution_binning", False)
         if prompt_embeds is None:
             pipe_kwargs.setdefault("max_sequence_length", pipe.tokenizer.model_max_length)
-    with _offset_fits(pipe, steps):
+    with _offset_fits(pipe, steps), bar(len(prompts), "sampling", "image") as progress:
         for s in range(0, len(prompts), batch_size):
             with _global_seed(pipe, seeds[s], device):
                 images += _generate_batch(pipe, prompts, seeds, steps, guidance, s, batch_size, device, prompt_embeds,
                                           negative_embeds, control, pipe_kwargs, pooled, negative_pooled, mask,
                                           negative_mask)
+            progress.update(min(batch_size, len(prompts) - s))
     return images
 
 

@@ -44,6 +44,7 @@ from torch.utils.data import Dataset
 
 from ..components.record import Conditioning
 from ..errors import UserError
+from ..progress import bar
 from .bucket_transforms import bucket_transform
 from .captions import caption_variants
 from .checks import to_rgb
@@ -213,8 +214,10 @@ def _encode_part(rows, lo: int, hi: int, vae, conditioner, data, inputs: dict, i
     strings: dict[str, int] = {}
     meta, skipped = [], []
     offset = 0
-    with open(tmp / "mean.bin", "wb") as fm, open(tmp / "std.bin", "wb") as fs:
+    with open(tmp / "mean.bin", "wb") as fm, open(tmp / "std.bin", "wb") as fs, \
+            bar(hi - lo, "encoding the latent cache", "image") as progress:
         for start in range(lo, hi, batch_size):
+            progress.update(min(batch_size, hi - start))
             chunk = plain[start:min(start + batch_size, hi)]
             groups: dict[tuple, list] = {}
             for j, (im, cap) in enumerate(zip(chunk[image_column], chunk[caption_column])):
