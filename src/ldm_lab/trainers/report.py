@@ -86,7 +86,8 @@ def write_report(run_dir: Path) -> Path:
         rows = "".join(f"<tr><td>{h['step']}</td>" + "".join(
             f'<td class="num">{h[k]:.4g}</td>' if k in h else "<td></td>" for k in keys) + "</tr>" for h in evals)
         parts.append(f"<h2>During training</h2><table><tr><th>step</th>{head}</tr>{rows}</table>")
-    curves = [(run_dir / n, c) for n, c in (("loss.png", "training loss (and the held-out validation loss)"),
+    loss_caption = "training loss" + (", and the held-out validation loss" if any("val_loss" in h for h in history) else "")
+    curves = [(run_dir / n, c) for n, c in (("loss.png", loss_caption),
                                             ("metrics.png", "adherence and image metrics at the evaluation steps"))]
     curves = [(p, c) for p, c in curves if p.exists()]
     if curves:
