@@ -128,16 +128,19 @@ def test_split_rows_holds_out_a_fixed_disjoint_set():
     assert split_rows(100, 10, seed=3)[1] == val and split_rows(100, 10, seed=4)[1] != val
     with pytest.raises(UserError, match="data.val_n=100 holds out every row"):
         split_rows(100, 100, seed=0)
+    evens = list(range(0, 100, 2))  # e.g. the rows that have a bucket
+    assert set(split_rows(100, 10, seed=3, candidates=evens)[1]) <= set(evens)
 
 
-def test_the_validation_loss_is_deterministic_and_held_out_rows_are_never_trained_on(tiny_parts, tmp_path):
+@pytest.mark.parametrize("cached", [True, False])
+def test_the_validation_loss_is_deterministic_and_held_out_rows_are_never_trained_on(tiny_parts, tmp_path, cached):
     import torch
 
     from ldm_lab.recipe import load_recipe
     from ldm_lab.trainers.loop import train
 
-    recipe = load_recipe(RECIPE, _overrides(tiny_parts, tmp_path / "run", tmp_path / "data", 2,
-                                            ["data.val_n=8", "eval.shapes=false"]))
+    extra = ["data.val_n=8", "eval.shapes=false", f"data.cache_latents={str(cached).lower()}", f"data.random_flip={str(not cached).lower()}"]
+    recipe = load_recipe(RECIPE, _overrides(tiny_parts, tmp_path / "run", tmp_path / "data", 2, extra))
     state: dict = {}
     train(recipe, finish=False, state=state)
     plugin = state["plugin"]
@@ -149,6 +152,9 @@ def test_the_validation_loss_is_deterministic_and_held_out_rows_are_never_traine
     a, b = plugin.validation_loss()["val_loss"], plugin.validation_loss()["val_loss"]
     assert a == b and a > 0  # fixed rows, noise and timesteps: the same number for the same weights
     assert torch.equal(plugin.rng.generator.get_state(), rng_before)  # the training stream is untouched
+    images, captions = plugin.heldout_examples()  # the real images and captions of those rows
+    assert len(images) == len(captions) == 8 and images[0].size == (32, 32) and all(isinstance(c, str) for c in captions)
+    assert plugin.unwrap(plugin.unet).training  # the modes are back
     with torch.no_grad():
         for p in plugin.unwrap(plugin.unet).parameters():
             p.mul_(0.9)

@@ -149,8 +149,17 @@ class ControlNetTrainer(TextToImageTrainer):
             rows = rows.select_columns([self.cond_col])  # latents are cached: decode only the control image
         ds = ControlRows(rows, self.control_of, self.tf, self.cached, self.text_encoder.tokenize,
                          d.image_column, d.caption_column)
+        if self.recipe.eval.features:
+            raise UserError("eval.features samples the held-out captions without their control images, which would "
+                            "score the base, not the ControlNet; leave eval.features out (data.val_n alone gives "
+                            "the ControlNet's validation loss).")
         ds, _ = self.hold_out(ds)
         return make_loader(ds, d, t.batch_size)
+
+    def evaluate_during(self, step: int) -> dict[str, float]:
+        """The held-out validation loss only: the text-to-image adherence and image metrics would
+        sample the base without the ControlNet (its own evaluation, with control images, is the final one)."""
+        return self.validation_loss() if self.accelerator.is_main_process else {}
 
     def condition(self, batch, cond):
         """The loss-path hook: prompt dropout (the paper's 50%), the empty prompt's record."""

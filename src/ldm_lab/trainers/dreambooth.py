@@ -315,8 +315,8 @@ class DreamBoothTrainer(LoRATrainer):
     def train_dataloader(self):
         base = self.cached if self.cached is not None else self.rows
         t, d = self.recipe.train, self.recipe.data
-        if d.val_n:
-            raise UserError("data.val_n holds rows out of training, but a DreamBooth run trains on every one of its few "
+        if d.val_n or self.recipe.eval.features:
+            raise UserError("data.val_n (and eval.features, which scores against it) holds rows out of training, but a DreamBooth run trains on every one of its few "
                             "instance images; set data.val_n=0 (subject fidelity is measured by the evaluation).")
         ds = PairedRows(base, self.n_instance, self.n_class, t.batch_size * self.accelerator.num_processes)
         return make_loader(ds, d, t.batch_size, collate_paired)

@@ -22,12 +22,14 @@ from .randomness import BatchRNG
 VAL_SEED_OFFSET = 7919  # the validation stream's seed: recipe seed + this (apart from the training stream)
 
 
-def split_rows(n_rows: int, val_n: int, seed: int) -> tuple[list[int], list[int]]:
-    """(training rows, held-out rows) of a dataset of ``n_rows``: ``val_n`` rows drawn with ``seed``."""
-    if val_n >= n_rows:
-        raise UserError(f"data.val_n={val_n} holds out every row of a dataset of {n_rows}; "
-                        f"hold out fewer (e.g. data.val_n={max(1, n_rows // 20)}).")
-    val = sorted(random.Random(seed).sample(range(n_rows), val_n))
+def split_rows(n_rows: int, val_n: int, seed: int, candidates: list[int] | None = None) -> tuple[list[int], list[int]]:
+    """(training rows, held-out rows) of a dataset of ``n_rows``: ``val_n`` rows drawn with ``seed``
+    from ``candidates`` (default: every row)."""
+    pool = list(range(n_rows)) if candidates is None else candidates
+    if val_n >= len(pool):
+        raise UserError(f"data.val_n={val_n} holds out every row of a dataset of {len(pool)}; "
+                        f"hold out fewer (e.g. data.val_n={max(1, len(pool) // 20)}).")
+    val = sorted(random.Random(seed).sample(pool, val_n))
     held = set(val)
     return [i for i in range(n_rows) if i not in held], val
 
@@ -42,15 +44,19 @@ def training_view(ds, val: list[int], bucket_of_row=None):
     return Subset(ds, train)
 
 
-def val_batches(ds, val: list[int], batch_size: int, bucket_of_row=None) -> list[dict]:
-    """The held-out rows as collated batches (rows of one bucket per batch when bucketed)."""
+def val_batches(ds, val: list[int], batch_size: int, bucket_of_row=None, seed: int = 0) -> list[dict]:
+    """The held-out rows as collated batches (rows of one bucket per batch when bucketed); a raw
+    dataset's random crop / flip is drawn from torch's generator seeded with ``seed`` (the same at
+    every evaluation), the training's stream restored after."""
     groups: dict = {}
     for i in val:
         groups.setdefault(None if bucket_of_row is None else bucket_of_row[i], []).append(i)
     batches = []
-    for rows in groups.values():
-        for k in range(0, len(rows), batch_size):
-            batches.append(default_collate([ds[i] for i in rows[k:k + batch_size]]))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for rows in groups.values():
+            for k in range(0, len(rows), batch_size):
+                batches.append(default_collate([ds[i] for i in rows[k:k + batch_size]]))
     return batches
 
 

@@ -396,4 +396,8 @@ class _Run:
         if accelerator.is_main_process and metrics:
             merge_metrics(run_dir, metrics)
         if accelerator.is_main_process:
-            write_report(run_dir)
+            try:
+                write_report(run_dir)
+            except (OSError, ValueError) as e:  # the run's artifacts are written: a report failure is a warning
+                accelerator.print(f"warning: report.html could not be written ({e}); rebuild it with "
+                                  f"ldm-lab report {run_dir}")

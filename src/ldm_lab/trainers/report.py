@@ -28,8 +28,12 @@ def _img(path: Path, alt: str) -> str:
     return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
 
 
+def _pct(v) -> str:
+    return f"{100 * v:.1f} %" if isinstance(v, (int, float)) else html.escape(str(v))
+
+
 def _num(v) -> str:
-    return f"{100 * v:.1f} %" if isinstance(v, float) and 0 <= v <= 1 else html.escape(str(v))
+    return f"{v:.4g}" if isinstance(v, float) else html.escape(str(v))
 
 
 def _adherence_table(result: dict) -> str:
@@ -39,7 +43,7 @@ def _adherence_table(result: dict) -> str:
     attrs = [a for a in ("color", "shape", "size", "position", "background", "all") if a in result[splits[0]]]
     head = "".join(f"<th>{a}</th>" for a in attrs)
     rows = "".join(f"<tr><th>{s} ({result[s].get('n', '')})</th>" +
-                   "".join(f'<td class="num">{_num(result[s][a])}</td>' for a in attrs) + "</tr>" for s in splits)
+                   "".join(f'<td class="num">{_pct(result[s][a])}</td>' for a in attrs) + "</tr>" for s in splits)
     return f"<table><tr><th></th>{head}</tr>{rows}</table>"
 
 

@@ -39,6 +39,7 @@ class TextImageData(TrainerPlugin):
     plugin before ``build_data``)."""
 
     stream = None  # this process's share of a streamed dataset (data.streaming)
+    val_rows: list[int] = []  # the data.val_n held-out rows (hold_out)
     buckets = None  # aspect-ratio buckets (data.buckets.enabled)
 
     # -- data --------------------------------------------------------------------------
@@ -85,7 +86,9 @@ class TextImageData(TrainerPlugin):
         tokenizes. With ``data.buckets.enabled`` each row is cropped to its aspect-ratio bucket."""
         d = self.recipe.data
         self.rows, self.cached, self.bucket_of_row = rows, None, None
-        self.checked_rows = rows  # the rows as read (images, captions): the held-out split's real images
+        # the rows as read (images, captions): the held-out split's real images (a view that raw_rows'
+        # set_transform below does not change)
+        self.checked_rows = rows.with_format(None) if hasattr(rows, "with_format") else rows
         self.buckets = self.bucket_list() if d.buckets.enabled else None
         dropped: dict[str, list] = {}
         if d.cache_latents:
@@ -231,8 +234,8 @@ class TextImageData(TrainerPlugin):
     def train_dataloader(self):
         d = self.recipe.data
         if self.stream is not None:  # already this process's share: the loop does not shard it again
-            if d.val_n:
-                raise UserError("data.val_n holds out rows of a dataset read whole, and a stream has no fixed rows "
+            if d.val_n or self.recipe.eval.features:
+                raise UserError("data.val_n (and eval.features, which scores against it) holds out rows of a dataset read whole, and a stream has no fixed rows "
                                 "to hold out; set data.streaming=false or data.val_n=0.")
             return make_loader(self.stream, d, self.recipe.train.batch_size, self.stream_collate())
         ds = self.cached if self.cached is not None else self.rows
@@ -251,7 +254,12 @@ class TextImageData(TrainerPlugin):
                 raise UserError("eval.features scores samples against held-out real images, and none are held out; "
                                 "set data.val_n (e.g. data.val_n=256) or leave eval.features out.")
             return ds, bucket_of_row
-        _, self.val_rows = split_rows(len(ds), self.recipe.data.val_n, self.recipe.seed)
+        if self.recipe.eval.features and self.recipe.data.val_n < 2:
+            raise UserError(f"eval.features compares image sets, which needs at least 2 held-out rows, and "
+                            f"data.val_n is {self.recipe.data.val_n}; set data.val_n=2 or more (e.g. 256).")
+        # only rows that train at all can be held out (a bucketed raw row too small for every bucket has None)
+        usable = None if bucket_of_row is None else [i for i, b in enumerate(bucket_of_row) if b is not None]
+        _, self.val_rows = split_rows(len(ds), self.recipe.data.val_n, self.recipe.seed, usable)
         self.val_data = (ds, bucket_of_row)
         if bucket_of_row is not None:
             return ds, training_view(ds, self.val_rows, bucket_of_row)
@@ -275,7 +283,8 @@ class TextImageData(TrainerPlugin):
         if not getattr(self, "val_rows", None):
             return {}
         ds, bucket_of_row = self.val_data
-        batches = val_batches(ds, self.val_rows, self.recipe.train.batch_size, bucket_of_row)
+        batches = val_batches(ds, self.val_rows, self.recipe.train.batch_size, bucket_of_row,
+                              self.recipe.seed + VAL_SEED_OFFSET)
         return {"val_loss": validation_loss(self, batches, self.recipe.seed + VAL_SEED_OFFSET,
                                             list(self.trainable_modules()))}
 
