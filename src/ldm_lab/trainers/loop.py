@@ -39,7 +39,7 @@ from .frozen import cast_frozen
 from .layout import current_layout, move_schedule, saved_layout
 from .quality import Clock, evaluate_during, is_eval_step, plot_metrics, time_to_quality
 from .registry import get_trainer
-from .report import write_report
+from .report import report_at_end
 from .rundir import RunDir, claim
 from .runlog import (
     NonFinite,
@@ -396,8 +396,4 @@ class _Run:
         if accelerator.is_main_process and metrics:
             merge_metrics(run_dir, metrics)
         if accelerator.is_main_process:
-            try:
-                write_report(run_dir)
-            except (OSError, ValueError) as e:  # the run's artifacts are written: a report failure is a warning
-                accelerator.print(f"warning: report.html could not be written ({e}); rebuild it with "
-                                  f"ldm-lab report {run_dir}")
+            report_at_end(run_dir, accelerator.print)

@@ -112,3 +112,11 @@ def write_report(run_dir: Path) -> Path:
     tmp.write_text(page, encoding="utf-8")
     tmp.replace(out)
     return out
+
+
+def report_at_end(run_dir: Path, log) -> None:
+    """``write_report`` at the end of a run, whose artifacts are already written: a failure is a warning."""
+    try:
+        write_report(run_dir)
+    except (OSError, ValueError) as e:
+        log(f"warning: report.html could not be written ({e}); rebuild it with ldm-lab report {run_dir}")
