@@ -139,24 +139,29 @@ def pixart_run(tiny_parts, tmp_path_factory) -> Path:
     return root / "run"
 
 
-def test_stock_pixart_pipeline_reproduces_the_in_training_sample(pixart_run):
-    index = json.loads((pixart_run / "pipeline" / "model_index.json").read_text())
-    assert index["_class_name"] == "PixArtSigmaPipeline" and index["transformer"][1] == "PixArtTransformer2DModel"
-    seed, ours = in_training_sample(pixart_run, 6)
+def _stock_matches_in_training(run: Path, out: Path) -> None:
+    """Stock PixArtSigmaPipeline, in a process that never imports ldm_lab, reproduces the run's
+    in-training sample (step 6) for its seed within one 8-bit level."""
+    seed, ours = in_training_sample(run, 6)
     code = f"""
 import sys, numpy as np, torch
 from diffusers import PixArtSigmaPipeline
-pipe = PixArtSigmaPipeline.from_pretrained({str(pixart_run / 'pipeline')!r})
+pipe = PixArtSigmaPipeline.from_pretrained({str(run / 'pipeline')!r})
 img = pipe({PROMPT!r}, negative_prompt="", num_inference_steps=3, guidance_scale=2.5, clean_caption=False,
            use_resolution_binning=False, max_sequence_length=pipe.tokenizer.model_max_length,
            generator=torch.Generator().manual_seed({seed}), output_type="np").images[0]
 np.save(sys.argv[1], (img * 255).round().astype(np.uint8))
 """
-    out = pixart_run.parent / "stock.npy"
     run_without_ldm_lab(code, out)
     stock = np.load(out).astype(int)
     assert stock.shape == ours.shape == (32, 32, 3)
     assert np.abs(stock - ours).max() <= 1
+
+
+def test_stock_pixart_pipeline_reproduces_the_in_training_sample(pixart_run):
+    index = json.loads((pixart_run / "pipeline" / "model_index.json").read_text())
+    assert index["_class_name"] == "PixArtSigmaPipeline" and index["transformer"][1] == "PixArtTransformer2DModel"
+    _stock_matches_in_training(pixart_run, pixart_run.parent / "stock.npy")
 
 
 def test_stock_pixart_pipeline_samples_the_flow_recipe_as_in_training(tiny_parts, tmp_path):
@@ -169,21 +174,7 @@ def test_stock_pixart_pipeline_samples_the_flow_recipe_as_in_training(tiny_parts
     run = tmp_path / "run"
     sched = json.loads((run / "pipeline" / "scheduler" / "scheduler_config.json").read_text())
     assert sched["prediction_type"] == "flow_prediction" and sched["use_flow_sigmas"]
-    seed, ours = in_training_sample(run, 6)
-    code = f"""
-import sys, numpy as np, torch
-from diffusers import PixArtSigmaPipeline
-pipe = PixArtSigmaPipeline.from_pretrained({str(run / 'pipeline')!r})
-img = pipe({PROMPT!r}, negative_prompt="", num_inference_steps=3, guidance_scale=2.5, clean_caption=False,
-           use_resolution_binning=False, max_sequence_length=pipe.tokenizer.model_max_length,
-           generator=torch.Generator().manual_seed({seed}), output_type="np").images[0]
-np.save(sys.argv[1], (img * 255).round().astype(np.uint8))
-"""
-    out = tmp_path / "stock.npy"
-    run_without_ldm_lab(code, out)
-    stock = np.load(out).astype(int)
-    assert stock.shape == ours.shape == (32, 32, 3)
-    assert np.abs(stock - ours).max() <= 1
+    _stock_matches_in_training(run, tmp_path / "stock.npy")
 
 
 def test_pixart_run_evaluates_and_logs(pixart_run):

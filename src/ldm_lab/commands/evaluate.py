@@ -129,28 +129,14 @@ def controlnet(args) -> int:
     return 0
 
 
-def _image_rows(path: Path, what: str) -> list[dict]:
+def _image_rows(path: Path, what: str) -> tuple[list[dict], Path]:
     for name in ("samples.jsonl", "metadata.jsonl"):
         if (path / name).exists():
             rows = [r for r in ev._read_rows(path / name) if "file_name" in r]
             if rows:
-                return rows
+                return rows, path / name
     raise UserError(f"{what} '{path}' has no samples.jsonl or metadata.jsonl with file_name rows; give a samples "
                     "dir (ldm-lab sample or a run's eval/ writes one) or an imagefolder.")
-
-
-def _open_images(path: Path, rows: list[dict]) -> list:
-    from PIL import Image
-
-    out = []
-    for r in rows:
-        try:
-            with Image.open(path / r["file_name"]) as im:
-                out.append(im.convert("RGB"))
-        except (OSError, ValueError) as e:
-            raise UserError(f"the image '{path / r['file_name']}' cannot be read ({type(e).__name__}); restore it "
-                            "or remove its line.") from None
-    return out
 
 
 def images(args) -> int:
@@ -161,14 +147,14 @@ def images(args) -> int:
         path = path / "eval"
     if not path.is_dir():
         raise UserError(f"'{path}' is not a directory; give a run dir or a samples dir.")
-    rows = _image_rows(path, "the samples dir")
-    fake = _open_images(path, rows)
+    rows, listing = _image_rows(path, "the samples dir")
+    fake = ev.open_images(path, rows, listing)
     captions = [r.get("text") or r.get("prompt") or "" for r in rows]
     if args.real:
         real_dir = Path(args.real)
         if not real_dir.is_dir():
             raise UserError(f"--real '{real_dir}' is not a directory; give a dir of real images.")
-        real = _open_images(real_dir, _image_rows(real_dir, "--real"))
+        real = ev.open_images(real_dir, *_image_rows(real_dir, "--real"))
     else:
         targets = [sw.parse_caption(c) for c in captions]
         if not all(targets):

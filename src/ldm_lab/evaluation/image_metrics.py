@@ -106,27 +106,39 @@ def cmmd(x: torch.Tensor, y: torch.Tensor, sigma: float = CMMD_SIGMA, scale: flo
     return float(scale * (k(x, x) + k(y, y) - 2 * k(x, y)))
 
 
+class _Embedded(nn.Module):
+    """torchmetrics' feature extractor for sets already embedded: FID and KID read the embeddings
+    ``ClipImageFeatures`` gave once, instead of embedding every image again."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
 def image_metrics(fake: list[Image.Image], real: list[Image.Image], captions: list[str],
                   model: CLIPModel, processor: CLIPProcessor, batch: int = 64) -> dict[str, float]:
     """FID, KID (mean and std), CMMD of ``fake`` against ``real``, and the CLIP score of ``fake``
-    against ``captions`` (one per fake image)."""
+    against ``captions`` (one per fake image). Each set is embedded once for the three distances."""
     features = ClipImageFeatures(model, processor)
-    fid = FrechetInceptionDistance(feature=features, reset_real_features=True, normalize=False)
+    embedded = _Embedded(features.num_features)
+    fid = FrechetInceptionDistance(feature=embedded, reset_real_features=True, normalize=False)
     subset = max(2, min(1000, len(fake) // 2, len(real) // 2))  # half of each set per subset: the subsets vary
-    kid = KernelInceptionDistance(feature=features, subsets=100, subset_size=subset, normalize=False)
+    kid = KernelInceptionDistance(feature=embedded, subsets=100, subset_size=subset, normalize=False)
     clip_score = CLIPScore(model_name_or_path=lambda: (_TensorFeatures(model), processor))
     fake_x, real_x = to_uint8(fake, features.size), to_uint8(real, features.size)
-    fake_f, real_f = [], []
     with torch.no_grad():
-        for i in range(0, len(real_x), batch):
-            fid.update(real_x[i:i + batch], real=True)
-            kid.update(real_x[i:i + batch], real=True)
-            real_f.append(features(real_x[i:i + batch]))
+        real_f = torch.cat([features(real_x[i:i + batch]) for i in range(0, len(real_x), batch)])
+        fake_f = torch.cat([features(fake_x[i:i + batch]) for i in range(0, len(fake_x), batch)])
+        for metric in (fid, kid):
+            metric.update(real_f, real=True)
+            metric.update(fake_f, real=False)
         for i in range(0, len(fake_x), batch):
-            fid.update(fake_x[i:i + batch], real=False)
-            kid.update(fake_x[i:i + batch], real=False)
-            fake_f.append(features(fake_x[i:i + batch]))
             clip_score.update(list(fake_x[i:i + batch]), captions[i:i + batch])
-        kid_mean, kid_std = kid.compute()
+        with torch.random.fork_rng(devices=[]):  # KID's random subsets: the same for the same sets
+            torch.manual_seed(0)
+            kid_mean, kid_std = kid.compute()
         return {"fid": float(fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std),
-                "cmmd": cmmd(torch.cat(fake_f), torch.cat(real_f)), "clip_score": float(clip_score.compute())}
+                "cmmd": cmmd(fake_f, real_f), "clip_score": float(clip_score.compute())}

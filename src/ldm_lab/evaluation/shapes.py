@@ -271,14 +271,7 @@ def evaluate_dir(path: str | Path, world: sw.World | None = None) -> dict:
     if world is not None:  # samples from `ldm-lab sample` carry only their prompt
         for r, t in zip(rows, targets):
             r.setdefault("heldout", world.is_heldout(t))
-    images = []
-    for r in rows:
-        try:
-            with Image.open(path / r["file_name"]) as im:
-                images.append(im.convert("RGB"))
-        except (OSError, ValueError) as e:
-            raise UserError(f"{path / source}: the image {r['file_name']!r} cannot be read ({type(e).__name__}); "
-                            "restore it or remove its line.") from None
+    images = open_images(path, rows, path / source)
     result = score(images, targets, world) | {"source": source}
     for split, flag in (("seen", False), ("heldout", True)):
         idx = [i for i, r in enumerate(rows) if "heldout" in r and bool(r["heldout"]) == flag]
@@ -292,6 +285,20 @@ def evaluate_dir(path: str | Path, world: sw.World | None = None) -> dict:
             by[value] = {attr: s[attr], "all": s["all"], "n": s["n"]}
         result[f"by_{attr}"] = by
     return result
+
+
+def open_images(path: Path, rows: list[dict], listing: Path) -> list[Image.Image]:
+    """The RGB images the rows' ``file_name`` name under ``path``; one sentence naming ``listing``
+    (the file that lists them) for one that cannot be read."""
+    images = []
+    for r in rows:
+        try:
+            with Image.open(path / r["file_name"]) as im:
+                images.append(im.convert("RGB"))
+        except (OSError, ValueError) as e:
+            raise UserError(f"{listing}: the image {r['file_name']!r} cannot be read ({type(e).__name__}); "
+                            "restore it or remove its line.") from None
+    return images
 
 
 def _parsed(row: dict) -> sw.Shape | None:

@@ -266,7 +266,10 @@ class TextImageData(TrainerPlugin):
         return training_view(ds, self.val_rows), None
 
     def heldout_examples(self) -> tuple[list, list[str]]:
-        """The held-out rows' images (PIL) and first captions, read from the checked rows."""
+        """The held-out rows' images (PIL) and first captions, read from the checked rows once (the
+        rows are fixed for the run)."""
+        if getattr(self, "_heldout_examples", None) is not None:
+            return self._heldout_examples
         ds, _ = self.val_data
         source = getattr(ds, "source_rows", None)  # a latent cache: its rows' dataset rows
         d = self.recipe.data
@@ -276,6 +279,7 @@ class TextImageData(TrainerPlugin):
             c = row[d.caption_column]
             images.append(to_rgb(row[d.image_column]))
             captions.append(c if isinstance(c, str) else c[0])
+        self._heldout_examples = images, captions
         return images, captions
 
     def validation_loss(self) -> dict[str, float]:
