@@ -57,7 +57,10 @@ def _adapter_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--targets", help="attn | attn_ff | attn_ff_conv, or comma-separated module names")
     p.add_argument("--dropout", type=number, help="LoRA dropout")
     p.add_argument("--init", choices=["default", "gaussian", "pissa", "olora"], help="adapter initialisation")
-    p.add_argument("--dora", action="store_true", help="weight-decomposed LoRA (DoRA)")
+    p.add_argument("--dora", action="store_true", help="weight-decomposed LoRA (DoRA); the same as --adapter dora")
+    p.add_argument("--adapter", choices=["lora", "dora", "lokr", "loha"],
+                   help="adapter type (plugin.adapter; default lora): LoKr / LoHa write LyCORIS keys")
+    p.add_argument("--factor", type=int, help="LoKr Kronecker factor (plugin.factor; default -1: as square as it divides)")
 
 
 def _run_flags(p: argparse.ArgumentParser, lr: str, steps: int, batch: int, text: bool = True) -> None:

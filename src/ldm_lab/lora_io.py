@@ -151,6 +151,9 @@ def write_kohya(w: LoRAWeights, out: Path) -> Path:
     for k in list(kohya):
         if k.endswith(".alpha"):
             kohya[k] = torch.tensor(float(w.alphas[kohya_of[k]]), dtype=torch.float32)
+    # CLIP's modules under its classic text_model. root, as A1111 / ComfyUI / kohya name them
+    # (transformers 5 flattened it away, so the converter leaves it out)
+    kohya = {re.sub(r"^(lora_te\d?)_(?!text_model_)", r"\1_text_model_", k): v for k, v in kohya.items()}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     first = w.modules()[0] if w.modules() else None
@@ -188,22 +191,34 @@ def write_peft_adapter(sd: dict[str, torch.Tensor], cfg: dict, d: Path) -> Path:
     return d
 
 
-def peft_adapter_dir(path: str | Path) -> Path | None:
-    """The PEFT adapter dir ``path`` names: itself, or its ``transformer`` subdir (a LoRA run on a
-    backbone whose pipeline has no ``load_lora_weights``, such as PixArt); None when neither."""
+def peft_adapter_dir(path: str | Path, component: str | None = None) -> Path | None:
+    """The PEFT adapter dir ``path`` names: itself, or its ``transformer`` / ``unet`` subdir (a
+    LoRA run on a backbone whose pipeline has no ``load_lora_weights``, such as PixArt, or a LoKr /
+    LoHa run); with ``component``, only that subdir. None when there is none."""
     p = Path(path)
-    for d in (p, p / "transformer"):
+    for d in ((p / component,) if component else (p, p / "transformer", p / "unet")):
         if (d / "adapter_config.json").is_file():
             return d
     return None
 
 
-def apply_loras(pipe, loras: list[tuple[str, float]]):
-    """Load each LoRA as its own adapter and activate them all with their scales. A pipeline with
-    ``load_lora_weights`` (SD, SD3) reads diffusers files; one without it (PixArt) reads PEFT adapter
-    dirs onto its transformer with ``PeftModel`` and is returned (None otherwise)."""
-    if loras and not hasattr(pipe, "load_lora_weights"):
-        return _apply_peft_adapters(pipe.transformer, loras)
+def apply_loras(pipe, loras: list[tuple[str, float]]) -> list:
+    """Load each LoRA as its own adapter and activate them all with their scales. Diffusers files
+    go through the pipeline's ``load_lora_weights`` (SD, SD3); PEFT adapter dirs (a PixArt LoRA
+    run's, a LoKr / LoHa run's, with its text encoder's beside it) are read with ``PeftModel``
+    onto the denoiser (and text encoder), and those PeftModels are returned (empty otherwise)."""
+    dirs = [peft_adapter_dir(p) for p, _ in loras]
+    if loras and (all(dirs) or not hasattr(pipe, "load_lora_weights")):
+        net = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
+        models = [_apply_peft_adapters(net, loras)]
+        te = [(str(Path(d).parent), s) for d, (_, s) in zip(dirs, loras)
+              if d is not None and peft_adapter_dir(Path(d).parent, "text_encoder")]
+        if te:
+            models.append(_apply_peft_adapters(pipe.text_encoder, te, "text_encoder"))
+        return models
+    if any(dirs):
+        raise UserError("these adapters mix diffusers LoRA files with PEFT adapter dirs (LoKr / LoHa runs); "
+                        "give one kind per command, or export merge them one kind at a time.")
     names = []
     for i, (path, _) in enumerate(loras):
         p = Path(path)
@@ -213,16 +228,16 @@ def apply_loras(pipe, loras: list[tuple[str, float]]):
         names.append(name)
     if names:
         pipe.set_adapters(names, adapter_weights=[s for _, s in loras])
-    return None
+    return []
 
 
-def _apply_peft_adapters(net, loras: list[tuple[str, float]]):
+def _apply_peft_adapters(net, loras: list[tuple[str, float]], component: str | None = None):
     from peft import PeftModel
-    from peft.tuners.lora import LoraLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
     model, names = None, []
     for i, (path, _) in enumerate(loras):
-        d = peft_adapter_dir(path)
+        d = peft_adapter_dir(path, component)
         if d is None:
             raise UserError(f"{path} holds no PEFT adapter (adapter_config.json); this pipeline reads LoRAs as "
                             "PEFT adapter dirs, e.g. a LoRA run dir on this family.")
@@ -233,7 +248,7 @@ def _apply_peft_adapters(net, loras: list[tuple[str, float]]):
             model.load_adapter(str(d), adapter_name=name)
         names.append(name)
     for m in net.modules():
-        if isinstance(m, LoraLayer):
+        if isinstance(m, BaseTunerLayer) and hasattr(m, "scaling"):
             for name, (_, scale) in zip(names, loras):
                 if name in m.scaling:
                     m.set_scale(name, scale)
@@ -244,8 +259,9 @@ def _apply_peft_adapters(net, loras: list[tuple[str, float]]):
 def merge(base: str, loras: list[tuple[str, float]], out: Path) -> Path:
     """A pipeline with the LoRAs fused into its weights (no adapters left), saved with save_pretrained."""
     pipe = load_pipeline(base)
-    if (peft_model := apply_loras(pipe, loras)) is not None:
-        peft_model.merge_and_unload()  # merged into the pipeline's transformer in place
+    if peft_models := apply_loras(pipe, loras):
+        for m in peft_models:
+            m.merge_and_unload()  # merged into the pipeline's denoiser / text encoder in place
         pipe.save_pretrained(str(out))
         return Path(out)
     pipe.fuse_lora(adapter_names=[f"lora{i}" for i in range(len(loras))], lora_scale=1.0)

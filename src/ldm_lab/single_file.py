@@ -109,6 +109,12 @@ def unet_to_original(state: dict[str, torch.Tensor], config: dict) -> dict[str, 
     return out
 
 
+def unet_original_module(module: str, config: dict) -> str:
+    """The original-layout name of the diffusers UNet module ``module`` (an adapted layer, say)."""
+    (key,) = unet_to_original({f"{module}.weight": torch.empty(0)}, config)
+    return key[: -len(".weight")]
+
+
 def _vae_prefixes(config: dict) -> dict[str, str]:
     n = len(config["block_out_channels"])
     per = _layers_per_block(config["layers_per_block"], "autoencoder")

@@ -40,7 +40,7 @@ def finetune_overrides(args) -> list[str]:
         ov.append(f"data.source={'imagefolder' if local else 'hub'}")
     elif not Path(data).is_dir():
         raise UserError(f"--instance-data '{data}' is not a directory; give a dir of the subject's images.")
-    flag_keys = {"rank": "plugin.rank", "alpha": "plugin.alpha", "dropout": "plugin.dropout", "init": "plugin.init",
+    flag_keys = {"rank": "plugin.rank", "adapter": "plugin.adapter", "factor": "plugin.factor", "alpha": "plugin.alpha", "dropout": "plugin.dropout", "init": "plugin.init",
                  "lr": "train.learning_rate", "text_encoder_lr": "plugin.text_encoder_lr", "steps": "train.max_steps",
                  "batch_size": "train.batch_size", "resolution": "data.resolution",
                  "caption_column": "data.caption_column", "resume": "train.resume",

@@ -45,7 +45,16 @@ class LoRAOptions(Strict):
     targets: Literal["attn", "attn_ff", "attn_ff_conv"] | list[str] = "attn"
     # peft init_lora_weights: "default" (Kaiming A, zero B), "gaussian", "pissa", "olora"
     init: Literal["default", "gaussian", "pissa", "olora"] = "default"
-    dora: bool = False  # weight-decomposed LoRA (peft use_dora)
+    dora: bool = False  # weight-decomposed LoRA (peft use_dora); the same as adapter: dora
+    # the adapter: LoRA, DoRA, or LyCORIS' Kronecker (LoKr) and Hadamard (LoHa) products (PEFT's
+    # LoKrConfig / LoHaConfig), which diffusers' load_lora_weights does not read: their artifact is
+    # LyCORIS/kohya keys (lycoris-lora, ComfyUI, A1111) plus a PEFT adapter dir per component
+    adapter: Literal["lora", "dora", "lokr", "loha"] = "lora"
+    factor: int = Field(-1, ge=-1)  # LoKr: Kronecker factor of each dimension (-1: as square as it divides)
+    decompose_both: bool = False  # LoKr: the small factor w1 low-rank too (w1_a @ w1_b)
+    conv_tucker: bool = False  # LoKr / LoHa on k x k convolutions: a Tucker core (PEFT use_effective_conv2d)
+    rank_dropout: float = Field(0.0, ge=0, lt=1)  # LoKr / LoHa: drop output rows of the update
+    module_dropout: float = Field(0.0, ge=0, lt=1)  # LoKr / LoHa: drop the whole update of a module
     train_text_encoder: bool = False
     text_encoder_rank: int | None = Field(None, ge=1)  # default: rank
     text_encoder_alpha: float | None = Field(None, gt=0)  # default: text_encoder_rank
@@ -56,10 +65,22 @@ class LoRAOptions(Strict):
     def _targets_nonempty(self):
         if isinstance(self.targets, list) and not self.targets:
             raise ValueError("targets is an empty list; give module names or a preset (attn, attn_ff, attn_ff_conv)")
-        if self.dora and self.init in ("pissa", "olora"):
+        if self.dora and self.adapter not in ("lora", "dora"):
+            raise ValueError(f"dora: true with adapter: {self.adapter}; DoRA is a LoRA variant, set one of them")
+        if self.adapter in ("lokr", "loha") and self.init != "default":
+            raise ValueError(f"init {self.init} is a LoRA initialisation; {self.adapter} starts from its own "
+                             "(update 0); leave init at default")
+        if self.adapter in ("lokr", "loha") and self.dropout:
+            raise ValueError(f"dropout is LoRA's input dropout; {self.adapter} has rank_dropout and module_dropout")
+        if self.kind == "dora" and self.init in ("pissa", "olora"):
             raise ValueError(f"init {self.init} with dora is not supported (the artifact could not be written as a "
                              "LoRA of the original base); use one of them")
         return self
+
+    @property
+    def kind(self) -> str:
+        """The adapter trained: lora, dora (``adapter: dora`` or ``dora: true``), lokr or loha."""
+        return "dora" if self.dora else self.adapter
 
     def unet_targets(self, family: str = "unet") -> list[str]:
         """The backbone's target modules: the family's preset, or the list given."""

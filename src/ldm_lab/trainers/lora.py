@@ -17,12 +17,13 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import diffusers
 import torch
 from diffusers.utils import convert_state_dict_to_diffusers
-from peft import LoraConfig, inject_adapter_in_model
+from peft import LoHaConfig, LoKrConfig, LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
@@ -32,6 +33,7 @@ from ..lora_io import PEFT_WEIGHTS, add_metadata, write_peft_adapter
 from ..recipe.plugins import LoRAOptions
 from ..sampling import generate
 from .base import eval_mode
+from .lycoris_artifact import write_lycoris_artifact
 from .registry import register
 from .text_to_image import TextToImageTrainer, evaluate_shapes
 
@@ -39,10 +41,18 @@ WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 CKPT_NAME = "lora_adapters.safetensors"
 
 
-def lora_config(rank: int, alpha: float | None, targets: list[str], dropout: float, init: str, dora: bool):
-    return LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, target_modules=targets,
-                      lora_dropout=dropout, init_lora_weights=True if init == "default" else init,
-                      use_dora=dora)
+def adapter_config(o: LoRAOptions, rank: int, alpha: float | None, targets: list[str]):
+    """The PEFT config of the adapter ``o`` asks for: LoRA / DoRA, LoKr or LoHa."""
+    alpha = alpha if alpha is not None else rank
+    if o.kind == "lokr":
+        return LoKrConfig(r=rank, alpha=alpha, target_modules=targets, decompose_factor=o.factor,
+                          decompose_both=o.decompose_both, use_effective_conv2d=o.conv_tucker,
+                          rank_dropout=o.rank_dropout, module_dropout=o.module_dropout)
+    if o.kind == "loha":
+        return LoHaConfig(r=rank, alpha=alpha, target_modules=targets, use_effective_conv2d=o.conv_tucker,
+                          rank_dropout=o.rank_dropout, module_dropout=o.module_dropout)
+    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=o.dropout,
+                      init_lora_weights=True if o.init == "default" else o.init, use_dora=o.kind == "dora")
 
 
 def add_adapter(module, config: LoraConfig) -> None:
@@ -86,7 +96,7 @@ class LoRATrainer(TextToImageTrainer):
         self.unet.requires_grad_(False)
         self.unet_targets = o.unet_targets(self.denoiser.family)
         try:
-            add_adapter(self.unet, lora_config(o.rank, o.alpha, self.unet_targets, o.dropout, o.init, o.dora))
+            add_adapter(self.unet, adapter_config(o, o.rank, o.alpha, self.unet_targets))
         except ValueError as e:
             raise UserError(f"plugin.targets {self.unet_targets} do not match modules of this {self.denoiser.family} backbone "
                               f"({str(e).splitlines()[0][:160]}); use a preset (attn, attn_ff, attn_ff_conv) "
@@ -103,8 +113,7 @@ class LoRATrainer(TextToImageTrainer):
             te = self.text_encoder.model
             te.requires_grad_(False)
             rank = o.text_encoder_rank or o.rank
-            add_adapter(te, lora_config(rank, o.text_encoder_alpha or rank, o.text_encoder_targets, o.dropout,
-                                       o.init, o.dora))
+            add_adapter(te, adapter_config(o, rank, o.text_encoder_alpha or rank, o.text_encoder_targets))
             if o.init in ("pissa", "olora"):
                 self.initial_adapters["text_encoder"] = {k: v.clone() for k, v in _adapter_state(te).items()}
             self.use_trained_text_encoder(te)
@@ -201,7 +210,7 @@ class LoRATrainer(TextToImageTrainer):
                     raise RuntimeError(f"Missing keys: the checkpoint holds no {name} adapter weights for "
                                        f"{len(absent)} of this run's ({absent[0]}, ...)")
                 result = set_peft_model_state_dict(model, sub)
-                extra = [k for k in getattr(result, "unexpected_keys", []) or [] if "lora" in k]
+                extra = [k for k in getattr(result, "unexpected_keys", []) or [] if re.search(r"lora|lokr|hada", k)]
                 if extra:
                     raise RuntimeError(f"checkpoint adapter keys not in the model: {extra[:3]}")
 
@@ -210,6 +219,14 @@ class LoRATrainer(TextToImageTrainer):
     # -- artifact ------------------------------------------------------------------------
     def save(self, out_dir: Path) -> None:
         unet, comp = self.unwrap(self.unet), self.denoiser.component
+        if self.opts.kind in ("lokr", "loha"):
+            comps = {comp: (_adapter_state(unet), _peft_config_dict(unet))}
+            if self.te_model is not None:
+                te = self.unwrap(self.te_model)
+                comps["text_encoder"] = (_adapter_state(te), _peft_config_dict(te))
+            unet_config = dict(unet.config) if comp == "unet" else None
+            self.export(write_lycoris_artifact(comps, self.opts.kind, self.lora_metadata(), out_dir, unet_config))
+            return
         layers, cfg = self.plain_lora(unet, "unet")
         pipeline_cls = getattr(diffusers, self.denoiser.pipeline_class)
         if not hasattr(pipeline_cls, "save_lora_weights"):  # PixArt: a PEFT adapter dir for its transformer
@@ -259,7 +276,7 @@ class LoRATrainer(TextToImageTrainer):
         return {
             "base_model": self.recipe.model.pipeline or (self.recipe.model.denoiser_spec().pretrained or ""),
             "rank": o.rank, "alpha": o.alpha if o.alpha is not None else o.rank, "targets": self.unet_targets,
-            "dora": o.dora, "text_encoder": o.train_text_encoder,
+            "adapter": o.kind, "dora": o.kind == "dora", "text_encoder": o.train_text_encoder,
             "text_encoder_rank": (o.text_encoder_rank or o.rank) if o.train_text_encoder else None,
             "text_encoder_alpha": (o.text_encoder_alpha or o.text_encoder_rank or o.rank) if o.train_text_encoder else None,
             "trainable_parameters": sum(p.numel() for g in self.param_groups() for p in g["params"]),
