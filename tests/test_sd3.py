@@ -179,6 +179,35 @@ np.save(sys.argv[1], np.stack([(x * 255).round().astype(np.uint8) for x in (base
     assert not (tmp_path / "k.safetensors").exists()
 
 
+def test_lokr_on_sd3_loads_with_lycoris_lora(sd3_run, tmp_path):
+    """A LoKr on the MMDiT: its LyCORIS file (``lycoris_*`` keys) is built by lycoris-lora's
+    create_lycoris_from_weights onto a stock SD3Transformer2DModel in a process that never imports
+    ldm_lab, with every module matched; the output changes and reproduces the in-training sample."""
+    run = tmp_path / "lora"
+    ov = [*tiny_lora_overrides(sd3_run / "pipeline", tmp_path, PROMPT, "euler"), "noise={}", "plugin.adapter=lokr",
+          "plugin.alpha=2"]
+    assert cli_main(["train", str(REPO / "recipes/shapes/lora.yaml"), *ov]) == 0
+    assert (run / "transformer" / "adapter_config.json").is_file() and not (run / "comfyui_weights.safetensors").exists()
+    seed, ours = in_training_sample(run, 4)
+    code = f"""
+import sys, numpy as np, torch
+from safetensors.torch import load_file
+from diffusers import StableDiffusion3Pipeline
+from lycoris import create_lycoris_from_weights
+pipe = StableDiffusion3Pipeline.from_pretrained({str(sd3_run / 'pipeline')!r}, text_encoder_3=None, tokenizer_3=None)
+kw = dict(negative_prompt="", num_inference_steps=3, guidance_scale=2.5, max_sequence_length=0, output_type="np")
+base = pipe({PROMPT!r}, generator=torch.Generator().manual_seed({seed}), **kw).images[0]
+sd = load_file({str(run / 'lycoris_weights.safetensors')!r})
+net, _ = create_lycoris_from_weights(1.0, None, pipe.transformer, weights_sd=sd)
+assert {{m.lora_name for m in net.loras}} == {{k.split(".")[0] for k in sd}}
+net.apply_to()
+with torch.no_grad():
+    img = pipe({PROMPT!r}, generator=torch.Generator().manual_seed({seed}), **kw).images[0]
+np.save(sys.argv[1], np.stack([(x * 255).round().astype(np.uint8) for x in (base, img)]))
+"""
+    stock_lora_check(code, tmp_path / "stock.npy", ours)
+
+
 def test_dreambooth_full_on_sd3_is_a_stock_sd3_pipeline(sd3_run, tmp_path):
     """Full DreamBooth on the MMDiT: every transformer weight trains, the artifact is a stock
     StableDiffusion3Pipeline dir that reproduces the in-training sample without ldm_lab."""
