@@ -367,3 +367,38 @@ def test_export_lora_never_overwrites(lora_env, tmp_path, capsys):
     rc = cli_main(["export", "lora", str(src), "--format", "kohya", "--out", str(blocker / "k.safetensors")])
     err = capsys.readouterr().err
     assert rc == 2 and "cannot write" in err and "Traceback" not in err
+
+
+def test_artifact_dirs_get_model_cards_that_huggingface_hub_reads(lora_env, tmp_path):
+    """README.md beside the LoRA file: huggingface_hub's ModelCard parses it, with the base model,
+    the adapter type and rank, how to load it, the last sample grid and the recipe."""
+    from huggingface_hub import ModelCard
+
+    run = lora_env["run"]
+    card = ModelCard.load(run / "README.md")
+    assert card.data.base_model == str(lora_env["base"]) and card.data.library_name == "diffusers"
+    assert {"ldm-lab", "lora"} <= set(card.data.tags)
+    assert "| rank | 4 |" in card.text and "| alpha | 2.0 |" in card.text and "load_lora_weights" in card.text
+    assert "![samples](samples.png)" in card.text and (run / "samples.png").read_bytes() == \
+        sorted((run / "samples").glob("step-*.png"))[-1].read_bytes()
+    assert "trainer: lora" in card.text  # the recipe
+    # ldm-lab report rewrites them from the run's files
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "README.md").unlink()
+    assert cli_main(["report", str(copy)]) == 0
+    assert ModelCard.load(copy / "README.md").data.base_model == str(lora_env["base"])
+
+
+def test_push_to_hub_without_network_is_one_sentence_and_keeps_the_run(lora_env, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    run = tmp_path / "run"
+    flags = _flags(lora_env["base"], lora_env["data"], run, lora_env["root"] / "cache", steps=2)
+    capsys.readouterr()
+    assert cli_main([*flags, "validation.every=null", "train.checkpoint_every=null", "output.push_to_hub=me/my-lora"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "could not push" in err[0] and "huggingface-cli upload me/my-lora" in err[0], err
+    assert (run / "pytorch_lora_weights.safetensors").is_file() and (run / "README.md").is_file()

@@ -206,3 +206,10 @@ def test_lokr_options_are_checked_in_one_sentence(runs, tmp_path, capsys):
     assert cli_main(flags) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "LoRA initialisation" in err[0], err
+
+
+def test_lokr_model_card_names_the_adapter(runs):
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(runs["lokr"] / "README.md")
+    assert "lokr" in card.data.tags and "| adapter | lokr |" in card.text and 'PeftModel.from_pretrained(pipe.unet' in card.text

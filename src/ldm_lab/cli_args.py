@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "anything else such as {id} is kept); default: the full shapes caption")
 
     rp = sub.add_parser("report", help="rebuild RUN/report.html: recipe, curves, sample grids, metrics, timings "
-                        "on one self-contained page")
+                        "on one self-contained page, and the README.md model card of every artifact dir")
     rp.add_argument("run", help="a run dir")
     e = sub.add_parser("eval", help="evaluate images")
     es = e.add_subparsers(dest="action", required=True, metavar="ACTION")

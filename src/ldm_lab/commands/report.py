@@ -1,4 +1,5 @@
-"""``ldm-lab report RUN``: rebuild the run's self-contained report.html from its files."""
+"""``ldm-lab report RUN``: rebuild the run's self-contained report.html and its artifacts' model cards
+(README.md) from its files."""
 
 from __future__ import annotations
 
@@ -14,4 +15,8 @@ def report(args) -> int:
         raise UserError(f"'{run}' is not a run dir (no recipe.yaml, history.jsonl or metrics.json); give the "
                         "output.dir of a run.")
     print(write_report(run))
+    from ..trainers.model_card import write_model_cards
+
+    for card in write_model_cards(run):
+        print(card)
     return 0

@@ -286,6 +286,10 @@ class OutputSpec(Strict):
     # also write a full pipeline as RUN/pipeline.safetensors in the original SD layout (A1111, ComfyUI);
     # export_to copies the pipeline dir, not this file
     single_file: Literal["fp32", "fp16", "bf16"] | None = None
+    # upload the finished artifact dir (with its README.md model card) to this Hub repo id
+    # (huggingface_hub create_repo + upload_folder; needs a login), private when hub_private
+    push_to_hub: str | None = None
+    hub_private: bool = False
 
     @field_validator("dir")
     @classmethod

@@ -396,4 +396,4 @@ class _Run:
         if accelerator.is_main_process and metrics:
             merge_metrics(run_dir, metrics)
         if accelerator.is_main_process:
-            report_at_end(run_dir, accelerator.print)
+            report_at_end(run_dir, accelerator.print, self.recipe.output)

@@ -114,9 +114,18 @@ def write_report(run_dir: Path) -> Path:
     return out
 
 
-def report_at_end(run_dir: Path, log) -> None:
-    """``write_report`` at the end of a run, whose artifacts are already written: a failure is a warning."""
+def report_at_end(run_dir: Path, log, output=None) -> None:
+    """At the end of a run whose artifacts are written: ``write_report`` and a model card in every
+    artifact dir (a failure of either is a warning), then ``output.push_to_hub`` when set."""
+    from .model_card import push_to_hub, write_model_cards
+
     try:
         write_report(run_dir)
     except (OSError, ValueError) as e:
         log(f"warning: report.html could not be written ({e}); rebuild it with ldm-lab report {run_dir}")
+    try:
+        write_model_cards(run_dir)
+    except (OSError, ValueError) as e:
+        log(f"warning: the model cards (README.md) could not be written ({e}); ldm-lab report {run_dir} writes them")
+    if output is not None and output.push_to_hub:
+        log(f"pushed to {push_to_hub(run_dir, output.push_to_hub, output.hub_private)}")
