@@ -213,7 +213,7 @@ def _poison(cache_dir: Path, rows: list[int]) -> None:
 
     c = LatentCache(cache_dir)
     for i in rows:
-        part, off, shape, _, _ = c.rows[i]
+        part, off, shape = c.rows[i][:3]
         mm = np.memmap(c.parts[part] / "mean.bin", dtype=np.float32, mode="r+")
         mm[off:off + int(np.prod(shape))] = np.nan
         mm.flush()

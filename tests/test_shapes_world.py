@@ -151,7 +151,7 @@ def test_plain_background_is_not_found():
 def test_wrong_attributes_are_scored_wrong():
     s = sw.Shape("red", "star", "large", "top left", "gray")
     img, _ = sw.render(s)
-    assert score([img], [s]) == {**dict.fromkeys((*ATTRIBUTES, "all", "found"), 1.0), "n": 1}
+    assert score([img], [s]) == {**dict.fromkeys((*ATTRIBUTES, "all", "found"), 1.0), "n": 1, "background_noise": 0.0}
     others = {"color": "pink", "shape": "heart", "size": "small", "position": "bottom", "background": "black"}
     for attr, value in others.items():
         result = score([img], [replace(s, **{attr: value})])

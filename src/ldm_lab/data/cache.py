@@ -28,6 +28,7 @@ trainer picks one per row and step.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -49,6 +50,7 @@ from .bucket_transforms import bucket_transform
 from .captions import caption_variants
 from .checks import to_rgb
 from .embedding_store import StoredRecords, encoder_count, write_records
+from .masks import as_mask, mask_column, read_mask, to_latent_grid
 from .transforms import image_transform
 
 FORMAT = 4  # 3: the whole conditioning record (pooled vector, mask) beside the token states; 4: as .npy, mapped
@@ -83,6 +85,8 @@ def cache_inputs(vae, conditioner, rows, data, image_column: str, caption_column
         "dataset": {"fingerprint": fingerprint or getattr(rows, "_fingerprint", None) or str(len(rows)),
                     "rows": len(rows), "image_column": image_column, "caption_column": caption_column},
         "captions": data.captions.model_dump(),
+        # the masked loss's masks, on the latent grid (only when asked for: other caches keep their key)
+        **({"mask": {"column": data.masked_loss.column or "alpha"}} if data.masked_loss is not None else {}),
     }
 
 
@@ -134,7 +138,8 @@ class LatentCache(Dataset):
         for k, part in enumerate(self.parts):
             meta = json.loads((part / "latents.json").read_text())
             for r in meta["rows"]:
-                rows.append((k, r["offset"], tuple(r["shape"]), r["row"], [base + v for v in r["variants"]]))
+                rows.append((k, r["offset"], tuple(r["shape"]), r["row"], [base + v for v in r["variants"]],
+                             r.get("mask_offset")))
             count = meta.get("captions")
             if count is None:
                 count = len(json.loads((part / "captions.json").read_text()))
@@ -148,6 +153,7 @@ class LatentCache(Dataset):
         self.rows = rows
         self._source_rows = [r[3] for r in rows]
         self.vmax = max((len(r[4]) for r in rows), default=1)
+        self.has_masks = bool(rows) and all(r[5] is not None for r in rows)
         self._maps: list | None = None
 
     @property
@@ -180,7 +186,8 @@ class LatentCache(Dataset):
     def _open(self) -> list:
         if self._maps is None:  # opened per process (and per DataLoader worker), never pickled
             self._maps = [(np.memmap(p / "mean.bin", dtype=np.float32, mode="r"),
-                           np.memmap(p / "std.bin", dtype=np.float32, mode="r"))
+                           np.memmap(p / "std.bin", dtype=np.float32, mode="r"),
+                           np.memmap(p / "mask.bin", dtype=np.float32, mode="r") if self.has_masks else None)
                           if (p / "mean.bin").stat().st_size else None  # a part with no rows (more processes than rows)
                           for p in self.parts]
         return self._maps
@@ -189,14 +196,18 @@ class LatentCache(Dataset):
         return {**self.__dict__, "_maps": None}
 
     def __getitem__(self, i: int) -> dict:
-        part, off, shape, _, variants = self.rows[i]
-        mean, std = self._open()[part]
+        part, off, shape, _, variants, moff = self.rows[i]
+        mean, std, mask = self._open()[part]
         n = int(np.prod(shape))
         v = torch.full((self.vmax,), -1, dtype=torch.long)
         v[:len(variants)] = torch.tensor(variants)
-        return {"mean": torch.from_numpy(np.array(mean[off:off + n])).view(shape),
-                "std": torch.from_numpy(np.array(std[off:off + n])).view(shape),
-                "caption_index": v[0], "variants": v, "variant_count": torch.tensor(len(variants))}
+        out = {"mean": torch.from_numpy(np.array(mean[off:off + n])).view(shape),
+               "std": torch.from_numpy(np.array(std[off:off + n])).view(shape),
+               "caption_index": v[0], "variants": v, "variant_count": torch.tensor(len(variants))}
+        if mask is not None:  # the masked loss's weights, already on the latent grid
+            hw = int(shape[1] * shape[2])
+            out["loss_mask"] = torch.from_numpy(np.array(mask[moff:moff + hw])).view(1, shape[1], shape[2])
+        return out
 
 
 def _encode_part(rows, lo: int, hi: int, vae, conditioner, data, inputs: dict, image_column: str,
@@ -211,10 +222,18 @@ def _encode_part(rows, lo: int, hi: int, vae, conditioner, data, inputs: dict, i
 
     # images decoded one by one inside the try below, so one unreadable file is skipped, not fatal
     plain = rows.cast_column(image_column, datasets.Image(decode=False)).with_format(None)
+    spec = data.masked_loss
+    try:
+        mcol = mask_column(rows.column_names, spec.column) if spec is not None else None
+    except ValueError as e:
+        raise UserError(f"{e}.") from None
+    if mcol is not None and isinstance(rows.features.get(mcol), datasets.Image):
+        plain = plain.cast_column(mcol, datasets.Image(decode=False))
     strings: dict[str, int] = {}
     meta, skipped = [], []
-    offset = 0
+    offset = moffset = 0
     with open(tmp / "mean.bin", "wb") as fm, open(tmp / "std.bin", "wb") as fs, \
+            (open(tmp / "mask.bin", "wb") if spec is not None else contextlib.nullcontext()) as fk, \
             bar(hi - lo, "encoding the latent cache", "image") as progress:
         for start in range(lo, hi, batch_size):
             progress.update(min(batch_size, hi - start))
@@ -223,25 +242,28 @@ def _encode_part(rows, lo: int, hi: int, vae, conditioner, data, inputs: dict, i
             for j, (im, cap) in enumerate(zip(chunk[image_column], chunk[caption_column])):
                 row = start + j
                 try:
-                    im = to_rgb(_open_image(im))
-                    if bucket_of is None:
-                        groups.setdefault((), []).append((row, center(im), cap))
-                        continue
-                    b = bucket_of(im.size[::-1])
-                    if b is None:
+                    raw = _open_image(im)
+                    im = to_rgb(raw)
+                    b = None if bucket_of is None else bucket_of(im.size[::-1])
+                    if bucket_of is not None and b is None:
                         skipped.append({"row": row, "reason": "too small for its bucket", "size": list(im.size)})
                         continue
-
-                    groups.setdefault(tuple(b), []).append((row, bucket_transform(b)(im), cap))
+                    tf = center if b is None else bucket_transform(b)
+                    if spec is None:
+                        groups.setdefault(() if b is None else tuple(b), []).append((row, tf(im), cap, None))
+                        continue
+                    mval = None if mcol is None else chunk[mcol][j]
+                    x, m = tf(im, as_mask(read_mask(mval, raw, data.path)))
+                    groups.setdefault(() if b is None else tuple(b), []).append((row, x, cap, m.as_subclass(torch.Tensor)))
                 except Exception as e:  # noqa: BLE001 - a bad image is skipped and counted, never fatal
                     skipped.append({"row": row, "reason": f"{type(e).__name__}: {str(e)[:120]}"})
             encoded = []
             for items in groups.values():
-                x = torch.stack([t for _, t, _ in items]).to(device, vae.dtype)
+                x = torch.stack([t for _, t, _, _ in items]).to(device, vae.dtype)
                 with torch.no_grad():
                     dist = vae.encode(x).latent_dist
                 encoded += list(zip(items, dist.mean.float().cpu(), dist.std.float().cpu()))
-            for (row, _, cap), mean, std in sorted(encoded, key=lambda e: e[0][0]):
+            for (row, _, cap, pmask), mean, std in sorted(encoded, key=lambda e: e[0][0]):
                 if not torch.isfinite(mean).all() or not torch.isfinite(std).all():
                     skipped.append({"row": row, "reason": "the autoencoder gave NaN/inf"})
                     continue
@@ -250,6 +272,11 @@ def _encode_part(rows, lo: int, hi: int, vae, conditioner, data, inputs: dict, i
                 variants = [strings.setdefault(s, len(strings)) for s in caption_variants(cap, data.captions)]
                 meta.append({"row": row, "shape": list(mean.shape), "offset": offset, "variants": variants})
                 offset += mean.numel()
+                if pmask is not None:
+                    lm = to_latent_grid(pmask, mean.shape[-2:]).contiguous()
+                    fk.write(lm.numpy().astype(np.float32).tobytes())
+                    meta[-1]["mask_offset"] = moffset
+                    moffset += lm.numel()
     captions = list(strings)
     chunks = [[p.to("cpu", torch.float32) for p in conditioner.encode_parts(captions[i:i + 256])]
               for i in range(0, len(captions), 256)]

@@ -56,6 +56,9 @@ class World:
     holdout: tuple[tuple[str, str], ...] = DEFAULT_HOLDOUT
     resolution: int = 64
     extra: dict = field(default_factory=dict)
+    # std (0-255) of per-pixel Gaussian noise on the background (the masked-loss demo's dirty
+    # backgrounds); 0 keeps the background flat
+    background_noise: float = 0.0
 
     def __post_init__(self) -> None:
         for name, values, allowed in (
@@ -168,7 +171,7 @@ def geometry(s: Shape, resolution: int, rng: random.Random | None = None) -> tup
 
 
 def render(s: Shape, resolution: int = 64, rng: random.Random | None = None, pattern: str = "solid",
-           pattern_color: str | None = None) -> tuple[Image.Image, np.ndarray]:
+           pattern_color: str | None = None, background_noise: float = 0.0) -> tuple[Image.Image, np.ndarray]:
     """Render one image. Returns the RGB image and its coverage mask.
 
     ``pattern="stripes"`` paints alternating diagonal stripes of ``color`` and ``pattern_color``
@@ -191,6 +194,9 @@ def render(s: Shape, resolution: int = 64, rng: random.Random | None = None, pat
     elif pattern != "solid":
         raise ValueError(f"unknown pattern {pattern!r}; use solid or stripes")
     m = mask[..., None]
+    if background_noise > 0:  # drawn after every other random choice: flat-background rows stay as they were
+        noise = np.random.default_rng(rng.getrandbits(32) if rng else 0).normal(0, background_noise, (resolution, resolution, 3))
+        bg = bg + noise.astype(np.float32)
     out = fg_img * m + bg * (1 - m)
     return Image.fromarray(np.clip(out + 0.5, 0, 255).astype(np.uint8)), mask
 
@@ -207,7 +213,7 @@ def row(world: World, seed: int, index: int, heldout: bool = False) -> tuple[Sha
     """Row ``index`` of the dataset with ``seed``: independent of how many rows are written."""
     rng = random.Random(f"shapes-{seed}-{index}-{int(heldout)}")
     s = world.sample(rng, heldout=heldout)
-    img, mask = render(s, world.resolution, rng)
+    img, mask = render(s, world.resolution, rng, background_noise=world.background_noise)
     return s, img, mask
 
 

@@ -18,7 +18,7 @@ CACHE_ROOT = Path("data/cache")
 def shapes_world(spec: DataSpec) -> shapes.World:
     s = spec.shapes
     kw = {k: tuple(v) for k, v in (("colors", s.colors), ("shapes", s.shapes)) if v}
-    world = shapes.World(resolution=s.resolution, **kw)
+    world = shapes.World(resolution=s.resolution, background_noise=s.background_noise, **kw)
     world.holdout = tuple(p for p in world.holdout if p[0] in world.colors and p[1] in world.shapes)
     return world
 
@@ -29,6 +29,8 @@ def shapes_dir(spec: DataSpec) -> Path:
     name = f"shapes-n{s.n}-s{s.seed}-r{s.resolution}"
     if s.colors or s.shapes:
         name += "-" + "-".join(s.colors or []) + ("--" + "-".join(s.shapes) if s.shapes else "")
+    if s.background_noise:
+        name += f"-noise{s.background_noise:g}"
     return root / name
 
 

@@ -145,6 +145,7 @@ class DDPMObjective(Objective):
         if not self.learned_variance:
             return super().loss(prediction, draw)
         mean_out, variance_values = prediction.chunk(2, dim=1)
-        mse = diffusion_loss(mean_out, draw.target, draw.weight, reduction="none")
+        mse = diffusion_loss(mean_out, draw.target, draw.weight, reduction="none", mask=draw.mask,
+                             mask_normalize=draw.mask_normalize)  # the variance's bound is not masked
         vb = vlb_terms(self.scheduler, draw.x0, draw.x_t, draw.t, mean_out, variance_values)
         return mse + self.vlb_weight * self.scheduler.config.num_train_timesteps * vb

@@ -25,6 +25,10 @@ class Draw:
     target: torch.Tensor  # what the network should predict
     weight: torch.Tensor | None = None  # per-sample loss weights (B,), None for 1
     x0: torch.Tensor | None = None  # the clean latents, for losses that need them (the VLB term)
+    # per-element loss weights on the latent grid (B, 1, h, w) (a masked loss), None for 1; each
+    # sample's weighted MSE is divided by its mean mask weight when ``mask_normalize``
+    mask: torch.Tensor | None = None
+    mask_normalize: bool = True
 
 
 class Objective:
@@ -48,7 +52,8 @@ class Objective:
 
     def loss(self, prediction: torch.Tensor, draw: Draw) -> torch.Tensor:
         """Per-sample losses (B,): the weighted MSE to the target."""
-        return diffusion_loss(prediction, draw.target, draw.weight, reduction="none")
+        return diffusion_loss(prediction, draw.target, draw.weight, reduction="none", mask=draw.mask,
+                              mask_normalize=draw.mask_normalize)
 
 
 def diffusion_loss(
@@ -56,8 +61,14 @@ def diffusion_loss(
     target: torch.Tensor,
     weights: torch.Tensor | None = None,
     reduction: str = "mean",
+    mask: torch.Tensor | None = None,
+    mask_normalize: bool = True,
 ) -> torch.Tensor:
     """MSE in float32: averaged over each sample's non-batch dims, then times ``weights`` (B,).
+
+    ``mask`` (broadcast to the prediction, e.g. (B, 1, h, w)) weights every element first; with
+    ``mask_normalize`` each sample's mean is divided by its mask's mean, so a sample's loss is the
+    mask-weighted average of its squared errors.
 
     ``reduction="mean"`` returns mean_b(w_b * mse_b) (the diffusers / Min-SNR convention, not
     normalised by the weight sum); ``"none"`` returns the (B,) weighted per-sample losses.
@@ -66,7 +77,14 @@ def diffusion_loss(
         raise ValueError(f"model_pred and target shapes differ: {tuple(model_pred.shape)} vs {tuple(target.shape)}.")
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}.")
-    per_sample = (model_pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+    sq = (model_pred.float() - target.float()).pow(2)
+    if mask is None:
+        per_sample = sq.flatten(1).mean(dim=1)
+    else:
+        m = mask.float().to(sq.device).expand_as(sq)
+        per_sample = (sq * m).flatten(1).mean(dim=1)
+        if mask_normalize:
+            per_sample = per_sample / m.flatten(1).mean(dim=1).clamp_min(1e-8)
     if weights is not None:
         per_sample = per_sample * weights.float().reshape(-1).to(per_sample.device)
     return per_sample.mean() if reduction == "mean" else per_sample

@@ -167,6 +167,14 @@ def mask_iou(a: np.ndarray | None, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
 
+def background_noise(rgb: np.ndarray, mask: np.ndarray | None) -> float:
+    """How far from flat the background is: the per-channel standard deviation (0-255) of the
+    pixels away from the shape (its mask grown by 3 px; the whole image when none is found)."""
+    away = np.ones(rgb.shape[:2], bool) if mask is None else \
+        cv2.dilate(mask.astype(np.uint8), np.ones((7, 7), np.uint8)) == 0
+    return float(rgb[away].std(axis=0).mean()) if away.any() else 0.0
+
+
 def read_image(image: Image.Image, world: sw.World | None = None) -> dict:
     """Read colour, shape, size, position and background back from one image.
 
@@ -175,13 +183,14 @@ def read_image(image: Image.Image, world: sw.World | None = None) -> dict:
     reasonable size exists ``found`` is False and all attributes but the background are None.
     Diagnostics: ``iou`` (soft IoU of the best ideal mask), ``blur`` (its blur, px at the
     working resolution), ``radius`` and ``centroid`` (fractions of the side) and ``area``
-    (coverage as a fraction of the image).
+    (coverage as a fraction of the image), ``background_noise`` (:func:`background_noise`).
     """
     rgb, bg, dist, alpha, mask = _segment(image)
     h, w, _ = rgb.shape
     diagnostics = {"iou": 0.0, "blur": None, "radius": None, "centroid": None, "area": 0.0}
     out = dict.fromkeys(ATTRIBUTES) | {"found": False} | diagnostics
     out["background"] = _nearest(bg, world.backgrounds if world else sw.BACKGROUNDS, sw.BACKGROUNDS)
+    out["background_noise"] = background_noise(rgb, mask)
     if mask is None:
         return out
 
@@ -219,14 +228,16 @@ def score(images: list[Image.Image], targets: list[sw.Shape], world: sw.World | 
     if not images:
         return dict.fromkeys(keys) | {"n": 0}
     hits = dict.fromkeys(keys, 0)
+    noise = 0.0
     for img, t in zip(images, targets):
         got = read_image(img, world)
+        noise += got["background_noise"]
         ok = [got["found"] and got[a] == getattr(t, a) for a in ATTRIBUTES]
         for a, good in zip(ATTRIBUTES, ok):
             hits[a] += good
         hits["all"] += all(ok)
         hits["found"] += got["found"]
-    return {k: v / len(images) for k, v in hits.items()} | {"n": len(images)}
+    return {k: v / len(images) for k, v in hits.items()} | {"n": len(images), "background_noise": noise / len(images)}
 
 
 def _read_rows(f: Path) -> list[dict]:

@@ -16,6 +16,7 @@ class ShapesSourceSpec(Strict):
     resolution: int = 64
     colors: list[str] | None = None  # default: the six base colours (pink is the extra one)
     shapes: list[str] | None = None  # default: circle, square, triangle, star (heart is extra)
+    background_noise: float = Field(0.0, ge=0, le=128)  # std (0-255) of per-pixel noise on the background
 
     @model_validator(mode="after")
     def _known(self):
@@ -73,6 +74,16 @@ class CaptionSpec(Strict):
     variants: int = Field(1, ge=1)  # shuffled variants per caption (1 = the caption as written)
 
 
+class MaskedLossSpec(Strict):
+    """A per-pixel loss mask: 1 where the image is learned, 0 where it is not (a subject cut-out, a
+    watermark left out), downsampled to the latent grid (area average) to weight the loss there."""
+
+    column: str | None = None  # an image column holding the mask (white = learned); None: the image's alpha
+    unmasked_weight: float = Field(0.0, ge=0, le=1)  # the loss weight outside the mask
+    # divide each sample's loss by its mean weight (the loss scale does not shrink with the masked area)
+    normalize: bool = True
+
+
 class DataSpec(Strict):
     source: Literal["shapes", "imagefolder", "hub", "parquet", "arrow", "webdataset"] = "shapes"
     path: str | None = None  # imagefolder dir, hub dataset id, parquet/arrow file, dir or glob, webdataset shards
@@ -92,6 +103,7 @@ class DataSpec(Strict):
     # a fixed random set of this many rows (recipe seed), never in a training batch
     val_n: int = Field(0, ge=0)
     captions: CaptionSpec = Field(default_factory=CaptionSpec)
+    masked_loss: MaskedLossSpec | None = None  # weight the loss by a per-pixel mask (see MaskedLossSpec)
     cache_latents: bool = True
     cache_dir: str | None = None  # root of generated data and latent caches (default data/cache)
     latent_cache: str | None = None  # a cache dir from `ldm-lab cache --out DIR`; refused if built for other inputs
@@ -111,6 +123,9 @@ class DataSpec(Strict):
         if self.cache_latents and (self.random_flip or not self.center_crop):
             raise ValueError("cached latents are encoded from centre crops without flips; set data.random_flip=false "
                              "and data.center_crop=true, or data.cache_latents=false")
+        if self.masked_loss is not None and self.streaming:
+            raise ValueError("data.masked_loss reads masks with the rows of a map-style dataset; set "
+                             "data.streaming=false or remove data.masked_loss")
         if self.cache_latents and self.streaming:
             raise ValueError("streaming data is encoded on the fly; set data.cache_latents=false, or read the data "
                              "without streaming so it can be cached (ldm-lab cache RECIPE)")

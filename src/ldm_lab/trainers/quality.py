@@ -61,7 +61,7 @@ def adherence_logs(result: dict) -> dict[str, float]:
     out = {}
     for split in ("seen", "heldout"):
         for attr, v in result.get(split, {}).items():
-            if attr != "n" and isinstance(v, (int, float)):
+            if attr not in ("n", "background_noise") and isinstance(v, (int, float)):
                 out[f"{ADHERENCE}{split}/{attr}"] = float(v)
     return out
 

@@ -23,6 +23,7 @@ from ..data.buckets import assign, make_buckets, parse_buckets
 from ..data.captions import caption_variants
 from ..data.checks import check_rows, to_rgb
 from ..data.loader import make_loader
+from ..data.masks import as_mask, mask_column, read_mask
 from ..data.sizes import image_sizes
 from ..data.skip_report import summary
 from ..data.sources import load_rows
@@ -169,11 +170,16 @@ class TextImageData(TrainerPlugin):
                 counts.append(torch.tensor(len(v)))
             return {**out, "variant_count": counts}
 
+        masked = self.mask_reader(rows)
         if not self.buckets:
             tf = image_transform(d.resolution, d.center_crop, d.random_flip)
 
             def transform(b):
-                return {"pixel_values": [tf(to_rgb(im)) for im in b[image_column]], **tokens(b[caption_column])}
+                if masked is None:
+                    return {"pixel_values": [tf(to_rgb(im)) for im in b[image_column]], **tokens(b[caption_column])}
+                pairs = [masked(tf, b, j, im) for j, im in enumerate(b[image_column])]
+                return {"pixel_values": [x for x, _ in pairs], "loss_mask": [m for _, m in pairs],
+                        **tokens(b[caption_column])}
 
             rows.set_transform(transform)
             return rows
@@ -184,7 +190,29 @@ class TextImageData(TrainerPlugin):
         self.bucket_of_row = [assign(hw, self.buckets, d.buckets.max_upscale) if hw else None for hw in sizes]
         tfs = [bucket_transform(b, d.random_flip, d.center_crop) for b in self.buckets]
         self._dropped_raw = [i for i, b in enumerate(self.bucket_of_row) if b is None]
-        return _BucketRows(rows, self.bucket_of_row, tfs, image_column, caption_column, tokens)
+        return _BucketRows(rows, self.bucket_of_row, tfs, image_column, caption_column, tokens, masked)
+
+    def mask_reader(self, rows):
+        """``data.masked_loss``: a function (transform, batch, j, image) -> (pixels, mask) that crops
+        and flips row j's image and its mask together; None without a masked loss."""
+        spec = self.recipe.data.masked_loss
+        if spec is None:
+            return None
+        try:
+            col = mask_column(rows.column_names, spec.column)
+        except ValueError as e:
+            raise UserError(f"{e}.") from None
+        root = self.recipe.data.path
+
+        def read(tf, b, j, im):
+            try:
+                m = read_mask(None if col is None else b[col][j], im, root)
+            except (OSError, ValueError) as e:
+                raise UserError(f"the mask of a row could not be read ({e}); check data.masked_loss.column.") from None
+            x, mk = tf(to_rgb(im), as_mask(m))
+            return x, mk.as_subclass(torch.Tensor)
+
+        return read
 
     def end_of_training(self) -> None:
         """Called on every process after the last step: a stream's skipped rows, per process."""
@@ -323,9 +351,9 @@ def id_keys(name: str, encoders) -> list[str]:
 class _BucketRows(Dataset):
     """On-the-fly rows cropped to their aspect-ratio bucket (rows without one are never sampled)."""
 
-    def __init__(self, rows, bucket_of_row, transforms, image_column, caption_column, tokens):
+    def __init__(self, rows, bucket_of_row, transforms, image_column, caption_column, tokens, masked=None):
         self.rows, self.bucket_of_row, self.tfs = rows, bucket_of_row, transforms
-        self.icol, self.ccol, self.tokens = image_column, caption_column, tokens
+        self.icol, self.ccol, self.tokens, self.masked = image_column, caption_column, tokens, masked
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -333,7 +361,11 @@ class _BucketRows(Dataset):
     def __getitem__(self, i: int) -> dict:
         row = self.rows[i]
         tok = {k: v[0] for k, v in self.tokens([row[self.ccol]]).items()}
-        return {"pixel_values": self.tfs[self.bucket_of_row[i]](to_rgb(row[self.icol])), **tok}
+        tf = self.tfs[self.bucket_of_row[i]]
+        if self.masked is not None:
+            x, m = self.masked(tf, {k: [v] for k, v in row.items()}, 0, row[self.icol])
+            return {"pixel_values": x, "loss_mask": m, **tok}
+        return {"pixel_values": tf(to_rgb(row[self.icol])), **tok}
 
 
 def _has_lists(rows, column: str) -> bool:

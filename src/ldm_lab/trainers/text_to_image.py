@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from ..components.denoiser import Residuals, denoiser_for
 from ..components.record import Conditioning
 from ..conditioning import Conditioner
 from ..data import shapes
+from ..data.masks import to_latent_grid
 from ..data.shapes_source import materialize_shapes
 from ..diffusion import Draw, make_objective
 from ..errors import UserError
@@ -127,6 +129,8 @@ class TextToImageTrainer(TextImageData):
         cond = self.condition(batch, cond)
         self.latent_shape = tuple(z.shape)
         draw = self.objective.draw(z, self.rng)
+        if (m := self.recipe.data.masked_loss) is not None:
+            draw = replace(draw, mask=loss_mask(batch, z.shape[-2:], m.unmasked_weight), mask_normalize=m.normalize)
         pred = self.denoiser(self.unet, draw.x_t, draw.t, cond, self.residuals(batch, draw, cond))
         return self.reduce(self.objective.loss(pred, draw), batch)
 
@@ -309,3 +313,15 @@ def _shapes_root(recipe) -> Path:
     if d.source == "shapes":
         return materialize_shapes(d)
     return Path(d.path) if d.path else Path(".")
+
+
+def loss_mask(batch, latent_hw, unmasked_weight: float) -> torch.Tensor:
+    """The masked loss's weights on the latent grid (B, 1, h, w): the batch's mask (cached: already
+    on the latent grid; raw: per pixel, area-averaged down), 1 inside, ``unmasked_weight`` outside."""
+    if "loss_mask" not in batch:
+        raise UserError("data.masked_loss is set but this trainer's batches carry no mask; the text_to_image and "
+                        "lora trainers read masks, remove data.masked_loss for this one.")
+    m = batch["loss_mask"].float()
+    if tuple(m.shape[-2:]) != tuple(latent_hw):
+        m = to_latent_grid(m, latent_hw)
+    return unmasked_weight + (1 - unmasked_weight) * m
