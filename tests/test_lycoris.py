@@ -200,6 +200,14 @@ def test_full_matrix_lokr_folds_the_scale_into_w1():
     assert float(out["b"]["alpha"]) == 3.0 and torch.equal(out["b"]["lokr_w1"], w1)
 
 
+def test_export_lora_of_a_lokr_run_says_what_it_already_holds(runs, tmp_path, capsys):
+    capsys.readouterr()
+    assert cli_main(["export", "lora", str(runs["lokr"]), "--format", "kohya", "--out", str(tmp_path / "k.safetensors")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "already holds lycoris_weights.safetensors" in err[0], err
+    assert not (tmp_path / "k.safetensors").exists()
+
+
 def test_lokr_options_are_checked_in_one_sentence(runs, tmp_path, capsys):
     flags = _flags(runs["base"], runs["data"], tmp_path / "bad", runs["root"] / "cache", "lokr", extra=("--init", "pissa"))
     capsys.readouterr()
@@ -213,3 +221,16 @@ def test_lokr_model_card_names_the_adapter(runs):
 
     card = ModelCard.load(runs["lokr"] / "README.md")
     assert "lokr" in card.data.tags and "| adapter | lokr |" in card.text and 'PeftModel.from_pretrained(pipe.unet' in card.text
+
+
+def test_dreambooth_lora_mode_trains_a_loha(runs, tmp_path):
+    """DreamBooth's --lora takes --adapter too: its artifact is the LyCORIS file (and a card with
+    the identifier), which lycoris-lora's key reader matches module for module."""
+    from conftest import dreambooth_flags
+
+    flags = dreambooth_flags(runs["base"], tmp_path, "ddim", extra=("--lora", "--adapter", "loha", "--rank", "4"))
+    assert cli_main(flags) == 0
+    sd = load_file(tmp_path / "db" / "lycoris_weights.safetensors")
+    assert any(k.endswith(".hada_w1_a") for k in sd) and not (tmp_path / "db" / "pytorch_lora_weights.safetensors").exists()
+    card = (tmp_path / "db" / "README.md").read_text()
+    assert "zwx" in card and "LoHa adapter" in card

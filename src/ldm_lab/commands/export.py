@@ -41,6 +41,10 @@ def lora(args) -> int:
 def refuse_transformer_lora(src: Path) -> None:
     """``export lora`` converts UNet (+ text encoder) LoRAs; a transformer family's LoRA is one
     sentence saying how it loads as written."""
+    if (src / "lycoris_weights.safetensors").is_file():
+        raise UserError(f"'{src}' is a LoKr / LoHa run: it already holds lycoris_weights.safetensors (LyCORIS / kohya "
+                        "keys for lycoris-lora, A1111, ComfyUI), comfyui_weights.safetensors and PEFT adapter dirs; "
+                        "export lora converts LoRA files.")
     if lora_io.peft_adapter_dir(src) is not None:
         raise UserError(f"'{src}' is a PEFT adapter dir (a PixArt LoRA run's); it loads as written with "
                         "PeftModel.from_pretrained(pipe.transformer, DIR), and export lora converts UNet LoRA files "
