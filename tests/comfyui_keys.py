@@ -12,6 +12,10 @@ holds for the model:
   ``lora_te_text_model_encoder_layers_<b>_<module with . as _>``, the same with ``lora_te1_``,
   and ``text_encoder.text_model.encoder.layers.<b>.<module>``.
 
+For an SD3-family MMDiT ComfyUI maps each diffusers transformer weight ``D.weight`` as
+``transformer.D``, ``base_model.model.D``, ``lora_transformer_<D with . as _>`` and
+``lycoris_<D with . as _>`` (:func:`key_map_mmdit`).
+
 The original-layout names come from the caller (a single-file checkpoint's keys and diffusers'
 own ldm -> diffusers conversion), not from the code that wrote the adapter file.
 """
@@ -47,6 +51,16 @@ def key_map(original_unet_keys, diffusers_to_original: dict[str, str], text_laye
             c_ = c.replace(".", "_")
             names |= {f"lora_te_text_model_encoder_layers_{b}_{c_}", f"lora_te1_text_model_encoder_layers_{b}_{c_}",
                       f"text_encoder.text_model.encoder.layers.{b}.{c}"}
+    return names
+
+
+def key_map_mmdit(diffusers_keys) -> set[str]:
+    names: set[str] = set()
+    for d in diffusers_keys:
+        if d.endswith(".weight"):
+            m = d[:-len(".weight")]
+            names |= {f"transformer.{m}", f"base_model.model.{m}", f"lora_transformer_{m.replace('.', '_')}",
+                      f"lycoris_{m.replace('.', '_')}"}
     return names
 
 

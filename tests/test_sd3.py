@@ -206,6 +206,14 @@ with torch.no_grad():
 np.save(sys.argv[1], np.stack([(x * 255).round().astype(np.uint8) for x in (base, img)]))
 """
     stock_lora_check(code, tmp_path / "stock.npy", ours)
+    # and ComfyUI's key rules for an MMDiT map every key (its "lycoris_" naming of diffusers modules)
+    from safetensors.torch import load_file
+
+    from comfyui_keys import key_map_mmdit, unmapped
+
+    names = key_map_mmdit(SD3Transformer2DModel.from_pretrained(sd3_run / "pipeline" / "transformer").state_dict())
+    keys = list(load_file(run / "lycoris_weights.safetensors"))
+    assert keys and unmapped(keys, names) == []
 
 
 def test_dreambooth_full_on_sd3_is_a_stock_sd3_pipeline(sd3_run, tmp_path):
