@@ -41,8 +41,9 @@ def runs(tiny_pipeline, tmp_path_factory):
     root = tmp_path_factory.mktemp("lycoris")
     shapes.generate(root / "data", 16, seed=5, world=shapes.World(resolution=32))
     out = {"base": tiny_pipeline, "data": root / "data", "root": root}
-    for adapter in ("lokr", "loha"):
-        assert cli_main(_flags(tiny_pipeline, root / "data", root / adapter, root / "cache", adapter)) == 0
+    for adapter in ("lokr", "loha"):  # LoHa with Tucker cores on its 3x3 convolutions (hada_t1 / hada_t2)
+        extra = ["plugin.conv_tucker=true"] if adapter == "loha" else []
+        assert cli_main([*_flags(tiny_pipeline, root / "data", root / adapter, root / "cache", adapter), *extra]) == 0
         out[adapter] = root / adapter
     return out
 
@@ -55,6 +56,8 @@ def test_artifact_holds_lycoris_keys_and_peft_dirs(runs, adapter):
     assert any(k.startswith("lora_unet_") and k.split(".")[-1] in names for k in sd)
     assert any(k.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj.") for k in sd)
     assert any("_resnets_" in k for k in sd)  # LoCon-style convolutions
+    if adapter == "loha":
+        assert any(k.endswith(".hada_t1") for k in sd)
     modules = {k.rsplit(".", 1)[0] for k in sd}
     assert all(f"{m}.alpha" in sd for m in modules)
     with safe_open(str(run / "lycoris_weights.safetensors"), "pt") as f:
