@@ -119,7 +119,7 @@ def test_noisy_backgrounds_and_the_background_noise_reading():
     assert s0 == s1 and np.array_equal(m0, m1)  # the same row, only the background differs
     a0, a1 = np.asarray(im0, np.float32), np.asarray(im1, np.float32)
     assert np.abs(a0 - a1)[m0 > 0.99].max() == 0  # the object's pixels untouched
-    assert 30 < (a1 - a0)[m0 == 0].std() < 45
+    assert 30 < (a1 - a0)[m0 == 0].std() < 45  # blotches of std ~40 (clipped at 0 / 255)
     r0, r1 = read_image(im0), read_image(im1)
     assert r0["background_noise"] < 2 and 25 < r1["background_noise"] < 45
     assert r1["found"] and r1["shape"] == s1.shape  # the evaluator still reads the shape

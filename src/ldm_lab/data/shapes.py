@@ -56,8 +56,8 @@ class World:
     holdout: tuple[tuple[str, str], ...] = DEFAULT_HOLDOUT
     resolution: int = 64
     extra: dict = field(default_factory=dict)
-    # std (0-255) of per-pixel Gaussian noise on the background (the masked-loss demo's dirty
-    # backgrounds); 0 keeps the background flat
+    # std (0-255) of smooth colour blotches on the background (``blotches``: the masked-loss demo's
+    # dirty backgrounds); 0 keeps the background flat
     background_noise: float = 0.0
 
     def __post_init__(self) -> None:
@@ -170,6 +170,15 @@ def geometry(s: Shape, resolution: int, rng: random.Random | None = None) -> tup
     return cx, cy, r
 
 
+def blotches(resolution: int, std: float, seed: int) -> np.ndarray:
+    """Smooth colour blotches (H, W, 3) of standard deviation ``std``: Gaussian noise on a grid 8x
+    coarser than the image, bicubic-upsampled (detail the shapes autoencoder can represent, unlike
+    per-pixel noise, which it blurs away), rescaled to ``std``."""
+    coarse = np.random.default_rng(seed).normal(0, 1, (max(2, resolution // 8),) * 2 + (3,)).astype(np.float32)
+    up = cv2.resize(coarse, (resolution, resolution), interpolation=cv2.INTER_CUBIC)
+    return up * (std / max(float(up.std()), 1e-6))
+
+
 def render(s: Shape, resolution: int = 64, rng: random.Random | None = None, pattern: str = "solid",
            pattern_color: str | None = None, background_noise: float = 0.0) -> tuple[Image.Image, np.ndarray]:
     """Render one image. Returns the RGB image and its coverage mask.
@@ -195,8 +204,7 @@ def render(s: Shape, resolution: int = 64, rng: random.Random | None = None, pat
         raise ValueError(f"unknown pattern {pattern!r}; use solid or stripes")
     m = mask[..., None]
     if background_noise > 0:  # drawn after every other random choice: flat-background rows stay as they were
-        noise = np.random.default_rng(rng.getrandbits(32) if rng else 0).normal(0, background_noise, (resolution, resolution, 3))
-        bg = bg + noise.astype(np.float32)
+        bg = bg + blotches(resolution, background_noise, rng.getrandbits(32) if rng else 0)
     out = fg_img * m + bg * (1 - m)
     return Image.fromarray(np.clip(out + 0.5, 0, 255).astype(np.uint8)), mask
 

@@ -30,7 +30,7 @@ def shapes_dir(spec: DataSpec) -> Path:
     if s.colors or s.shapes:
         name += "-" + "-".join(s.colors or []) + ("--" + "-".join(s.shapes) if s.shapes else "")
     if s.background_noise:
-        name += f"-noise{s.background_noise:g}"
+        name += f"-blotches{s.background_noise:g}"
     return root / name
 
 

@@ -16,7 +16,7 @@ class ShapesSourceSpec(Strict):
     resolution: int = 64
     colors: list[str] | None = None  # default: the six base colours (pink is the extra one)
     shapes: list[str] | None = None  # default: circle, square, triangle, star (heart is extra)
-    background_noise: float = Field(0.0, ge=0, le=128)  # std (0-255) of per-pixel noise on the background
+    background_noise: float = Field(0.0, ge=0, le=128)  # std (0-255) of smooth colour blotches on the background
 
     @model_validator(mode="after")
     def _known(self):
