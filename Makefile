@@ -52,7 +52,6 @@ demo:
 	$(BIN)/accelerate launch --num_processes 1 --num_machines 1 --num_cpu_threads_per_process $(NPROC) \
 		--mixed_precision no --dynamo_backend no -m ldm_lab.train recipes/shapes/t2i.yaml $(ARGS)
 
-# LoRA demo: teach the shipped base (data/pretrained/shapes-t2i) the shape "heart".
 # The transformer families on the same world: an SD3-class MMDiT with flow matching, a PixArt-class
 # DiT with DDPM and a learned variance.
 demo-sd3:
@@ -64,10 +63,11 @@ demo-pixart:
 demo-pixart-flow:
 	$(BIN)/ldm-lab train recipes/shapes/pixart-flow.yaml $(ARGS)
 
+# LoRA demo: teach the shipped base (data/pretrained/shapes-t2i) the shape "heart".
 demo-lora:
 	$(BIN)/ldm-lab train recipes/shapes/lora.yaml $(ARGS)
 
-# Masked-loss demo: the LoRA demo on noisy-background rows, with the object-mask loss and without it.
+# Masked-loss demo: the LoRA demo on rows with blotched backgrounds, with the object-mask loss and without it.
 demo-masked:
 	$(BIN)/ldm-lab train recipes/shapes/lora-masked.yaml $(ARGS)
 	$(BIN)/ldm-lab train recipes/shapes/lora-masked.yaml data.masked_loss=null output.dir=runs/shapes-lora-unmasked $(ARGS)
