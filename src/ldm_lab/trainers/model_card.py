@@ -15,6 +15,7 @@ import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
 from ..errors import UserError
+from ..lora_io import PEFT_WEIGHTS, read_metadata
 
 CARD = "README.md"
 GRID = "samples.png"
@@ -43,19 +44,9 @@ def _last_grid(run_dir: Path) -> Path | None:
     return grids[-1] if grids else None
 
 
-def read_metadata_entry(path: Path, key: str) -> str | None:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return (f.metadata() or {}).get(key)
-
-
 def _adapter_info(run_dir: Path) -> dict:
-    for name in LORA_FILES:
-        if (run_dir / name).is_file():
-            return json.loads(read_metadata_entry(run_dir / name, "ldm_lab") or "{}")
-    peft = run_dir / "transformer" / "adapter_model.safetensors"
-    return json.loads(read_metadata_entry(peft, "ldm_lab") or "{}") if peft.is_file() else {}
+    files = [run_dir / n for n in LORA_FILES] + [run_dir / "transformer" / PEFT_WEIGHTS]
+    return next((read_metadata(f)["ldm_lab"] for f in files if f.is_file()), {})
 
 
 def _metrics_lines(metrics: dict) -> list[str]:
